@@ -1,0 +1,96 @@
+"""``mineralnet``: one command with subcommands; ``mineralnet-export`` is ``mineralnet export``.
+
+Each subcommand lives in the module that owns its logic. That module defines
+``add_arguments(parser)`` (or ``add_<name>_arguments``) and ``run(args) -> int`` (or
+``run_<name>``); only the chosen subcommand's module is imported, so ``mineralnet data check``
+does not pay for importing onnx or matplotlib.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mineralnet import __version__
+from mineralnet.errors import MineralNetError
+
+# name -> (module, one-line help). Order is the order shown by `mineralnet --help`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("mineralnet.train", "train a model (same as `python launch/train.py`)"),
+    "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder"),
+    "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
+    "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
+    "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),
+    "predict": ("mineralnet.predict", "name the minerals in photos with a run, ONNX file or engine"),
+    "bench": ("mineralnet.bench", "latency/throughput benchmark of models across runtimes"),
+    "data": ("mineralnet.data", "inspect a photo collection (`mineralnet data check DIR`)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {n:<{width}}  {h}" for n, (_, h) in COMMANDS.items())
+    return (
+        f"usage: mineralnet <command> [options]   (mineralnet <command> --help for details)\n\n"
+        f"MineralNet {__version__}: recognise minerals from photos by stage-feature fusion and\n"
+        f"weighted top-k hard-sample mining (Jia et al., Minerals 2021).\n\ncommands:\n{rows}\n"
+    )
+
+
+def _hook(module, name: str, kind: str):
+    # A module that serves one command uses add_arguments/run; one serving several uses
+    # add_<name>_arguments/run_<name>.
+    specific = getattr(module, f"{kind}_{name}" if kind == "run" else f"add_{name}_arguments", None)
+    return specific or getattr(module, "run" if kind == "run" else "add_arguments")
+
+
+def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
+    module_name, help_ = COMMANDS[name]
+    parser = argparse.ArgumentParser(
+        prog=prog or f"mineralnet {name}", description=help_[0].upper() + help_[1:] + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("mineralnet"):
+            print(f"mineralnet: error: `mineralnet {name}` is not built yet in this version "
+                  f"({__version__})", file=sys.stderr)
+            return 2
+        raise
+    _hook(module, name, "add")(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(_hook(module, name, "run")(args) or 0)
+    except MineralNetError as e:
+        print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog.split()[0]}: interrupted", file=sys.stderr)
+        return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), end="")
+        return 0
+    if argv[0] == "--version":
+        print(f"mineralnet {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(_usage(), end="", file=sys.stderr)
+        print(f"mineralnet: error: unknown command {argv[0]!r}; choose one of: "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return run_command(argv[0], argv[1:])
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``mineralnet-export``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command("export", argv, prog="mineralnet-export")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,9 @@
+"""The one exception type that the command line turns into a single clear error line."""
+
+
+class MineralNetError(Exception):
+    """A problem with the user's input (a file, a value, a missing package), stated with its fix.
+
+    The message must name the file or value and say what to do. ``mineralnet`` prints it as
+    one line, ``mineralnet: error: <message>``, and exits with status 2.
+    """
