@@ -1,0 +1,175 @@
+"""Saving and loading trained models: safetensors weights + a JSON that rebuilds and preprocesses.
+
+A run directory holds `model.safetensors` (best weights) and `model.json` (DESIGN.md section 4).
+The same JSON is also stored in the safetensors header under the key "mineralnet", so a lone
+.safetensors file is self-describing. No pickle is used for weights anywhere.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mineralnet import __version__
+from mineralnet.errors import MineralNetError
+
+MODEL_FILE = "model.safetensors"
+META_FILE = "model.json"
+FORMAT = "mineralnet-model/1"
+REQUIRED_KEYS = ("backbone", "stages", "num_classes", "classes", "image_size", "mean", "std", "resize")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a reader (or a
+    kill at any moment) sees either the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def versions() -> dict[str, str]:
+    import timm
+    out = {"mineralnet": __version__, "torch": torch.__version__, "timm": timm.__version__,
+           "python": platform.python_version()}
+    try:
+        import accelerate
+        out["accelerate"] = accelerate.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def model_meta(model, *, classes, image_size: int, mean, std, resize: int, metrics: dict | None = None,
+               extra: dict | None = None) -> dict[str, Any]:
+    """The model.json contents for a FusionNet."""
+    cfg = model.config()
+    if len(classes) != cfg["num_classes"]:
+        raise MineralNetError(f"{len(classes)} class names for a model with {cfg['num_classes']} outputs")
+    meta = {
+        "format": FORMAT,
+        **cfg,
+        "feature_dim": model.feature_dim,
+        "classes": list(classes),
+        "image_size": int(image_size),
+        "resize": int(resize),
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+        "input": {"layout": "NCHW", "color": "RGB", "scale": "0..1 then (x - mean) / std",
+                  "preprocess": "resize shorter side to `resize`, centre crop `image_size`"},
+        "metrics": metrics or {},
+        "versions": versions(),
+    }
+    if extra:
+        meta.update(extra)
+    return meta
+
+
+def save_model(run_dir, model, meta: dict) -> Path:
+    """Write model.safetensors and model.json into run_dir, each atomically. Returns the weights path."""
+    from safetensors.torch import save
+
+    run_dir = Path(run_dir)
+    model = getattr(model, "module", model)  # unwrap DDP
+    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    blob = save(state, metadata={"mineralnet": json.dumps(meta), "format": "pt"})
+    atomic_write_bytes(run_dir / MODEL_FILE, blob)
+    atomic_write_json(run_dir / META_FILE, meta)
+    return run_dir / MODEL_FILE
+
+
+def _resolve(path) -> tuple[Path, Path | None]:
+    """(weights file, json file or None) for a run dir, a .safetensors file or a model.json."""
+    p = Path(path)
+    if not p.exists():
+        raise MineralNetError(f"model {str(p)!r} does not exist; pass a run directory made by training "
+                              f"(it holds {MODEL_FILE} and {META_FILE}) or a {MODEL_FILE} file")
+    if p.is_dir():
+        w, j = p / MODEL_FILE, p / META_FILE
+        if not w.is_file():
+            raise MineralNetError(f"run {str(p)!r} has no {MODEL_FILE} (training writes it after the first "
+                                  f"validated epoch); train it first or pass another run")
+        return w, (j if j.is_file() else None)
+    if p.suffix == ".json":
+        w = p.with_name(MODEL_FILE)
+        if not w.is_file():
+            raise MineralNetError(f"{str(p)!r} has no {MODEL_FILE} beside it")
+        return w, p
+    if p.suffix == ".safetensors":
+        j = p.with_name(META_FILE)
+        return p, (j if j.is_file() else None)
+    raise MineralNetError(f"{str(p)!r} is not a run directory, .safetensors or model.json; "
+                          f"(ONNX files and TensorRT engines are loaded by `mineralnet predict`)")
+
+
+def read_meta(path) -> dict:
+    """model.json of a run dir / weights file (from the safetensors header when no JSON is beside it)."""
+    weights, js = _resolve(path)
+    if js is not None:
+        try:
+            meta = json.loads(js.read_text())
+        except (OSError, ValueError) as e:
+            raise MineralNetError(f"{str(js)!r} is not valid JSON ({e}); re-export or retrain the run") from None
+    else:
+        from safetensors import safe_open
+        try:
+            with safe_open(str(weights), framework="pt") as f:
+                raw = (f.metadata() or {}).get("mineralnet")
+        except Exception as e:
+            raise MineralNetError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
+        if raw is None:
+            raise MineralNetError(f"{str(weights)!r} carries no MineralNet metadata and has no {META_FILE} "
+                                  f"beside it; it was not written by MineralNet")
+        meta = json.loads(raw)
+    missing = [k for k in REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise MineralNetError(f"model metadata of {str(path)!r} lacks {', '.join(missing)}; it was written by "
+                              f"an incompatible version; retrain or fix {META_FILE}")
+    return meta
+
+
+def load_model(path, map_location: str | torch.device = "cpu"):
+    """Rebuild a trained FusionNet from a run directory or weights file -> (model in eval mode, meta)."""
+    from safetensors.torch import load_file
+
+    from mineralnet.model import FusionNet
+
+    weights, _ = _resolve(path)
+    meta = read_meta(path)
+    model = FusionNet(meta["backbone"], meta["stages"], meta["num_classes"], pretrained=False,
+                      drop_rate=meta.get("drop_rate", 0.0))
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as e:
+        raise MineralNetError(f"cannot read weights {str(weights)!r} ({type(e).__name__}: {e}); the file is "
+                              f"damaged: retrain or copy it again") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0:2]
+        raise MineralNetError(f"weights {str(weights)!r} do not match the architecture in its metadata "
+                              f"({' '.join(first)[:200]}); the checkpoint is incompatible") from None
+    return model.eval(), meta
