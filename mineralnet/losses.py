@@ -70,6 +70,11 @@ def _gather_with_local_grad(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # Autocast hands us bf16/fp16 logits; the log-softmax and the ranking need fp32.
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -82,7 +87,7 @@ def weighted_topk_loss(logits: torch.Tensor, targets: torch.Tensor, k: float = 0
     and its gradient is scaled so that DDP's gradient averaging over R processes yields exactly
     the single-process gradient of that global loss.
     """
-    losses = F.cross_entropy(logits.float(), targets, reduction="none")  # (B,)
+    losses = F.cross_entropy(_at_least_fp32(logits), targets, reduction="none")  # (B,)
     if scope == "local" or not _is_distributed():
         if scope not in ("local", "global"):
             raise MineralNetError(f"scope={scope!r} must be 'local' or 'global'")
@@ -103,7 +108,7 @@ def topk_loss(logits, targets, k: float = 0.5, scope: str = "local") -> torch.Te
 
 def cross_entropy_loss(logits, targets, label_smoothing: float = 0.0) -> torch.Tensor:
     """Plain softmax cross-entropy (Eq. 3), averaged over the batch."""
-    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+    return F.cross_entropy(_at_least_fp32(logits), targets, label_smoothing=label_smoothing)
 
 
 class CrossEntropyLoss(nn.Module):

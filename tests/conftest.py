@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+# Tests share 2 CPU cores with whatever else runs; keep intra-op threads modest and results stable.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+MINET7 = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "minet7")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = torch.cuda.is_available()
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = has_cuda
+    except ImportError:
+        has_trt = False
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+        if "trt" in item.keywords and not has_trt:
+            item.add_marker(pytest.mark.skip(reason="needs TensorRT and a CUDA GPU"))
+        if "realdata" in item.keywords and not os.path.isdir(MINET7):
+            item.add_marker(pytest.mark.skip(reason=f"real photos not present at {MINET7}"))
+
+
+@pytest.fixture
+def minet7_dir():
+    return os.path.abspath(MINET7)
