@@ -77,6 +77,8 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, bf16 or fp16 (autocast via Accelerate)")
     channels_last: bool = _f(True, "NHWC memory format (faster convolutions)")
     compile: bool = _f(False, "torch.compile the model")
+    freeze_bn: bool = _f(False, "keep BatchNorm statistics fixed (eval mode) while training: for fine-tuning "
+                                "pretrained weights with a few images per GPU, and for exact DDP checks")
     sync_bn: bool = _f(False, "SyncBatchNorm across GPUs (CUDA only): use when the per-GPU batch is "
                               "small, e.g. 50 over 8 GPUs")
     # --- run control ---
@@ -125,6 +127,7 @@ class TrainConfig:
         need(not (self.val_data and self.folds), "give either --val-data or --folds/--fold, not both")
         need(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
         need(0.0 <= self.drop_rate < 1.0, f"--drop-rate {self.drop_rate} must be in [0, 1)")
+        need(not (self.freeze_bn and self.sync_bn), "--freeze-bn and --sync-bn exclude each other")
         need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
         if problems:
             raise MineralNetError("invalid configuration: " + "; ".join(problems))

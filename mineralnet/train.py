@@ -260,9 +260,14 @@ class StopFlag:
 
 # ----------------------------------------------------------------------------- loop
 def train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, progress, *,
-                    stop: StopFlag | None = None, writer=None, log_every: int = 10, bar=None):
+                    stop: StopFlag | None = None, writer=None, log_every: int = 10, bar=None,
+                    freeze_bn: bool = False):
     """One pass over the (prepared) loader. Returns {loss, images, seconds}; stops early on `stop`."""
     model.train()
+    if freeze_bn:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
     total_loss, images, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     for x, y in loader:
         lr = lr_control.step(progress.global_step)
@@ -485,7 +490,8 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
             bar = tqdm(total=len(train_loader), initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not main, leave=False, dynamic_ncols=True)
             tr = train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, progress,
-                                 stop=stop, writer=writer, log_every=cfg.log_every, bar=bar)
+                                 stop=stop, writer=writer, log_every=cfg.log_every, bar=bar,
+                                 freeze_bn=cfg.freeze_bn)
             bar.close()
             progress.train_seconds += tr["seconds"]
             if stop.set:  # preempted mid-epoch: save where we are and leave cleanly
