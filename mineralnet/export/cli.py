@@ -1,0 +1,98 @@
+"""`mineralnet-export RUN [options]` (= `mineralnet export`): flags -> ExportOptions -> export()."""
+from __future__ import annotations
+
+from mineralnet.errors import MineralNetError
+
+EXAMPLES = """\
+examples:
+  mineralnet-export runs/exp1                                   # model.onnx (fp32, batch 1)
+  mineralnet-export runs/exp1 --int8 --calib-data photos/train --val-data photos/val
+  mineralnet-export runs/exp1 --fp16 --trt --dynamic --max-batch 32   # on the GPU machine
+"""
+
+
+def add_arguments(parser) -> None:
+    from mineralnet.export.formats import FORMATS
+    from mineralnet.export.onnx import CALIB_METHODS, DEFAULT_OPSET, INT8_ACTIVATIONS, OUTPUT_NAMES
+    from mineralnet.export.tensorrt import DEFAULT_WORKSPACE_MIB
+
+    parser.epilog = EXAMPLES
+    parser.add_argument("run", help="run directory (model.safetensors + model.json) or its model.safetensors")
+    fmt = parser.add_argument_group("formats (fp32 ONNX is always written)")
+    for name, f in FORMATS.items():
+        fmt.add_argument(f"--{name}", action="store_true", help=f"{f.files}: {f.help}")
+    shape = parser.add_argument_group("batch (default: fixed batch 1)")
+    shape.add_argument("--batch", type=int, default=None, help="fixed batch size N")
+    shape.add_argument("--dynamic", action="store_true", help="dynamic batch; TensorRT profile from the next three")
+    shape.add_argument("--min-batch", type=int, default=None, help="smallest batch with --dynamic (default 1)")
+    shape.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default 8, <= max)")
+    shape.add_argument("--max-batch", type=int, default=None, help="largest batch with --dynamic (default 32)")
+    q = parser.add_argument_group("int8")
+    q.add_argument("--calib-data", default=None, metavar="DIR",
+                   help="photos for int8 calibration, any folder layout (e.g. the training set)")
+    q.add_argument("--calib-size", type=int, default=128, help="calibration photos, spread over DIR (default 128)")
+    q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="range estimation (default minmax)")
+    q.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=None,
+                   help="uint8: fastest in ONNX Runtime on x86; int8: symmetric, needed by TensorRT and "
+                        "preferred on ARM (default: int8 with --trt, else uint8)")
+    q.add_argument("--min-agreement", type=float, default=0.9,
+                   help="fail if int8 top-1 agrees with fp32 on fewer photos than this (default 0.9)")
+    o = parser.add_argument_group("output")
+    o.add_argument("--outputs", default="logits,probs",
+                   help=f"model outputs, comma list of {', '.join(OUTPUT_NAMES)} (default logits,probs; "
+                        f"embedding = the fused feature vector for similarity search)")
+    o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    o.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/export)")
+    o.add_argument("--val-data", default=None, metavar="DIR",
+                   help="labelled photos (class sub-folders): parity images, and int8 vs fp32 accuracy")
+    t = parser.add_argument_group("TensorRT")
+    t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MIB",
+                   help=f"builder workspace limit in MiB (default {DEFAULT_WORKSPACE_MIB})")
+    t.add_argument("--timing-cache", default=None, metavar="FILE", help="timing cache file (default OUT/timing.cache)")
+
+
+def profile_from_args(args):
+    """--batch N, or --dynamic [--min-batch --opt-batch --max-batch] -> BatchProfile."""
+    from mineralnet.export.tensorrt import BatchProfile
+
+    range_flags = {k: getattr(args, k) for k in ("min_batch", "opt_batch", "max_batch")}
+    given = [f"--{k.replace('_', '-')}" for k, v in range_flags.items() if v is not None]
+    if args.dynamic:
+        if args.batch is not None:
+            raise MineralNetError("--batch N fixes the batch and --dynamic frees it; pass one of them "
+                                  "(--dynamic with --min-batch/--opt-batch/--max-batch for a range)")
+        return BatchProfile.range(range_flags["min_batch"] or 1, range_flags["opt_batch"],
+                                  range_flags["max_batch"] or 32)
+    if given:
+        raise MineralNetError(f"{', '.join(given)} only apply to a dynamic batch; add --dynamic "
+                              f"(or use --batch N for a fixed batch)")
+    return BatchProfile.static(1 if args.batch is None else args.batch)
+
+
+def options_from_args(args):
+    from mineralnet.export.formats import ExportOptions
+    from mineralnet.export.onnx import parse_outputs
+
+    if not 0.0 <= args.min_agreement <= 1.0:
+        raise MineralNetError(f"--min-agreement {args.min_agreement} must be a fraction in 0..1 (e.g. 0.98)")
+    if args.workspace < 1:
+        raise MineralNetError(f"--workspace {args.workspace} must be a positive number of MiB")
+    return ExportOptions(out_dir=args.out, outputs=parse_outputs(args.outputs), profile=profile_from_args(args),
+                         opset=args.opset, calib_data=args.calib_data, calib_size=args.calib_size,
+                         calib_method=args.calib_method, int8_activations=args.int8_activations,
+                         min_agreement=args.min_agreement, val_data=args.val_data, workspace_mib=args.workspace,
+                         timing_cache=args.timing_cache)
+
+
+def formats_from_args(args) -> list[str]:
+    from mineralnet.export.formats import FORMATS
+
+    return [name for name in FORMATS if getattr(args, name)]
+
+
+def run(args) -> int:
+    from mineralnet.export.formats import export
+
+    options = options_from_args(args)
+    export(args.run, formats_from_args(args), options, log=print)
+    return 0

@@ -1,0 +1,309 @@
+"""TensorRT 10 engines from the exported ONNX files: profiles, build, sidecar, runner.
+
+The engine file is the plain serialized plan (`IBuilder.build_serialized_network`), with no
+header of our own, so `trtexec --loadEngine`, Triton's `tensorrt_plan` backend and C++
+`IRuntime::deserializeCudaEngine` read it as is. What the plan cannot hold (class names,
+preprocessing, where and with what it was built) goes into `<engine>.json` beside it.
+
+Engines are tied to the TensorRT version and the GPU they were built on, so they are built on
+the target device (`mineralnet-export RUN --trt` there, or the `trtexec` command this module
+prints when TensorRT or a GPU is missing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mineralnet import __version__
+from mineralnet.errors import MineralNetError
+
+INPUT_NAME = "images"
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+DEFAULT_WORKSPACE_MIB = 4096
+SIDECAR_FORMAT = "mineralnet-engine/1"
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """Batch sizes an exported model accepts: static (min = opt = max) or a dynamic range.
+
+    `opt` is the batch TensorRT tunes its kernels for; any batch in [min, max] runs.
+    """
+
+    min: int = 1
+    opt: int = 1
+    max: int = 1
+    dynamic: bool = False
+
+    @classmethod
+    def static(cls, batch: int) -> "BatchProfile":
+        return cls(batch, batch, batch, False).validated()
+
+    @classmethod
+    def range(cls, min_batch: int = 1, opt_batch: int | None = None, max_batch: int = 32) -> "BatchProfile":
+        opt = opt_batch if opt_batch is not None else min(max(8, min_batch), max_batch)
+        return cls(min_batch, opt, max_batch, True).validated()
+
+    def validated(self) -> "BatchProfile":
+        if self.min < 1 or not (self.min <= self.opt <= self.max):
+            flags = (f"--min-batch {self.min} --opt-batch {self.opt} --max-batch {self.max}" if self.dynamic
+                     else f"--batch {self.min}")
+            raise MineralNetError(f"{flags}: batch sizes must satisfy 1 <= min <= opt <= max")
+        return self
+
+    def shapes(self, image_size: int) -> dict[str, list[int]]:
+        """{"min"|"opt"|"max": [B, 3, S, S]}: the optimisation profile of the input."""
+        s = int(image_size)
+        return {k: [b, 3, s, s] for k, b in (("min", self.min), ("opt", self.opt), ("max", self.max))}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dims(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def trtexec_command(onnx_path, engine_path, *, precision: str, profile: BatchProfile, image_size: int,
+                    workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache=None) -> str:
+    """The trtexec (TensorRT 10) command that builds the same engine as `build_engine`."""
+    if precision not in ENGINE_PRECISIONS:
+        raise MineralNetError(f"engine precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+    args = ["trtexec", f"--onnx={os.fspath(onnx_path)}", f"--saveEngine={os.fspath(engine_path)}"]
+    if precision == "fp16":
+        args.append("--fp16")
+    elif precision == "int8":  # explicit quantization from the QDQ model: no calibrator; fp16 for the rest
+        args += ["--int8", "--fp16"]
+    if profile.dynamic:
+        shapes = profile.shapes(image_size)
+        args += [f"--{k}Shapes={INPUT_NAME}:{_dims(shapes[k])}" for k in ("min", "opt", "max")]
+    args.append(f"--memPoolSize=workspace:{int(workspace_mib)}M")
+    if timing_cache:
+        args.append(f"--timingCacheFile={os.fspath(timing_cache)}")
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def tensorrt_missing() -> str | None:
+    """None when TensorRT and a CUDA GPU are usable here, else what is missing (one phrase)."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError as e:
+        return f"TensorRT is not installed ({e}; pip install 'mineralnet[trt]' on a machine with an NVIDIA GPU)"
+    except Exception as e:  # a broken install: missing libnvinfer, CUDA driver mismatch, ...
+        return f"TensorRT cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible (torch.cuda.is_available() is False)"
+    return None
+
+
+def _tensorrt():
+    missing = tensorrt_missing()
+    if missing:
+        raise MineralNetError(f"{missing}; TensorRT engines are built and run on the NVIDIA device")
+    import tensorrt as trt
+
+    return trt
+
+
+def device_info() -> dict:
+    """TensorRT version, GPU name and compute capability of this machine (needs CUDA)."""
+    import torch
+
+    trt = _tensorrt()
+    index = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return {"tensorrt_version": trt.__version__, "gpu": torch.cuda.get_device_name(index),
+            "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda}
+
+
+def engine_sidecar(meta: dict, *, precision: str, profile: BatchProfile, onnx_file: str, onnx_sha256: str,
+                   device: dict, outputs, workspace_mib: int) -> dict:
+    """The `<engine>.json` contents: what the plan file cannot carry."""
+    s = int(meta["image_size"])
+    return {
+        "format": SIDECAR_FORMAT,
+        "classes": list(meta["classes"]), "num_classes": int(meta["num_classes"]),
+        "image_size": s, "resize": int(meta["resize"]),
+        "mean": [float(m) for m in meta["mean"]], "std": [float(v) for v in meta["std"]],
+        "backbone": meta.get("backbone"), "stages": meta.get("stages"), "feature_dim": meta.get("feature_dim"),
+        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "color": "RGB",
+                  "preprocess": "resize shorter side to `resize`, centre crop image_size, x/255, (x-mean)/std"},
+        "outputs": list(outputs),
+        "precision": precision,
+        "profile": {**profile.to_dict(), "shapes": profile.shapes(s)},
+        "tensorrt_version": device["tensorrt_version"], "gpu": device["gpu"],
+        "compute_capability": device["compute_capability"], "cuda": device.get("cuda"),
+        "workspace_mib": int(workspace_mib),
+        "onnx": {"file": onnx_file, "sha256": onnx_sha256},
+        "mineralnet_version": __version__,
+    }
+
+
+def sidecar_path(engine_path) -> Path:
+    return Path(os.fspath(engine_path) + ".json")
+
+
+def read_sidecar(engine_path) -> dict:
+    side = sidecar_path(engine_path)
+    if not side.is_file():
+        raise MineralNetError(f"engine {os.fspath(engine_path)!r} has no {side.name} beside it (class names, "
+                              f"preprocessing, build device); copy it with the engine or rebuild with "
+                              f"`mineralnet-export RUN --trt`")
+    try:
+        return json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise MineralNetError(f"{str(side)!r} is not valid JSON ({e}); rebuild the engine") from None
+
+
+def check_compatible(sidecar: dict, here: dict, engine_path) -> None:
+    """Raise if the engine was built with another TensorRT version or for another GPU."""
+    problems = []
+    if sidecar.get("tensorrt_version") != here["tensorrt_version"]:
+        problems.append(f"TensorRT {sidecar.get('tensorrt_version')} (here {here['tensorrt_version']})")
+    if sidecar.get("compute_capability") != here["compute_capability"] or sidecar.get("gpu") != here["gpu"]:
+        problems.append(f"GPU {sidecar.get('gpu')} sm_{str(sidecar.get('compute_capability')).replace('.', '')} "
+                        f"(here {here['gpu']} sm_{here['compute_capability'].replace('.', '')})")
+    if problems:
+        onnx_file = (sidecar.get("onnx") or {}).get("file", "model.onnx")
+        raise MineralNetError(f"engine {os.fspath(engine_path)!r} was built for {' and '.join(problems)}; engines "
+                              f"do not move between TensorRT versions or GPUs: rebuild it here from {onnx_file} "
+                              f"with `mineralnet-export RUN --trt` or trtexec")
+
+
+# ----------------------------------------------------------------------------- build
+def build_engine(onnx_path, *, precision: str, profile: BatchProfile, image_size: int,
+                 workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache=None) -> bytes:
+    """Parse the ONNX file and build a serialized TensorRT plan.
+
+    fp16: FP16 builder flag on the fp32 ONNX (TensorRT picks fp16 kernels where they are faster).
+    int8: the QDQ model (explicit quantization: the scales come from its Q/DQ nodes, no
+    calibrator) with INT8 and FP16 flags, so layers left in float run in fp16.
+    A timing cache file, when given, is read first and updated after the build.
+    """
+    from mineralnet.runs import atomic_write_bytes
+
+    trt = _tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise MineralNetError(f"TensorRT cannot parse {os.fspath(onnx_path)!r}: {errors[:300]}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    inp = network.get_input(0)
+    if inp.name != INPUT_NAME:
+        raise MineralNetError(f"{os.fspath(onnx_path)!r} has input {inp.name!r}, not {INPUT_NAME!r}; "
+                              f"build engines from ONNX files written by mineralnet-export")
+    shapes = profile.shapes(image_size)
+    if -1 in tuple(inp.shape):
+        opt_profile = builder.create_optimization_profile()
+        opt_profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
+        config.add_optimization_profile(opt_profile)
+    elif tuple(inp.shape)[0] != profile.max:
+        raise MineralNetError(f"{os.fspath(onnx_path)!r} has a fixed batch of {tuple(inp.shape)[0]}, not "
+                              f"{profile.max}; re-export the ONNX with the batch settings of the engine")
+    cache_file = Path(timing_cache) if timing_cache else None
+    cached = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
+    cache = config.create_timing_cache(cached)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise MineralNetError(f"TensorRT failed to build a {precision} engine from {os.fspath(onnx_path)!r} "
+                              f"(its log above says why; a larger --workspace or smaller --max-batch may help)")
+    if cache_file:
+        atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
+    return bytes(plan)
+
+
+# ----------------------------------------------------------------------------- run
+_TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "INT64": "int64", "INT8": "int8",
+                 "UINT8": "uint8", "BOOL": "bool", "BF16": "bfloat16"}
+
+
+class TRTRunner:
+    """Deserialize a plan and run it with `execute_async_v3`; buffers are torch CUDA tensors.
+
+    `run(np images) -> {output name: np array}` for predict; `infer(cuda tensor) -> {name: cuda
+    tensor}` for benchmarks (no host copies). Batches larger than the engine's maximum are split.
+    """
+
+    def __init__(self, engine_path):
+        import torch
+
+        self.path = os.fspath(engine_path)
+        if not os.path.isfile(self.path):
+            raise MineralNetError(f"engine {self.path!r} does not exist; build it with `mineralnet-export RUN --trt`")
+        self.meta = read_sidecar(self.path)
+        trt = _tensorrt()
+        check_compatible(self.meta, device_info(), self.path)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        with open(self.path, "rb") as f:
+            self.engine = self._runtime.deserialize_cuda_engine(f.read())
+        if self.engine is None:
+            raise MineralNetError(f"TensorRT cannot deserialize {self.path!r} (damaged, or built by another "
+                                  f"TensorRT version); rebuild it with `mineralnet-export RUN --trt`")
+        self.context = self.engine.create_execution_context()
+        self.inputs, self.outputs, self.dtypes = [], [], {}
+        for i in range(self.engine.num_io_tensors):
+            name = self.engine.get_tensor_name(i)
+            kind = self.engine.get_tensor_mode(name)
+            (self.inputs if kind == trt.TensorIOMode.INPUT else self.outputs).append(name)
+            dtype_name = str(self.engine.get_tensor_dtype(name)).split(".")[-1]
+            self.dtypes[name] = getattr(torch, _TORCH_DTYPES.get(dtype_name, "float32"))
+        if self.inputs != [INPUT_NAME]:
+            raise MineralNetError(f"engine {self.path!r} has inputs {self.inputs}, expected [{INPUT_NAME!r}]")
+        shape = tuple(self.engine.get_tensor_shape(INPUT_NAME))
+        if shape[0] == -1:
+            lo, _, hi = self.engine.get_tensor_profile_shape(INPUT_NAME, 0)
+            self.min_batch, self.max_batch = int(lo[0]), int(hi[0])
+        else:
+            self.min_batch = self.max_batch = int(shape[0])
+        self.fixed = self.min_batch == self.max_batch
+        self.stream = torch.cuda.Stream()
+
+    def infer(self, x):
+        """x: (B, 3, S, S) CUDA tensor with B in [min_batch, max_batch] -> {name: CUDA tensor}."""
+        import torch
+
+        x = x.to(dtype=self.dtypes[INPUT_NAME]).contiguous()
+        self.context.set_input_shape(INPUT_NAME, tuple(x.shape))
+        self.context.set_tensor_address(INPUT_NAME, x.data_ptr())
+        out = {}
+        for name in self.outputs:
+            shape = tuple(self.context.get_tensor_shape(name))
+            out[name] = torch.empty(shape, dtype=self.dtypes[name], device=x.device)
+            self.context.set_tensor_address(name, out[name].data_ptr())
+        self.stream.wait_stream(torch.cuda.current_stream())  # x was written on the current stream
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise MineralNetError(f"TensorRT execution of {self.path!r} failed (see the TensorRT log)")
+        torch.cuda.current_stream().wait_stream(self.stream)
+        return out
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        import torch
+
+        parts: dict[str, list] = {n: [] for n in self.outputs}
+        for start in range(0, len(images), self.max_batch):
+            chunk = images[start:start + self.max_batch]
+            n = len(chunk)
+            if n < self.min_batch:  # pad with copies of the last image
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], self.min_batch - n, axis=0)])
+            x = torch.from_numpy(np.ascontiguousarray(chunk, dtype=np.float32)).cuda()
+            for name, value in self.infer(x).items():
+                parts[name].append(value[:n].float().cpu().numpy())
+        torch.cuda.synchronize()
+        return {k: np.concatenate(v) for k, v in parts.items()}
