@@ -1,0 +1,517 @@
+"""Export: parity-gated ONNX (fp32/fp16), int8 QDQ, TensorRT plumbing, the edge runner.
+
+One small FusionNet (resnet18, F2+F4, 64 px) whose head is a least-squares probe on its own
+features of a synthetic photo set, so its predictions differ between photos and int8/fp32
+agreement means something. The expensive exports run once per module.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mineralnet.data import build_transforms, load_image, make_demo_dataset
+from mineralnet.errors import MineralNetError
+from mineralnet.export import BatchProfile, ExportOptions, export
+from mineralnet.export import formats as xformats
+from mineralnet.export import onnx as xonnx
+from mineralnet.export import tensorrt as xtrt
+from mineralnet.model import FusionNet
+from mineralnet.runs import model_meta, save_model
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["pyrite", "malachite", "quartz"]
+SIZE, RESIZE, MEAN, STD = 64, 73, [0.5, 0.45, 0.4], [0.25, 0.25, 0.25]
+ONNX_BLOCKED = "import sys; sys.modules['torch'] = None; sys.modules['mineralnet'] = None; "
+
+
+def _photos(folder):
+    return sorted(str(p) for p in Path(folder).rglob("*.jpg"))
+
+
+def _preprocess(paths):
+    t = build_transforms(SIZE, MEAN, STD, train=False, resize=RESIZE)
+    return torch.stack([t(load_image(p)) for p in paths])
+
+
+def _probe_model(photos) -> FusionNet:
+    """Random backbone + a ridge-regression head on its features: predictions vary by photo."""
+    torch.manual_seed(0)
+    model = FusionNet("resnet18", (2, 4), len(CLASSES)).eval()
+    labels = torch.tensor([CLASSES.index(Path(p).parent.name) for p in photos])
+    with torch.no_grad():
+        f = model.embed(_preprocess(photos)).double()  # (N, 640)
+        f1 = torch.cat([f, torch.ones(len(f), 1, dtype=f.dtype)], 1)
+        target = torch.nn.functional.one_hot(labels, len(CLASSES)).double() * 8 - 4
+        w = torch.linalg.solve(f1.T @ f1 + 1e-2 * torch.eye(f1.shape[1], dtype=f.dtype), f1.T @ target)
+        model.head.weight.copy_(w[:-1].T.float())
+        model.head.bias.copy_(w[-1].float())
+    return model
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "set", classes=3, per_class=10, size=96)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, photos):
+    run = tmp_path_factory.mktemp("run")
+    model = _probe_model(_photos(photos))
+    save_model(run, model, model_meta(model, classes=CLASSES, image_size=SIZE, mean=MEAN, std=STD, resize=RESIZE))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, photos):
+    """fp32 + fp16 + int8 (uint8 activations) ONNX, dynamic batch, all three outputs."""
+    opts = ExportOptions(calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4),
+                         outputs=("logits", "probs", "embedding"))
+    arts = export(run_dir, ["fp16", "int8"], opts)
+    return {a.path.name: a for a in arts}
+
+
+def _torch_reference(run_dir, x: np.ndarray):
+    from mineralnet.runs import load_model
+
+    model, _ = load_model(run_dir)
+    with torch.no_grad():
+        emb = model.embed(torch.from_numpy(x))
+        return model.forward_head(emb).numpy(), emb.numpy()
+
+
+# ----------------------------------------------------------------------------- fp32 / fp16
+def test_fp32_onnx_is_checked_self_contained_and_carries_metadata(exported, run_dir):
+    import onnx
+
+    path = run_dir / "export" / "model.onnx"
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert sorted(os.listdir(path.parent)) == ["model.fp16.onnx", "model.int8.onnx", "model.json", "model.onnx"]
+    (inp,) = proto.graph.input
+    assert inp.name == "images"
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, SIZE, SIZE]
+    assert [o.name for o in proto.graph.output] == ["logits", "probs", "embedding"]
+    props = xonnx.parse_metadata({p.key: p.value for p in proto.metadata_props})
+    meta = json.loads((run_dir / "model.json").read_text())
+    for key in ("classes", "image_size", "resize", "mean", "std", "backbone", "stages", "num_classes"):
+        assert props[key] == meta[key], key
+    assert props["precision"] == "fp32" and props["mineralnet_version"] == meta["versions"]["mineralnet"]
+    manifest = json.loads((path.parent / "model.json").read_text())
+    record = manifest["exports"]["model.onnx"]
+    import hashlib
+    assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert record["parity"]["passed"] and record["parity"]["max_abs_diff"]["logits"] <= 1e-4
+    assert record["parity"]["source"] == "--calib-data photos"
+    assert manifest["classes"] == CLASSES and manifest["mean"] == MEAN
+
+
+def test_fp32_onnx_equals_pytorch_on_any_batch(exported, run_dir):
+    session = xonnx.ort_session(run_dir / "export" / "model.onnx")
+    x = np.random.default_rng(1).normal(size=(3, 3, SIZE, SIZE)).astype(np.float32)
+    logits, probs, emb = session.run(None, {"images": x})
+    ref_logits, ref_emb = _torch_reference(run_dir, x)
+    assert np.abs(logits - ref_logits).max() <= 1e-4
+    assert np.abs(emb - ref_emb).max() <= 1e-4 * max(1, np.abs(ref_emb).max())
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(ref_logits), 1).numpy(), atol=1e-5)
+    assert emb.shape == (3, 128 + 512)  # resnet18 layer2 + layer4 channels
+
+
+def test_fp16_onnx_is_half_the_size_and_within_its_tolerance(exported, run_dir):
+    out = run_dir / "export"
+    assert (out / "model.fp16.onnx").stat().st_size < 0.55 * (out / "model.onnx").stat().st_size
+    session = xonnx.ort_session(out / "model.fp16.onnx")
+    assert session.get_inputs()[0].type == "tensor(float)"  # float32 in and out, fp16 inside
+    x = np.random.default_rng(2).normal(size=(4, 3, SIZE, SIZE)).astype(np.float32)
+    logits = session.run(["logits"], {"images": x})[0]
+    ref, _ = _torch_reference(run_dir, x)
+    diff = np.abs(logits - ref).max()
+    assert 0 < diff <= xonnx.FP16_RTOL * max(1.0, np.abs(ref).max())  # really rounded, still close
+    record = json.loads((out / "model.json").read_text())["exports"]["model.fp16.onnx"]
+    assert record["precision"] == "fp16" and record["parity"]["passed"]
+
+
+def test_compare_applies_the_stated_tolerances():
+    ref = {"logits": np.array([[2.0, 1.0, 0.0], [0.0, 0.5, 0.50001]])}
+    ok = xonnx.compare(ref, {"logits": ref["logits"] + 5e-5}, precision="fp32", source="t")
+    assert ok.passed and ok.max_abs_diff["logits"] == pytest.approx(5e-5)
+    assert not xonnx.compare(ref, {"logits": ref["logits"] + 2e-4}, precision="fp32", source="t").passed
+    flipped = ref["logits"].copy()
+    flipped[1, 1] += 2e-5  # within 1e-4 but changes the top-1 of the near-tie: fp32 fails
+    assert not xonnx.compare(ref, {"logits": flipped}, precision="fp32", source="t").passed
+    half = xonnx.compare(ref, {"logits": flipped}, precision="fp16", source="t")
+    assert half.passed and half.top1_required == 1  # fp16 exempts the near-tie only
+    assert not xonnx.compare(ref, {"logits": ref["logits"] + 0.05}, precision="fp16", source="t").passed
+
+
+def test_parity_gate_failure_is_an_error_and_leaves_no_file(exported, run_dir, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    good = onnx.load(str(run_dir / "export" / "model.onnx"))
+
+    def altered(*args, **kwargs):  # the export "goes wrong": one conv weight is off by 1%
+        proto = onnx.ModelProto()
+        proto.CopyFrom(good)
+        init = next(t for t in proto.graph.initializer if len(t.dims) == 4)
+        w = onnx.numpy_helper.to_array(init) * 1.01
+        init.CopyFrom(onnx.numpy_helper.from_array(w, init.name))
+        return proto
+
+    monkeypatch.setattr(xonnx, "onnx_proto", altered)
+    from mineralnet.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["export", str(run_dir), "--out", str(out), "--dynamic", "--outputs", "logits,probs,embedding"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "parity gate FAILED" in err and "max|d logits|" in err and "tol 1e-04" in err
+    assert not out.exists() or os.listdir(out) == []
+
+
+# ----------------------------------------------------------------------------- int8
+def test_int8_qdq_runs_agrees_with_fp32_and_is_smaller(exported, run_dir, photos):
+    import onnx
+
+    out = run_dir / "export"
+    assert (out / "model.int8.onnx").stat().st_size < 0.35 * (out / "model.onnx").stat().st_size
+    proto = onnx.load(str(out / "model.int8.onnx"))
+    conv = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm")]
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    # every Conv/Gemm reads int8 weights (per output channel, zero point 0) and quantized activations
+    for n in conv:
+        dq_w = producer[n.input[1]]
+        assert dq_w.op_type == "DequantizeLinear" and producer[n.input[0]].op_type == "DequantizeLinear"
+        q = {t.name: t for t in proto.graph.initializer}
+        w, zp = q[dq_w.input[0]], q[dq_w.input[2]] if len(dq_w.input) > 2 else None
+        assert w.data_type == onnx.TensorProto.INT8
+        if n.op_type == "Conv":
+            assert len(q[dq_w.input[1]].dims) == 1 and q[dq_w.input[1]].dims[0] == w.dims[0]  # per channel
+        assert zp is None or not onnx.numpy_helper.to_array(zp).any()  # symmetric weights
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["quantization"])["activations"] == "uint8 asymmetric"
+    assert json.loads(props["classes"]) == CLASSES
+    paths = _photos(photos)
+    x = _preprocess(paths).numpy()
+    fp32 = xonnx.run_session(xonnx.ort_session(out / "model.onnx"), x)["logits"]
+    int8 = xonnx.run_session(xonnx.ort_session(out / "model.int8.onnx"), x)["logits"]
+    assert len(set(fp32.argmax(1))) == len(CLASSES)  # the probe really separates the photos
+    assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.8
+    assert not np.allclose(fp32, int8, atol=1e-4)  # it is really quantized
+    record = json.loads((out / "model.json").read_text())["exports"]["model.int8.onnx"]["int8"]
+    assert record["calibration"]["images"] == 24 and record["agreement"]["top1"] >= 0.8
+    assert record["coverage"]["quantized"] == record["coverage"]["conv_gemm_matmul"] == len(conv)
+
+
+def test_int8_symmetric_activations_have_zero_points_of_zero(exported, run_dir, photos):
+    import onnx
+
+    x = _preprocess(_photos(photos)[::3]).numpy()
+    data = xonnx.quantize_int8(run_dir / "export" / "model.onnx", x, activations="int8", batch=2)
+    proto = onnx.load_from_string(data)
+    inits = {t.name: t for t in proto.graph.initializer}
+    zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    assert zps and all(z.data_type == onnx.TensorProto.INT8 for z in zps)
+    assert not any(onnx.numpy_helper.to_array(z).any() for z in zps)  # what TensorRT requires
+    logits = xonnx.run_session(xonnx.ort_session(data), x)["logits"]
+    ref = xonnx.run_session(xonnx.ort_session(run_dir / "export" / "model.onnx"), x)["logits"]
+    assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+def test_int8_without_or_with_missing_calibration_data_is_one_line(run_dir, tmp_path, capsys):
+    from mineralnet.cli import export_main
+
+    rc = export_main([str(run_dir), "--int8", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("mineralnet-export: error: --int8 needs --calib-data DIR")
+    rc = export_main([str(run_dir), "--int8", "--calib-data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and "nope" in err and "not a folder" in err
+    assert not (tmp_path / "o").exists()  # failed before exporting anything
+
+
+def test_bad_arguments_are_one_line_each(run_dir, tmp_path, capsys):
+    from mineralnet.cli import export_main
+
+    cases = {
+        ("--batch", "4", "--dynamic"): "--batch N fixes the batch",
+        ("--max-batch", "8"): "only apply to a dynamic batch",
+        ("--dynamic", "--min-batch", "8", "--max-batch", "4"): "1 <= min <= opt <= max",
+        ("--outputs", "logits,scores"): "--outputs logits,scores",
+        ("--opset", "13"): "--opset 13",
+    }
+    for flags, expected in cases.items():
+        rc = export_main([str(run_dir), *flags, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and expected in err, (flags, err)
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    assert export_main([str(empty)]) == 2
+    assert "has no model.safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- TensorRT (no TensorRT needed)
+def test_batch_profiles_and_their_shapes():
+    assert BatchProfile.static(4).shapes(224) == {k: [4, 3, 224, 224] for k in ("min", "opt", "max")}
+    p = BatchProfile.range(1, None, 32)
+    assert (p.min, p.opt, p.max, p.dynamic) == (1, 8, 32, True)
+    assert p.shapes(64)["max"] == [32, 3, 64, 64]
+    assert BatchProfile.range(1, None, 4).opt == 4  # default opt never exceeds max
+    for bad in ((0, 1, 2), (4, 2, 8), (1, 9, 8)):
+        with pytest.raises(MineralNetError, match="min <= opt <= max"):
+            BatchProfile.range(*bad)
+
+
+def test_trtexec_command_matches_the_profile_and_precision():
+    p = BatchProfile.range(1, 8, 32)
+    cmd = xtrt.trtexec_command("out/model.onnx", "out/model.fp16.engine", precision="fp16", profile=p,
+                               image_size=224, workspace_mib=2048, timing_cache="out/timing.cache")
+    assert cmd.split() == ["trtexec", "--onnx=out/model.onnx", "--saveEngine=out/model.fp16.engine", "--fp16",
+                           "--minShapes=images:1x3x224x224", "--optShapes=images:8x3x224x224",
+                           "--maxShapes=images:32x3x224x224", "--memPoolSize=workspace:2048M",
+                           "--timingCacheFile=out/timing.cache"]
+    cmd = xtrt.trtexec_command("m.int8.onnx", "m.int8.engine", precision="int8", profile=BatchProfile.static(1),
+                               image_size=64)
+    assert "--int8 --fp16" in cmd and "Shapes" not in cmd  # static: the ONNX fixes the shape
+    with pytest.raises(MineralNetError):
+        xtrt.trtexec_command("a", "b", precision="int4", profile=p, image_size=64)
+
+
+def test_engine_sidecar_and_compatibility_check(tmp_path):
+    meta = {"classes": CLASSES, "num_classes": 3, "image_size": 224, "resize": 256, "mean": MEAN, "std": STD,
+            "backbone": "resnet50", "stages": [2, 4], "feature_dim": 2560}
+    device = {"tensorrt_version": "10.3.0", "gpu": "Orin", "compute_capability": "8.7", "cuda": "12.6"}
+    side = xtrt.engine_sidecar(meta, precision="int8", profile=BatchProfile.range(1, 4, 8), onnx_file="model.int8.onnx",
+                               onnx_sha256="ab" * 32, device=device, outputs=("logits", "probs"), workspace_mib=1024)
+    assert side["classes"] == CLASSES and side["mean"] == MEAN and side["resize"] == 256
+    assert side["profile"]["shapes"] == {"min": [1, 3, 224, 224], "opt": [4, 3, 224, 224], "max": [8, 3, 224, 224]}
+    assert (side["tensorrt_version"], side["gpu"], side["compute_capability"]) == ("10.3.0", "Orin", "8.7")
+    assert side["precision"] == "int8" and side["onnx"]["file"] == "model.int8.onnx"
+    json.dumps(side)  # plain JSON
+    xtrt.check_compatible(side, device, "m.engine")  # same device: fine
+    with pytest.raises(MineralNetError, match=r"TensorRT 10.3.0 \(here 10.8.0\).*rebuild it here"):
+        xtrt.check_compatible(side, {**device, "tensorrt_version": "10.8.0"}, "m.engine")
+    with pytest.raises(MineralNetError, match=r"GPU Orin sm_87 \(here NVIDIA H100 sm_90\)"):
+        xtrt.check_compatible(side, {**device, "gpu": "NVIDIA H100", "compute_capability": "9.0"}, "m.engine")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available(),
+                    reason="TensorRT is usable here")
+def test_trt_without_tensorrt_fails_in_one_line_with_the_trtexec_command(exported, run_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    import onnx
+
+    good = onnx.load(str(run_dir / "export" / "model.onnx"))
+    monkeypatch.setattr(xonnx, "onnx_proto", lambda *a, **k: good)  # skip the slow re-export
+    from mineralnet.cli import export_main
+
+    out = tmp_path / "out"
+    rc = export_main([str(run_dir), "--trt", "--fp16", "--dynamic", "--max-batch", "4", "--out", str(out),
+                      "--outputs", "logits,probs,embedding"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "cannot build TensorRT engines:" in err and ("not installed" in err or "no CUDA GPU" in err)
+    assert (f"trtexec --onnx={out / 'model.onnx'} --saveEngine={out / 'model.fp16.engine'} --fp16 "
+            f"--minShapes=images:1x3x64x64 --optShapes=images:4x3x64x64 --maxShapes=images:4x3x64x64") in err
+    assert (out / "model.onnx").is_file() and not list(out.glob("*.engine"))  # the command's input exists
+
+
+class _FakeTRT:
+    """Records the TensorRT 10 builder calls build_engine makes (the real API cannot run here)."""
+
+    def __init__(self, input_shape):
+        self.calls = []
+        fake = self
+
+        class Enum:
+            def __getattr__(self, name):
+                return name
+
+        self.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda s, level: None})
+        self.MemoryPoolType, self.BuilderFlag = Enum(), Enum()
+
+        class Input:
+            name, shape = "images", input_shape
+
+        class Network:
+            def get_input(self, i):
+                return Input()
+
+        class Parser:
+            num_errors = 0
+
+            def __init__(self, network, logger):
+                pass
+
+            def parse_from_file(self, path):
+                fake.calls.append(("parse_from_file", path))
+                return True
+
+        class Profile:
+            def set_shape(self, name, lo, opt, hi):
+                fake.calls.append(("set_shape", name, tuple(lo), tuple(opt), tuple(hi)))
+
+        class Cache:
+            def serialize(self):
+                return b"cache-bytes"
+
+        class Config:
+            def set_memory_pool_limit(self, pool, size):
+                fake.calls.append(("set_memory_pool_limit", pool, size))
+
+            def set_flag(self, flag):
+                fake.calls.append(("set_flag", flag))
+
+            def add_optimization_profile(self, profile):
+                fake.calls.append(("add_optimization_profile",))
+
+            def create_timing_cache(self, data):
+                fake.calls.append(("create_timing_cache", bytes(data)))
+                return Cache()
+
+            def set_timing_cache(self, cache, ignore_mismatch):
+                fake.calls.append(("set_timing_cache", ignore_mismatch))
+
+            def get_timing_cache(self):
+                return Cache()
+
+        class Builder:
+            def __init__(self, logger):
+                pass
+
+            def create_network(self, flags):
+                fake.calls.append(("create_network", flags))
+                return Network()
+
+            def create_builder_config(self):
+                return Config()
+
+            def create_optimization_profile(self):
+                return Profile()
+
+            def build_serialized_network(self, network, config):
+                fake.calls.append(("build_serialized_network",))
+                return b"PLAN"
+
+        self.Builder, self.OnnxParser = Builder, Parser
+
+
+def test_build_engine_drives_the_tensorrt_builder_as_documented(tmp_path, monkeypatch):
+    fake = _FakeTRT(input_shape=(-1, 3, 64, 64))
+    monkeypatch.setattr(xtrt, "_tensorrt", lambda: fake)
+    cache = tmp_path / "timing.cache"
+    plan = xtrt.build_engine(tmp_path / "m.int8.onnx", precision="int8", profile=BatchProfile.range(1, 2, 4),
+                             image_size=64, workspace_mib=512, timing_cache=cache)
+    assert plan == b"PLAN" and cache.read_bytes() == b"cache-bytes"
+    assert ("set_memory_pool_limit", "WORKSPACE", 512 << 20) in fake.calls
+    assert ("set_flag", "FP16") in fake.calls and ("set_flag", "INT8") in fake.calls
+    assert ("set_shape", "images", (1, 3, 64, 64), (2, 3, 64, 64), (4, 3, 64, 64)) in fake.calls
+    assert fake.calls.index(("add_optimization_profile",)) < fake.calls.index(("build_serialized_network",))
+    fake = _FakeTRT(input_shape=(1, 3, 64, 64))  # static ONNX: no profile, no precision flags for fp32
+    monkeypatch.setattr(xtrt, "_tensorrt", lambda: fake)
+    xtrt.build_engine(tmp_path / "m.onnx", precision="fp32", profile=BatchProfile.static(1), image_size=64)
+    assert not [c for c in fake.calls if c[0] in ("set_flag", "set_shape")]
+    with pytest.raises(MineralNetError, match="fixed batch of 1, not 8"):
+        xtrt.build_engine(tmp_path / "m.onnx", precision="fp32", profile=BatchProfile.static(8), image_size=64)
+
+
+@pytest.mark.trt
+def test_tensorrt_engines_build_and_match_onnx_runtime(exported, run_dir, photos, tmp_path):
+    from mineralnet.predict import Predictor
+
+    opts = ExportOptions(out_dir=tmp_path, calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4))
+    arts = export(run_dir, ["fp16", "int8", "trt"], opts)
+    names = {a.path.name for a in arts}
+    assert {"model.fp16.engine", "model.int8.engine"} <= names
+    side = json.loads((tmp_path / "model.fp16.engine.json").read_text())
+    assert side["classes"] == CLASSES and side["profile"]["max"] == 4
+    paths = _photos(photos)[:5]  # 5 > max batch 4: the runner splits
+    ref = Predictor(tmp_path / "model.onnx").probabilities(paths)
+    for engine, tol in (("model.fp16.engine", 2e-2), ("model.int8.engine", 1e-1)):
+        got = Predictor(tmp_path / engine).probabilities(paths)
+        assert np.abs(got - ref).max() <= tol
+    broken = tmp_path / "broken.engine"
+    broken.write_bytes(b"not a plan")
+    (tmp_path / "broken.engine.json").write_text(json.dumps(side))
+    with pytest.raises(MineralNetError, match="cannot deserialize"):
+        Predictor(broken)
+
+
+# ----------------------------------------------------------------------------- edge runner
+def _edge_module():
+    spec = importlib.util.spec_from_file_location("edge_predict", REPO / "export" / "edge_predict.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_edge_preprocessing_equals_the_library_eval_transform(photos):
+    from mineralnet.predict import Preprocessor
+
+    edge = _edge_module()
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for h, w in ((96, 96), (60, 90), (300, 200), (73, 73), (151, 460))]  # enlarge, shrink, >= 2x
+    for size, resize in ((64, 73), (32, 48), (56, 64)):
+        meta = {"image_size": size, "resize": resize, "mean": MEAN, "std": STD}
+        lib, mine = Preprocessor(meta), edge.Preprocess(size, resize, MEAN, STD)
+        for item in _photos(photos)[::4] + arrays:
+            img = load_image(item, min_size=resize) if isinstance(item, str) else item
+            a, b = lib(img), mine(img)
+            assert a.shape == b.shape == (3, size, size)
+            levels = np.abs(a - b) * np.array(STD)[:, None, None] * 255  # in grey levels
+            assert levels.max() <= 1.01 and (levels > 0.5).mean() <= 0.01, (size, resize, img.shape)
+        for p in _photos(photos)[:3]:  # Pillow decoding (with DCT scaling) == the library's decoder
+            np.testing.assert_array_equal(edge.load_rgb(p, resize), load_image(p, min_size=resize))
+
+
+def test_edge_onnx_and_pytorch_predictors_agree(exported, run_dir, photos):
+    from mineralnet.predict import Predictor
+
+    paths = _photos(photos)[::2]
+    torch_p = Predictor(run_dir).probabilities(paths)
+    onnx_p = Predictor(run_dir / "export" / "model.onnx").probabilities(paths)
+    edge = _edge_module().EdgeModel(str(run_dir / "export" / "model.onnx"))
+    x = np.stack([edge.preprocess(_edge_module().load_rgb(p, RESIZE)) for p in paths])
+    edge_p = edge.probabilities(x)
+    assert len(set(torch_p.argmax(1))) > 1
+    for other in (onnx_p, edge_p):
+        assert (other.argmax(1) == torch_p.argmax(1)).all()
+        assert np.abs(other - torch_p).max() <= 1e-5
+
+
+def test_edge_runner_needs_neither_torch_nor_mineralnet(exported, run_dir, photos):
+    from mineralnet.predict import Predictor
+
+    paths = _photos(photos)[:4]
+    model = run_dir / "export" / "model.int8.onnx"
+    code = (ONNX_BLOCKED + "import runpy; sys.argv = ['edge_predict.py'] + sys.argv[1:]; "
+            f"runpy.run_path({str(REPO / 'export' / 'edge_predict.py')!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, str(model), *paths, "--json", "--topk", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["precision"] == "int8"
+    ref = Predictor(model).predict(paths, topk=2)
+    for got, want in zip(result["predictions"], ref):
+        assert [t["class"] for t in got["top"]] == [name for name, _ in want.top]
+        assert np.allclose([t["prob"] for t in got["top"]], [p for _, p in want.top], atol=1e-5)
+    proc = subprocess.run([sys.executable, str(REPO / "export" / "edge_predict.py"), str(model), "missing.jpg"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "missing.jpg" in proc.stderr
+
+
+def test_thin_entry_script_is_the_cli(run_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "export" / "export.py"), "--help"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: mineralnet-export")
+    for flag in ("--onnx", "--fp16", "--int8", "--calib-data", "--calib-size", "--trt", "--batch", "--dynamic",
+                 "--min-batch", "--opt-batch", "--max-batch", "--opset", "--outputs", "--out", "--val-data"):
+        assert flag in proc.stdout
