@@ -50,9 +50,10 @@ class PhotoDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.min_size = getattr(transform, "min_decode_size", None)
         self.cache = None
         if cache_side:
-            self.cache = [_downscale(mdata.load_image(p), cache_side) for p, _ in self.samples]
+            self.cache = [_downscale(mdata.load_image(p, min_size=cache_side), cache_side) for p, _ in self.samples]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -62,7 +63,7 @@ class PhotoDataset(Dataset):
 
     def __getitem__(self, i):
         path, label = self.samples[i]
-        img = self.cache[i] if self.cache is not None else mdata.load_image(path)
+        img = self.cache[i] if self.cache is not None else mdata.load_image(path, min_size=self.min_size)
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32)
         return self.transform(image=img)["image"], label
@@ -152,6 +153,11 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> DataSplit:
 
 
 def build_loaders(cfg: TrainConfig, split: DataSplit):
+    import cv2
+
+    # Photos are small: OpenCV's own thread pool only fights the model's threads (and, loaded,
+    # spins for seconds per image). Workers, when used, are the data parallelism.
+    cv2.setNumThreads(1)
     cache_side = round(cfg.eval_resize * 1.25) if cfg.cache_images else None
     train_tf = mdata.build_transforms(cfg.image_size, split.mean, split.std, train=True, resize=cfg.eval_resize,
                                       scale=(cfg.scale_min, 1.0), rotate_limit=cfg.rotate, hflip=cfg.hflip)
