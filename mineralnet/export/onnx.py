@@ -336,7 +336,7 @@ CALIB_METHODS = ("minmax", "percentile", "entropy")
 
 
 def quantize_int8(fp32_path, calib_images: np.ndarray, *, activations: str = "uint8",
-                  method: str = "minmax", batch: int | None = None) -> bytes:
+                  method: str = "minmax", batch: int | None = None, reduce_range: bool = False) -> bytes:
     """Static QDQ int8 quantization of the fp32 ONNX at `fp32_path`; returns the model bytes.
 
     Weights: int8, symmetric, per output channel. Activations: `activations` = "uint8"
@@ -344,7 +344,8 @@ def quantize_int8(fp32_path, calib_images: np.ndarray, *, activations: str = "ui
     point) or "int8" (symmetric, zero point 0: what TensorRT's explicit quantization accepts and
     ARM CPUs prefer). Ranges come from running `calib_images` (already through the eval
     preprocessing) with `method`. ONNX Runtime's pre-processing (symbolic shape inference and
-    basic graph optimisation) runs first, as its quantization guide asks.
+    basic graph optimisation) runs first, as its quantization guide asks. `reduce_range` (7-bit
+    weights) only helps x86 CPUs without VNNI, where u8 x s8 products can saturate.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -364,7 +365,7 @@ def quantize_int8(fp32_path, calib_images: np.ndarray, *, activations: str = "ui
             extra["CalibPercentile"] = 99.999
         quantize_static(
             os.fspath(pre), os.fspath(out), _Batches(calib_images, batch), quant_format=QuantFormat.QDQ,
-            per_channel=True, reduce_range=False, weight_type=QuantType.QInt8,
+            per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                               "entropy": CalibrationMethod.Entropy}[method],
