@@ -1,0 +1,432 @@
+"""`mineralnet cv`: K-fold cross-validation over a grid of variants (the paper's Tables 3-8).
+
+    mineralnet cv --data DIR --out CV --folds 10 --config cpu \
+        --grid stages=4 2,4 --grid loss=ce wtopk
+
+Every grid cell ("variant") is trained K times through the same `mineralnet.train.fit()`, once per
+validation fold. All cells use the same stratified folds: the folds depend only on the photos,
+K and --seed, are saved once in CV/folds.json, and every finished run's own split.json is checked
+against them. Folds run fold by fold (all variants on fold 0, then fold 1, ...) so that the paired
+comparison is available early. A finished fold (result.json + eval/metrics.json in its run
+directory) is never re-run; an interrupted one is resumed from its saved state.
+
+Output: CV/results.md (one row per variant: Top1 and mean class accuracy = the paper's "mAP",
+mean ± sample std over folds, the per-fold numbers, and a paired t-test against the first cell,
+the baseline) and CV/results.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mineralnet.errors import MineralNetError
+
+DEFAULT_FOLDS = 10
+# Fields a grid may not vary: they define where the data and runs are, or the folds themselves.
+NOT_GRIDDABLE = {
+    "data": "the photos are fixed for a cross-validation",
+    "out": "cv chooses each run's directory",
+    "folds": "use --folds",
+    "fold": "cv runs every fold (limit with --only-folds)",
+    "val_data": "cv validates on the folds",
+    "val_split": "cv validates on the folds",
+    "resume": "cv resumes by itself: run the same command again",
+    "seed": "the seed also fixes the folds, so variants would not share them; run cv again with "
+            "another --seed and --out",
+}
+FINISHED = ("finished", "time_budget")
+SIGNIFICANCE = 0.05
+
+
+# ----------------------------------------------------------------------------- grid
+def parse_grid(specs) -> list[tuple[str, list[str]]]:
+    """[["stages=4", "2,4"], ["loss=ce", "wtopk"]] -> [("stages", ["4", "2,4"]), ("loss", ["ce", "wtopk"])]."""
+    from mineralnet.config import FIELD_NAMES
+
+    out: list[tuple[str, list[str]]] = []
+    for spec in specs or []:
+        head, rest = spec[0], list(spec[1:])
+        if "=" not in head:
+            raise MineralNetError(f"--grid {' '.join(spec)!r} must look like FIELD=V1 V2 ..., "
+                                  f"e.g. --grid stages=4 2,4 --grid loss=ce wtopk")
+        name, first = head.split("=", 1)
+        name = name.strip().lstrip("-").replace("-", "_")
+        if name not in FIELD_NAMES:
+            close = sorted(f for f in FIELD_NAMES if name[:3] and f.startswith(name[:3]))
+            raise MineralNetError(f"--grid field {name!r} is not a training setting"
+                                  + (f" (did you mean {', '.join(close)}?)" if close else "")
+                                  + "; see `mineralnet train --help` for the fields")
+        if name in NOT_GRIDDABLE:
+            raise MineralNetError(f"--grid {name}=... is not allowed: {NOT_GRIDDABLE[name]}")
+        if any(n == name for n, _ in out):
+            raise MineralNetError(f"--grid {name} is given twice; list all its values after one {name}=")
+        values = ([first] if first != "" else []) + rest
+        if not values:
+            raise MineralNetError(f"--grid {name}= has no values; e.g. --grid {name}=V1 V2")
+        if len(set(values)) != len(values):
+            raise MineralNetError(f"--grid {name} repeats a value ({' '.join(values)})")
+        out.append((name, values))
+    return out
+
+
+def variant_name(cell: dict) -> str:
+    return " ".join(f"{k}={v}" for k, v in cell.items()) or "base"
+
+
+def variant_slug(cell: dict) -> str:
+    """A folder name for a grid cell: stages=2,4 loss=wtopk -> stages-2+4_loss-wtopk."""
+    if not cell:
+        return "base"
+    safe = lambda s: "".join(ch if ch.isalnum() or ch in ".+-" else "+" for ch in str(s).replace(",", "+"))
+    return "_".join(f"{safe(k)}-{safe(v)}" for k, v in cell.items())
+
+
+def build_variants(base: dict, config: str | None, grid) -> list[tuple[dict, object]]:
+    """[(cell, TrainConfig)] for the cartesian product of the grid, every config validated up front."""
+    from mineralnet.config import load_config
+
+    names = [n for n, _ in grid]
+    cells = [dict(zip(names, combo)) for combo in itertools.product(*[v for _, v in grid])] or [{}]
+    out = []
+    for cell in cells:
+        try:
+            cfg = load_config(config, **{**base, **cell})
+        except MineralNetError as e:
+            raise MineralNetError(f"grid cell {variant_name(cell)!r}: {e}") from None
+        out.append((cell, cfg))
+    return out
+
+
+# ----------------------------------------------------------------------------- folds
+def make_folds(data, folds: int, seed: int) -> dict:
+    """The stratified folds of `data` as relative paths: {classes, n, val: [[path, ...] per fold]}."""
+    from mineralnet import data as mdata
+
+    index = mdata.scan_dataset(data, verify=True)
+    if len(index.classes) < 2:
+        raise MineralNetError(f"{str(data)!r} has {len(index.classes)} class folder(s); cross-validation needs "
+                              f"at least 2 minerals")
+    val = mdata.stratified_kfold(index.labels(), folds, seed, classes=index.classes)
+    rel = [os.path.relpath(p, index.base) for p, _ in index.samples]
+    return {"data": str(index.root), "folds": folds, "seed": seed, "classes": list(index.classes), "n": len(rel),
+            "unreadable": len(index.bad), "val": [sorted(rel[i] for i in fold) for fold in val]}
+
+
+def load_or_save_folds(out: Path, data, folds: int, seed: int) -> dict:
+    """Compute the folds; write out/folds.json the first time, and check them against it afterwards."""
+    from mineralnet.runs import atomic_write_json
+
+    current = make_folds(data, folds, seed)
+    path = out / "folds.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if {k: saved.get(k) for k in ("folds", "seed", "classes", "val")} != \
+                {k: current[k] for k in ("folds", "seed", "classes", "val")}:
+            raise MineralNetError(f"{str(path)!r} holds other folds than --data {str(data)!r} with --folds {folds} "
+                                  f"--seed {seed} gives now (photos, classes, --folds or --seed changed); "
+                                  f"use a new --out, or restore the photos and flags of that cross-validation")
+    else:
+        atomic_write_json(path, current)
+    return current
+
+
+def check_run_split(run_dir: Path, fold_val: list[str]) -> None:
+    """The run's own split.json must hold exactly the fold's validation photos."""
+    split = run_dir / "split.json"
+    if not split.is_file():
+        return
+    got = sorted(json.loads(split.read_text()).get("val", []))
+    if got != sorted(fold_val):
+        raise MineralNetError(f"{str(split)!r} validates on other photos than the cv fold in folds.json; "
+                              f"delete {str(run_dir)!r} and run cv again")
+
+
+# ----------------------------------------------------------------------------- one fold
+def fold_result(run_dir: Path) -> dict | None:
+    """Metrics of a finished fold run, or None when it has not finished."""
+    res, ev = run_dir / "result.json", run_dir / "eval" / "metrics.json"
+    if not (res.is_file() and ev.is_file()):
+        return None
+    result = json.loads(res.read_text())
+    if result.get("status") not in FINISHED:
+        return None
+    m = json.loads(ev.read_text())
+    out = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "top3": m.get("top3"),
+           "epoch": result.get("best", {}).get("epoch"), "status": result.get("status"),
+           "train_seconds": result.get("train_seconds"), "run_dir": str(run_dir)}
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    if lines:
+        out.update(epochs=lines[-1]["epoch"], last_top1=lines[-1]["val_top1"],
+                   last_mean_class_acc=lines[-1]["val_mean_class_acc"])
+    return out
+
+
+def _prepare_fold_dir(run_dir: Path) -> bool:
+    """True when the fold has a saved state to resume; a run that died before its first checkpoint
+    holds nothing worth keeping and is cleared so that training can start it again."""
+    if (run_dir / "state").is_dir() or (run_dir / "state.old").is_dir():
+        return True
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return False
+
+
+def launch_script() -> list[str]:
+    """What a launcher runs: launch/train.py of a source checkout, else the installed module."""
+    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
+    return [str(script)] if script.is_file() else ["-m", "mineralnet.cli", "train"]
+
+
+def run_fold(cfg, run_dir: Path, launcher: str | None, fold_yaml: Path) -> None:
+    """Train one fold in-process through fit(), or hand it to `launcher` (e.g. accelerate launch)."""
+    from mineralnet import train
+    from mineralnet.runs import atomic_write_text
+
+    resume = _prepare_fold_dir(run_dir)
+    if launcher is None:
+        train.fit(dataclasses.replace(cfg, out=str(run_dir), resume=str(run_dir) if resume else None))
+        return
+    if resume:
+        argv = ["--resume", str(run_dir)]
+    else:
+        atomic_write_text(fold_yaml, dataclasses.replace(cfg, out=str(run_dir)).to_yaml())
+        argv = ["--config", str(fold_yaml)]
+    cmd = shlex.split(launcher) + launch_script() + argv
+    print("  $ " + shlex.join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        raise MineralNetError(f"training {str(run_dir)!r} failed (exit status {rc}, `{shlex.join(cmd)}`); fix "
+                              f"the cause shown above and run the same cv command again to resume")
+
+
+# ----------------------------------------------------------------------------- statistics and tables
+def paired_test(a, b) -> dict:
+    """Two-sided paired t-test of b - a over folds (scipy.stats.ttest_rel); also the sign count."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    d = b - a
+    out = {"n": int(len(d)), "mean_diff": float(d.mean()) if len(d) else None, "p": None,
+           "wins": int((d > 0).sum()), "losses": int((d < 0).sum()), "test": "paired t-test (two-sided)"}
+    if len(d) >= 2:
+        if np.allclose(d, d[0]):
+            out["p"] = 1.0 if d[0] == 0 else 0.0
+        else:
+            from scipy import stats
+
+            out["p"] = float(stats.ttest_rel(b, a).pvalue)
+    out["within_noise"] = out["p"] is None or out["p"] >= SIGNIFICANCE
+    return out
+
+
+def _mean_std(values) -> tuple[float | None, float | None]:
+    v = np.asarray([x for x in values if x is not None], float)
+    if not len(v):
+        return None, None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def summarize_variants(variants: list[dict], folds_run: list[int]) -> list[dict]:
+    """Add means, stds and the paired comparison with the baseline (the first variant) to each variant."""
+    base = variants[0]
+    for v in variants:
+        done = {f["fold"]: f for f in v["folds"]}
+        v["folds_done"] = sorted(done)
+        for key in ("top1", "mean_class_acc", "top3"):
+            v[f"{key}_mean"], v[f"{key}_std"] = _mean_std(done[i].get(key) for i in sorted(done))
+        if v is base:
+            continue
+        bdone = {f["fold"]: f for f in base["folds"]}
+        common = sorted(set(done) & set(bdone))
+        v["vs_baseline"] = {key: paired_test([bdone[i][key] for i in common], [done[i][key] for i in common])
+                            for key in ("top1", "mean_class_acc")}
+        v["vs_baseline"]["folds"] = common
+    return variants
+
+
+def _pct(m, s) -> str:
+    return "-" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+
+
+def _delta(t: dict | None) -> str:
+    if not t or t["mean_diff"] is None:
+        return "-"
+    p = "n/a" if t["p"] is None else f"{t['p']:.2f}"
+    mark = " ≈" if t["within_noise"] else (" ▲" if t["mean_diff"] > 0 else " ▼")
+    return f"{100 * t['mean_diff']:+.2f} (p={p}){mark}"
+
+
+def results_markdown(summary: dict) -> str:
+    variants, K = summary["variants"], summary["folds"]
+    lines = [
+        "# Cross-validation results", "",
+        f"Data `{summary['data']}`: {summary['n']} photos, {len(summary['classes'])} classes "
+        f"({', '.join(summary['classes'])}); {K}-fold stratified split (seed {summary['seed']}), "
+        f"folds run: {', '.join(map(str, summary['folds_run']))}. Every variant is trained on the same folds.",
+        "",
+        "Top1 and mAP (the paper's mAP = mean per-class accuracy, a balanced accuracy, not detection mAP) "
+        "in %, mean ± sample std over the folds, measured on each fold's validation photos with the "
+        "checkpoint of the best validation Top1 (as the paper selects; this favours every variant alike). "
+        f"Δ = paired difference from the baseline (first row) over the common folds, p = two-sided paired "
+        f"t-test; ≈ marks a difference within fold-to-fold noise (p ≥ {SIGNIFICANCE}), ▲/▼ a significant "
+        "gain/loss.", "",
+        "| Variant | Top1 (%) | mAP (%) | Δ Top1 vs baseline | Δ mAP vs baseline | Folds | Top1 per fold | mAP per fold |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for i, v in enumerate(variants):
+        done = sorted(v["folds"], key=lambda f: f["fold"])
+        per = lambda k: " / ".join(f"{100 * f[k]:.1f}" for f in done) or "-"
+        name = v["name"] + (" (baseline)" if i == 0 else "")
+        vs = v.get("vs_baseline", {})
+        lines.append(f"| {name} | {_pct(v['top1_mean'], v['top1_std'])} | "
+                     f"{_pct(v['mean_class_acc_mean'], v['mean_class_acc_std'])} | "
+                     f"{'-' if i == 0 else _delta(vs.get('top1'))} | {'-' if i == 0 else _delta(vs.get('mean_class_acc'))} | "
+                     f"{len(done)}/{len(summary['folds_run'])} | {per('top1')} | {per('mean_class_acc')} |")
+    lines += ["", "Last-epoch validation numbers (no checkpoint selection), mean over folds:", "",
+              "| Variant | Top1 last epoch (%) | mAP last epoch (%) | Epochs | Train min per fold |", "|---|---|---|---|---|"]
+    for v in variants:
+        lt = _mean_std(f.get("last_top1") for f in v["folds"])
+        lm = _mean_std(f.get("last_mean_class_acc") for f in v["folds"])
+        ep = sorted({f.get("epochs") for f in v["folds"] if f.get("epochs") is not None})
+        secs = [f["train_seconds"] for f in v["folds"] if f.get("train_seconds")]
+        lines.append(f"| {v['name']} | {_pct(*lt)} | {_pct(*lm)} | {', '.join(map(str, ep)) or '-'} | "
+                     f"{(sum(secs) / len(secs) / 60):.1f} |" if secs else
+                     f"| {v['name']} | {_pct(*lt)} | {_pct(*lm)} | {', '.join(map(str, ep)) or '-'} | - |")
+    lines += ["", f"Runs: `{summary['out']}/<variant>/fold<i>/` (each a full training run; "
+                  f"`mineralnet explain RUN --data DATA` shows its pictures)."]
+    if summary.get("command"):
+        lines += ["", "Command:", "", "```", summary["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, summary: dict) -> None:
+    from mineralnet.runs import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "results.json", summary)
+    atomic_write_text(out / "results.md", results_markdown(summary))
+
+
+# ----------------------------------------------------------------------------- driver
+def cross_validate(base: dict, *, config: str | None = None, grid=None, folds: int = DEFAULT_FOLDS,
+                   only_folds=None, launcher: str | None = None, command: str | None = None) -> dict:
+    """Run (or resume) the cross-validation and write results.md/json. Returns the summary dict.
+
+    Args:
+        base: TrainConfig field overrides shared by all variants; must hold `data` and `out`.
+        config: YAML preset file or name the overrides apply to.
+        grid: [(field, [values])] from `parse_grid`.
+        folds: K (at least 2). only_folds: run just these fold indices (a time budget).
+        launcher: e.g. "accelerate launch --multi_gpu --num_processes 8": train each fold in a subprocess.
+    """
+    if folds is None or int(folds) < 2:
+        raise MineralNetError(f"--folds {folds} must be at least 2 (the paper uses 10)")
+    folds = int(folds)
+    if not base.get("data"):
+        raise MineralNetError("cv needs --data DIR: a folder with one sub-folder of photos per mineral")
+    if not base.get("out"):
+        raise MineralNetError("cv needs --out DIR: the folder for the fold runs and results.md")
+    fold_ids = list(range(folds)) if only_folds is None else sorted(set(only_folds))
+    bad = [i for i in fold_ids if not 0 <= i < folds]
+    if bad or not fold_ids:
+        raise MineralNetError(f"--only-folds {','.join(map(str, only_folds or []))} must name folds in 0..{folds - 1}")
+    out = Path(base["out"])
+    grid = grid or []
+    variants = build_variants({**base, "folds": folds, "fold": 0}, config, grid)
+    seed = variants[0][1].seed
+    out.mkdir(parents=True, exist_ok=True)
+    fold_info = load_or_save_folds(out, base["data"], folds, seed)
+
+    records = [{"name": variant_name(cell), "slug": variant_slug(cell), "overrides": cell, "folds": []}
+               for cell, _ in variants]
+    summary = {"data": fold_info["data"], "n": fold_info["n"], "classes": fold_info["classes"], "folds": folds,
+               "seed": seed, "folds_run": fold_ids, "grid": [[n, v] for n, v in grid], "out": str(out),
+               "config": config, "launcher": launcher, "command": command, "variants": records}
+    total, t0 = len(fold_ids) * len(variants), time.perf_counter()
+    done_count = 0
+    for fi, fold in enumerate(fold_ids):
+        for vi, ((cell, cfg), rec) in enumerate(zip(variants, records)):
+            done_count += 1
+            run_dir = out / rec["slug"] / f"fold{fold}"
+            tag = f"[{done_count}/{total}] fold {fold} ({fi + 1}/{len(fold_ids)}), variant {vi + 1}/{len(variants)} " \
+                  f"{rec['name']!r}"
+            result = fold_result(run_dir)
+            if result is None:
+                print(f"{tag}: training -> {run_dir}", flush=True)
+                t_fold = time.perf_counter()
+                run_fold(dataclasses.replace(cfg, fold=fold), run_dir, launcher,
+                         out / rec["slug"] / f"fold{fold}.yaml")
+                result = fold_result(run_dir)
+                if result is None:
+                    raise MineralNetError(f"training {str(run_dir)!r} ended without a finished result "
+                                          f"(interrupted?); run the same cv command again to resume it")
+                print(f"{tag}: Top1 {100 * result['top1']:.2f}%  mean class acc (paper's mAP) "
+                      f"{100 * result['mean_class_acc']:.2f}%  ({(time.perf_counter() - t_fold) / 60:.1f} min)",
+                      flush=True)
+            else:
+                print(f"{tag}: already finished (Top1 {100 * result['top1']:.2f}%), not re-run", flush=True)
+            check_run_split(run_dir, fold_info["val"][fold])
+            rec["folds"].append({"fold": fold, **result})
+            summarize_variants(records, fold_ids)
+            summary["wall_seconds_this_call"] = time.perf_counter() - t0
+            write_results(out, summary)
+    print(results_markdown(summary))
+    print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    from mineralnet.config import add_config_arguments
+
+    parser.description = ("K-fold cross-validation: every grid cell is trained once per fold on identical "
+                          "stratified folds; results.md/json give Top1 and mean class accuracy (the paper's "
+                          "mAP) as mean ± std with a paired t-test against the first cell. Re-running the "
+                          "same command resumes. Takes every training flag (`mineralnet train --help`).")
+    cv = parser.add_argument_group("cross-validation")
+    cv.add_argument("--grid", nargs="+", action="append", metavar="FIELD=V1 V2",
+                    help="vary a training field over values, repeatable; the cartesian product is run, the "
+                         "first cell is the baseline. e.g. --grid stages=4 2,4 --grid loss=ce wtopk")
+    cv.add_argument("--only-folds", default=None, metavar="I,J",
+                    help="run only these folds of the K (e.g. 0,1,2 to fit a time budget); the split stays K-fold")
+    cv.add_argument("--launcher", default=None, metavar="CMD",
+                    help="run each fold as `CMD launch/train.py ...` in a subprocess, e.g. "
+                         "\"accelerate launch --multi_gpu --num_processes 8\" (default: in this process)")
+    add_config_arguments(parser)  # --data, --out (the cv folder), --folds (default 10 here), --config, ...
+
+
+def _parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise MineralNetError(f"{flag} {text!r} must be a comma list of fold numbers, e.g. 0,1,2") from None
+
+
+def run(args) -> int:
+    from mineralnet.config import FIELD_NAMES
+
+    fields = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    if "fold" in fields:
+        raise MineralNetError("--fold is chosen by cv (it runs every fold); use --only-folds I,J to run some")
+    if fields.get("resume"):
+        raise MineralNetError("--resume is not a cv flag: run the same cv command again and it resumes")
+    folds = fields.pop("folds", DEFAULT_FOLDS)
+    try:
+        folds = int(folds)
+    except ValueError:
+        raise MineralNetError(f"--folds {folds!r} must be a whole number of folds, at least 2") from None
+    grid = parse_grid(args.grid)
+    only = _parse_int_list(args.only_folds, "--only-folds") if args.only_folds else None
+    command = "mineralnet cv " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "cv" else None
+    cross_validate(fields, config=args.config, grid=grid, folds=folds, only_folds=only,
+                   launcher=args.launcher, command=command)
+    return 0
