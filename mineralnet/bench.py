@@ -264,6 +264,30 @@ def _arch_flops(meta: dict, image_size: int, train: bool = False) -> int:
     return count_flops(model, image_size, batch=2 if train else 1, train=train, device="meta")
 
 
+def make_random_run(run_dir, backbone: str = "resnet50", stages=(2, 4), num_classes: int = 7,
+                    image_size: int = 224, seed: int = 0) -> Path:
+    """A run directory holding a randomly initialised FusionNet: speed does not depend on the weights,
+    so benchmarks need no training (nor pretrained downloads)."""
+    from mineralnet.model import FusionNet
+    from mineralnet.runs import model_meta, save_model
+
+    torch.manual_seed(seed)
+    model = FusionNet(backbone, stages, num_classes, pretrained=False)
+    meta = model_meta(model, classes=[f"class_{i}" for i in range(num_classes)], image_size=image_size,
+                      mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225], resize=round(image_size / 0.875),
+                      extra={"note": "random weights, for benchmarking only"})
+    save_model(run_dir, model, meta)
+    return Path(run_dir)
+
+
+def matmul_gflops(n: int = 2048, seconds: float = 2.0, dtype=torch.float32) -> float:
+    """Achieved GFLOP/s of an n x n x n matrix multiply: what this machine's BLAS really reaches."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    torch.mm(a, b)
+    stats = measure(lambda _: torch.mm(a, b), [0], warmup_s=0.3, duration_s=seconds, min_runs=3)
+    return 2 * n ** 3 / (stats["latency_ms"]["p50"] * 1e-3) / 1e9
+
+
 # ============================================================================ models to benchmark
 @dataclass
 class BenchModel:
@@ -815,7 +839,7 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
     out.append("")
     baselines = {r["group"]: r for r in rows if r.get("baseline") and r["status"] == "ok"}
     unit = "step" if train else ""
-    ratio_name = "p50 vs bare" if train else "p50 vs torch fp32"
+    ratio_name = s.get("ratio_label") or ("p50 vs bare" if train else "p50 vs torch fp32")
     head = ["model", "runtime", "precision", "device", "batch"] + (["procs x threads"] if train else []) + \
            [f"p50 ms{' /' + unit if unit else ''}", "p90 ms", "p99 ms", "mean ms", "img/s", "runs", "GFLOP/s",
             "% of fp32 peak", ratio_name]
@@ -1018,9 +1042,9 @@ def _command_line(args) -> str:
     import shlex
 
     parts = ["mineralnet", "bench", *args.models]
-    defaults = dict(runtimes=None, precision=None, batch_sizes="1,8,32", image_size=None, warmup=1.0,
-                    duration=3.0, min_runs=5, buffers=4, threads=None, device="auto", peak_gflops=None,
-                    json=None, markdown=None, title=None, train_step=False)
+    defaults = dict(train_step=False, runtimes=None, precision=None, batch_sizes="1,8,32", image_size=None,
+                    warmup=1.0, duration=3.0, min_runs=5, buffers=4, threads=None, device="auto",
+                    peak_gflops=None, title=None, json=None, markdown=None)
     for k, d in defaults.items():
         v = getattr(args, k, d)
         if v == d:
