@@ -91,7 +91,11 @@ def main() -> int:
     ap.add_argument("--agreement-images", type=int, default=0, help="limit (0 = every photo not calibrated on)")
     ap.add_argument("--out", default=str(HERE / "results" / "export.md"))
     args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="mineralnet-bench-export-") as work:
+        return measure(args, Path(work))
 
+
+def measure(args, work: Path) -> int:
     from mineralnet import bench
     from mineralnet.data import scan_dataset
     from mineralnet.export import BatchProfile, ExportOptions, export
@@ -102,7 +106,6 @@ def main() -> int:
 
     t_start = time.time()
     env = bench.environment()
-    work = Path(tempfile.mkdtemp(prefix="mineralnet-bench-export-"))
     run = Path(args.run) if args.run else bench.make_random_run(work / "run", "resnet50", (2, 4), 7, 224)
     model, meta = load_model(run)
     size = meta["image_size"]

@@ -426,7 +426,8 @@ def test_build_engine_drives_the_tensorrt_builder_as_documented(tmp_path, monkey
 def test_tensorrt_engines_build_and_match_onnx_runtime(exported, run_dir, photos, tmp_path):
     from mineralnet.predict import Predictor
 
-    opts = ExportOptions(out_dir=tmp_path, calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4))
+    opts = ExportOptions(out_dir=tmp_path, calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4),
+                         min_agreement=0.5)
     arts = export(run_dir, ["fp16", "int8", "trt"], opts)
     names = {a.path.name for a in arts}
     assert {"model.fp16.engine", "model.int8.engine"} <= names

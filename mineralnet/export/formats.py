@@ -65,8 +65,9 @@ class Artifact:
         if "parity" in r:
             p = r["parity"]
             d = p["max_abs_diff"].get("logits", max(p["max_abs_diff"].values()))
-            notes.append(f"max|d logit| {d:.1e} on {p['images']} {p['source']}, "
-                         f"top-1 {p['top1_equal']}/{p['top1_required']}")
+            ties = p["images"] - p["top1_required"]
+            notes.append(f"max|d logit| {d:.1e} on {p['images']} {p['source']}, top-1 identical "
+                         f"{p['top1_equal']}/{p['top1_required']}" + (f" ({ties} fp16 near-ties exempt)" if ties else ""))
         if "int8" in r:
             q = r["int8"]
             notes.append(f"top-1 agreement with fp32 {q['agreement']['top1']:.1%} on {q['agreement']['images']} "

@@ -1,11 +1,12 @@
 """ONNX export of a FusionNet: fp32 / fp16 graphs, the parity gate, and int8 QDQ quantization.
 
 Exporter: ``torch.onnx.export(..., dynamo=True)`` (torch.export + onnxscript), the default and the
-maintained path since torch 2.9. Against the legacy TorchScript exporter on torch 2.14 it gives a
-clean graph (BatchNorm folded into Conv, no Identity/Constant clutter: ResNet-50 F2+F4 is 53 Conv +
-49 Relu + 16 Add + 2 ReduceMean + Concat + Gemm) and the same numbers; it needs opset >= 18 (older
-opsets go through a version converter that fails on ReduceMean), which ONNX Runtime >= 1.14 and
-TensorRT >= 8.6 read. It is ~6x slower to export (7 s vs 1 s for ResNet-50), which does not matter.
+maintained path since torch 2.9. Measured against the legacy TorchScript exporter on torch 2.14
+(ResNet-50 F2+F4): the same numbers (max |logit diff| vs PyTorch 5.6e-8 for both) and the same
+ONNX Runtime latency, but a clean graph (53 Conv + 49 Relu + 16 Add + 2 ReduceMean + Concat +
+Gemm, BatchNorm folded) where the legacy one adds 59 Identity nodes and a DeprecationWarning. It
+needs opset >= 18 (the down-conversion to 17 fails on ReduceMean), which ONNX Runtime >= 1.14 and
+TensorRT 10 read. It is 3-6x slower to export (7-14 s vs 1-5 s), which does not matter.
 
 Everything here works on bytes/ModelProto and temporary files; `mineralnet.export.formats` decides
 file names and writes the results only after the checks pass.
