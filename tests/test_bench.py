@@ -128,8 +128,8 @@ def test_batch_sweep_rows_json_and_markdown(tiny_run, tiny_onnx, tmp_path):
     assert "CUDA" in skipped[("torch", "fp16", 1)] and "CUDAExecutionProvider" in skipped[("ort-cuda", "fp32", 1)]
 
     torch_row = ok[0]
-    model, _ = FusionNet("resnet18", (2, 4), 3), None
-    assert torch_row["gflop_per_image"] == pytest.approx(bench.count_flops(model.eval(), 32) / 1e9)
+    model = FusionNet("resnet18", (2, 4), 3).eval()
+    assert torch_row["gflop_per_image"] == pytest.approx(bench.count_flops(model, 32) / 1e9)
     assert torch_row["gflops"] == pytest.approx(torch_row["gflop_per_image"] * torch_row["throughput_img_s"])
     assert torch_row["baseline"] and ok[2]["group"] == "batch 1" and ok[2]["gflop_per_image"] is None
 
