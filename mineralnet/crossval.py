@@ -2,6 +2,7 @@
 
     mineralnet cv --data DIR --out CV --folds 10 --config cpu \
         --grid stages=4 2,4 --grid loss=ce wtopk
+    mineralnet cv ... --variant "stages=4 loss=ce" --variant "stages=2,4 loss=wtopk"
 
 Every grid cell ("variant") is trained K times through the same `mineralnet.train.fit()`, once per
 validation fold. All cells use the same stratified folds: the folds depend only on the photos,
@@ -80,6 +81,28 @@ def parse_grid(specs) -> list[tuple[str, list[str]]]:
     return out
 
 
+def parse_variants(specs) -> list[dict]:
+    """["stages=4 loss=ce", "stages=2,4 loss=wtopk"] -> [{"stages": "4", "loss": "ce"}, ...]."""
+    out = []
+    for spec in specs or []:
+        tokens = spec.split() if isinstance(spec, str) else [t for part in spec for t in part.split()]
+        cell = {}
+        for token in tokens:
+            name, values = parse_grid([[token]])[0] if "=" in token else (None, None)
+            if name is None or len(values) != 1:
+                raise MineralNetError(f"--variant {spec!r} must be FIELD=VALUE pairs, e.g. --variant "
+                                      f"\"stages=4 loss=ce\"")
+            if name in cell:
+                raise MineralNetError(f"--variant {spec!r} sets {name} twice")
+            cell[name] = values[0]
+        if not cell:
+            raise MineralNetError(f"--variant {spec!r} is empty; e.g. --variant \"stages=4 loss=ce\"")
+        if cell in out:
+            raise MineralNetError(f"--variant {spec!r} is given twice")
+        out.append(cell)
+    return out
+
+
 def variant_name(cell: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in cell.items()) or "base"
 
@@ -92,12 +115,17 @@ def variant_slug(cell: dict) -> str:
     return "_".join(f"{safe(k)}-{safe(v)}" for k, v in cell.items())
 
 
-def build_variants(base: dict, config: str | None, grid) -> list[tuple[dict, object]]:
-    """[(cell, TrainConfig)] for the cartesian product of the grid, every config validated up front."""
+def build_variants(base: dict, config: str | None, grid, variants=None) -> list[tuple[dict, object]]:
+    """[(cell, TrainConfig)]: each explicit variant (or none) times the cartesian product of the grid,
+    every config validated up front."""
     from mineralnet.config import load_config
 
     names = [n for n, _ in grid]
-    cells = [dict(zip(names, combo)) for combo in itertools.product(*[v for _, v in grid])] or [{}]
+    grid_cells = [dict(zip(names, combo)) for combo in itertools.product(*[v for _, v in grid])] or [{}]
+    clash = sorted({n for v in variants or [] for n in v} & set(names))
+    if clash:
+        raise MineralNetError(f"{', '.join(clash)} is set by both --variant and --grid; set it in one of them")
+    cells = [{**v, **g} for v in (variants or [{}]) for g in grid_cells]
     out = []
     for cell in cells:
         try:
@@ -153,6 +181,26 @@ def check_run_split(run_dir: Path, fold_val: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------- one fold
+# Settings that may change between calls without invalidating a finished fold.
+RERUN_SAFE = ("resume", "out", "workers", "log_every", "cache_images")
+
+
+def check_same_config(run_dir: Path, cfg) -> None:
+    """A fold run found on disk must have been trained with this variant's settings."""
+    import yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return
+    saved = yaml.safe_load(path.read_text()) or {}
+    want = cfg.to_dict()
+    diff = [f"{k}: {saved.get(k)!r} -> {want[k]!r}" for k in want
+            if k not in RERUN_SAFE and k in saved and saved[k] != want[k]]
+    if diff:
+        raise MineralNetError(f"{str(run_dir)!r} was trained with other settings ({'; '.join(diff[:3])}); "
+                              f"use a new --out for the new settings, or delete that folder")
+
+
 def fold_result(run_dir: Path) -> dict | None:
     """Metrics of a finished fold run, or None when it has not finished."""
     res, ev = run_dir / "result.json", run_dir / "eval" / "metrics.json"
@@ -317,7 +365,7 @@ def write_results(out: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def cross_validate(base: dict, *, config: str | None = None, grid=None, folds: int = DEFAULT_FOLDS,
+def cross_validate(base: dict, *, config: str | None = None, grid=None, variants=None, folds: int = DEFAULT_FOLDS,
                    only_folds=None, launcher: str | None = None, command: str | None = None) -> dict:
     """Run (or resume) the cross-validation and write results.md/json. Returns the summary dict.
 
@@ -325,6 +373,7 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, folds: i
         base: TrainConfig field overrides shared by all variants; must hold `data` and `out`.
         config: YAML preset file or name the overrides apply to.
         grid: [(field, [values])] from `parse_grid`.
+        variants: [{field: value}] from `parse_variants`: explicit cells, each crossed with the grid.
         folds: K (at least 2). only_folds: run just these fold indices (a time budget).
         launcher: e.g. "accelerate launch --multi_gpu --num_processes 8": train each fold in a subprocess.
     """
@@ -341,7 +390,7 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, folds: i
         raise MineralNetError(f"--only-folds {','.join(map(str, only_folds or []))} must name folds in 0..{folds - 1}")
     out = Path(base["out"])
     grid = grid or []
-    variants = build_variants({**base, "folds": folds, "fold": 0}, config, grid)
+    variants = build_variants({**base, "folds": folds, "fold": 0}, config, grid, variants)
     seed = variants[0][1].seed
     out.mkdir(parents=True, exist_ok=True)
     fold_info = load_or_save_folds(out, base["data"], folds, seed)
@@ -349,7 +398,8 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, folds: i
     records = [{"name": variant_name(cell), "slug": variant_slug(cell), "overrides": cell, "folds": []}
                for cell, _ in variants]
     summary = {"data": fold_info["data"], "n": fold_info["n"], "classes": fold_info["classes"], "folds": folds,
-               "seed": seed, "folds_run": fold_ids, "grid": [[n, v] for n, v in grid], "out": str(out),
+               "seed": seed, "folds_run": fold_ids, "grid": [[n, v] for n, v in grid],
+               "variant_specs": [variant_name(c) for c, _ in variants], "out": str(out),
                "config": config, "launcher": launcher, "command": command, "variants": records}
     total, t0 = len(fold_ids) * len(variants), time.perf_counter()
     done_count = 0
@@ -357,6 +407,7 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, folds: i
         for vi, ((cell, cfg), rec) in enumerate(zip(variants, records)):
             done_count += 1
             run_dir = out / rec["slug"] / f"fold{fold}"
+            check_same_config(run_dir, dataclasses.replace(cfg, fold=fold))
             tag = f"[{done_count}/{total}] fold {fold} ({fi + 1}/{len(fold_ids)}), variant {vi + 1}/{len(variants)} " \
                   f"{rec['name']!r}"
             result = fold_result(run_dir)
@@ -396,6 +447,9 @@ def add_arguments(parser) -> None:
     cv.add_argument("--grid", nargs="+", action="append", metavar="FIELD=V1 V2",
                     help="vary a training field over values, repeatable; the cartesian product is run, the "
                          "first cell is the baseline. e.g. --grid stages=4 2,4 --grid loss=ce wtopk")
+    cv.add_argument("--variant", action="append", metavar="\"FIELD=V FIELD=V\"",
+                    help="one explicit variant, repeatable (the first is the baseline), e.g. --variant "
+                         "\"stages=4 loss=ce\" --variant \"stages=2,4 loss=wtopk\"; crossed with --grid if both")
     cv.add_argument("--only-folds", default=None, metavar="I,J",
                     help="run only these folds of the K (e.g. 0,1,2 to fit a time budget); the split stays K-fold")
     cv.add_argument("--launcher", default=None, metavar="CMD",
@@ -425,8 +479,9 @@ def run(args) -> int:
     except ValueError:
         raise MineralNetError(f"--folds {folds!r} must be a whole number of folds, at least 2") from None
     grid = parse_grid(args.grid)
+    variants = parse_variants(args.variant)
     only = _parse_int_list(args.only_folds, "--only-folds") if args.only_folds else None
     command = "mineralnet cv " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "cv" else None
-    cross_validate(fields, config=args.config, grid=grid, folds=folds, only_folds=only,
+    cross_validate(fields, config=args.config, grid=grid, variants=variants, folds=folds, only_folds=only,
                    launcher=args.launcher, command=command)
     return 0

@@ -187,3 +187,33 @@ def test_cv_bad_input_is_one_line(tiny_data, tmp_path, capsys, extra, message):
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("mineralnet: error:"), err
     assert message in err
+
+
+def test_explicit_variants_and_changed_settings(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "fit", _fake_fit(calls))
+    out = tmp_path / "cv"
+    argv = ["cv", "--data", tiny_data, "--out", str(out), "--folds", "3", "--only-folds", "1", *TINY,
+            "--variant", "stages=4 loss=ce", "--variant", "stages=2,4 loss=wtopk"]
+    assert cli_main(argv) == 0
+    assert [(c.stages, c.loss, c.fold) for c in calls] == [((4,), "ce", 1), ((2, 4), "wtopk", 1)]
+    res = json.loads((out / "results.json").read_text())
+    assert [v["name"] for v in res["variants"]] == ["stages=4 loss=ce", "stages=2,4 loss=wtopk"]
+    # the fake fit writes no config.yaml; give one fold the settings of another epoch count
+    (out / "stages-4_loss-ce" / "fold1" / "config.yaml").write_text("epochs: 7\nloss: ce\n")
+    with pytest.raises(MineralNetError, match=r"other settings \(epochs: 7 -> 1\)"):
+        crossval.cross_validate(dict(data=tiny_data, out=str(out), backbone="resnet18", image_size=32,
+                                     batch_size=4, workers=0, epochs=1, lr=0.05, scheduler="none",
+                                     precision="fp32", normalize="imagenet", seed=3, optimizer="sgd"),
+                                variants=crossval.parse_variants(["stages=4 loss=ce"]), folds=3, only_folds=[1])
+
+
+@pytest.mark.parametrize("spec, message", [
+    (["stages=4 stages=2"], "sets stages twice"),
+    (["stages"], "must be FIELD=VALUE pairs"),
+    (["stages=4", "stages=4"], "given twice"),
+    (["colour=red"], "'colour' is not a training setting"),
+])
+def test_bad_variants(spec, message):
+    with pytest.raises(MineralNetError, match=message):
+        crossval.parse_variants(spec)
