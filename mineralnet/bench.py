@@ -564,8 +564,14 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
                   precisions: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
                   image_size: Optional[int] = None, warmup_s: float = 1.0, duration_s: float = 3.0,
                   min_runs: int = 5, buffers: int = 4, threads: Optional[int] = None, device: str = "auto",
-                  peak_gflops: Optional[float] = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Every (model, runtime, precision, batch) row; runtimes that cannot run here become skipped rows."""
+                  peak_gflops: Optional[float] = None, interleave: bool = True,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """Every (model, runtime, precision, batch) row; runtimes that cannot run here become skipped rows.
+
+    With `interleave` (default) all runtimes of one batch size are timed in round-robin rounds, one
+    call each per round, so a change in machine load hits them alike and their ratios stay fair;
+    otherwise each row is timed on its own, one after the other.
+    """
     dev = _torch_device(device)
     precisions = list(precisions or (["fp32", "bf16", "fp16"] if dev == "cuda" else ["fp32", "bf16"]))
     names = list(runtimes or RUNTIMES)
@@ -573,7 +579,8 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
     if unknown:
         raise MineralNetError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     models = [open_model(p, image_size) for p in model_paths]
-    rows = []
+    fixed: dict[tuple, dict] = {}   # (entry index, batch) -> skipped/error row
+    entries = []                    # (common row fields, Prepared or None)
     for bm in models:
         chosen = [RUNTIMES[n] for n in names if RUNTIMES[n].kind == bm.kind]
         if not chosen:
@@ -583,44 +590,123 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
             for prec in _row_precisions(bm, precisions):
                 common = dict(model=bm.name, runtime=rt.name, precision=prec, image_size=bm.image_size,
                               gflop_per_image=bm.gflop_per_image, peak_gflops=peak_gflops)
-                rows += _bench_runtime(bm, rt, prec, dev, batch_sizes, common, threads=threads, warmup_s=warmup_s,
-                                       duration_s=duration_s, min_runs=min_runs, buffers=buffers, log=log)
+                prepared, status, reason = None, None, None
+                try:
+                    prepared = rt.build(bm, prec, dev, threads) if rt.takes_threads else rt.build(bm, prec, dev)
+                except Skip as e:
+                    status, reason = "skipped", str(e)
+                except MineralNetError:
+                    raise
+                except Exception as e:
+                    status, reason = "error", _short_error(e)
+                if prepared is None:
+                    log(f"  {bm.name} {rt.name} {prec}: {status}: {reason}")
+                    gpu_only = rt.name in ("ort-cuda", "ort-trt", "tensorrt")
+                    for b in batch_sizes:
+                        fixed[(len(entries), b)] = result_row(batch=b, device="cuda" if gpu_only else dev,
+                                                              status=status, reason=reason, **common)
+                entries.append((common, prepared))
+    live = [i for i, (_, p) in enumerate(entries) if p is not None]
+    rows_by: dict[tuple, dict] = dict(fixed)
+    for b in batch_sizes:
+        if interleave and len(live) > 1:
+            variants = {}
+            for i in live:
+                try:
+                    variants[i] = (entries[i][1].fn, entries[i][1].make_inputs(b, buffers), entries[i][1].sync)
+                except Exception as e:  # e.g. out of memory for the inputs
+                    rows_by[(i, b)] = _error_row(entries[i], b, e, log)
+            results = measure_interleaved(variants, warmup_s=warmup_s, duration_s=duration_s, min_runs=min_runs)
+        else:
+            results = {}
+            for i in live:
+                try:
+                    p = entries[i][1]
+                    results[i] = measure(p.fn, p.make_inputs(b, buffers), warmup_s=warmup_s, duration_s=duration_s,
+                                         min_runs=min_runs, sync=p.sync)
+                except Exception as e:
+                    results[i] = e
+                gc.collect()
+        for i, res in results.items():
+            common, p = entries[i]
+            if isinstance(res, BaseException):
+                rows_by[(i, b)] = _error_row(entries[i], b, res, log)
+                continue
+            row = result_row(batch=b, device=p.device, stats=res, provider=p.provider, **common)
+            log(f"  {common['model']} {common['runtime']} {common['precision']} batch {b}: p50 "
+                f"{row['latency_ms']['p50']:.2f} ms, {row['throughput_img_s']:.1f} img/s ({row['runs']} runs)")
+            rows_by[(i, b)] = row
+        variants = results = None
+        gc.collect()
+    rows = [rows_by[(i, b)] for i in range(len(entries)) for b in batch_sizes]
     for r in rows:  # ratios are against PyTorch eager fp32 at the same batch
         r["group"] = f"batch {r['batch']}"
         r["baseline"] = r["runtime"] == "torch" and r["precision"] == "fp32"
     return rows
 
 
-def _bench_runtime(bm, rt, prec, dev, batch_sizes, common, *, threads, warmup_s, duration_s, min_runs,
-                   buffers, log) -> list[dict]:
-    def all_rows(status, reason, device):
-        return [result_row(batch=b, device=device, status=status, reason=reason, **common) for b in batch_sizes]
-    try:
-        prepared = rt.build(bm, prec, dev, threads) if rt.takes_threads else rt.build(bm, prec, dev)
-    except Skip as e:
-        log(f"  {bm.name} {rt.name} {prec}: skipped: {e}")
-        return all_rows("skipped", str(e), "cuda" if rt.name in ("ort-cuda", "ort-trt", "tensorrt") else dev)
-    except MineralNetError:
-        raise
-    except Exception as e:
-        log(f"  {bm.name} {rt.name} {prec}: error: {_short_error(e)}")
-        return all_rows("error", _short_error(e), dev)
-    rows = []
-    for b in batch_sizes:
+def _error_row(entry, batch: int, e: BaseException, log) -> dict:
+    common, p = entry
+    log(f"  {common['model']} {common['runtime']} {common['precision']} batch {batch}: error: {_short_error(e)}")
+    return result_row(batch=batch, device=p.device, status="error", reason=_short_error(e), **common)
+
+
+def measure_interleaved(variants: dict, *, warmup_s: float = 1.0, duration_s: float = 3.0, min_runs: int = 5,
+                        clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Time several variants {key: (fn, inputs, sync)} in round-robin rounds, one timed call of each per
+    round (the order rotates each round). Warm-up: one call each, then rounds until `warmup_s` x the
+    number of variants. Timed rounds continue until every variant has `min_runs` calls and the timed
+    calls add up to `duration_s` x the number of variants, so the wall time matches timing them one
+    after the other. Returns {key: stats as from `measure`, or the exception that variant raised}.
+    """
+    out: dict = {}
+    first: dict = {}
+    for k, (fn, inputs, sync) in variants.items():
         try:
-            inputs = prepared.make_inputs(b, buffers)
-            stats = measure(prepared.fn, inputs, warmup_s=warmup_s, duration_s=duration_s, min_runs=min_runs,
-                            sync=prepared.sync)
-            row = result_row(batch=b, device=prepared.device, stats=stats, provider=prepared.provider, **common)
-            log(f"  {bm.name} {rt.name} {prec} batch {b}: p50 {row['latency_ms']['p50']:.2f} ms, "
-                f"{row['throughput_img_s']:.1f} img/s ({row['runs']} runs)")
-        except Exception as e:  # e.g. an engine built for a smaller batch, out of memory
-            log(f"  {bm.name} {rt.name} {prec} batch {b}: error: {_short_error(e)}")
-            row = result_row(batch=b, device=prepared.device, status="error", reason=_short_error(e), **common)
-        rows.append(row)
-        inputs = None
-        gc.collect()
-    return rows
+            t0 = clock()
+            fn(inputs[0])
+            (sync or (lambda: None))()
+            first[k] = (clock() - t0) * 1e3
+        except Exception as e:  # this variant cannot run at this batch; the others go on
+            out[k] = e
+    live = [k for k in variants if k not in out]
+    samples = {k: [] for k in live}
+    warm = {k: 1 for k in live}
+
+    def call(k, i, timed):
+        fn, inputs, sync = variants[k]
+        t0 = clock()
+        fn(inputs[i % len(inputs)])
+        if sync is not None:
+            sync()
+        dt = clock() - t0
+        if timed:
+            samples[k].append(dt * 1e3)
+        return dt
+
+    start = clock()
+    while live and clock() - start < warmup_s * len(live):
+        for k in list(live):
+            try:
+                call(k, warm[k], False)
+                warm[k] += 1
+            except Exception as e:
+                out[k] = e
+                live.remove(k)
+    total, rnd = 0.0, 0
+    while live and (rnd < min_runs or total < duration_s * len(live)):
+        shift = rnd % len(live)
+        for k in live[shift:] + live[:shift]:
+            try:
+                total += call(k, warm[k] + rnd, True)
+            except Exception as e:
+                out[k] = e
+                live.remove(k)
+        rnd += 1
+    for k in live:
+        out[k] = {"runs": len(samples[k]), "warmup_runs": warm[k], "first_call_ms": first[k],
+                  "samples_ms": samples[k], "latency_ms": percentiles(samples[k])}
+    return {k: out[k] for k in variants}
 
 
 # ============================================================================ training-step benchmark
@@ -829,7 +915,9 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
         out.append(f"- Command: `{report['command']}`")
     out.append(f"- Timing: warm-up {s.get('warmup_s')} s, then >= {s.get('duration_s')} s and >= "
                f"{s.get('min_runs')} timed runs per row, device-synchronised, inputs rotated over "
-               f"{s.get('buffers', s.get('steps_per_epoch'))} buffers")
+               f"{s.get('buffers', s.get('steps_per_epoch'))} buffers"
+               + ("; the runtimes of one batch size interleaved in round-robin rounds (one call each per round)"
+                  if s.get("interleaved") else ""))
     if env.get("load_average"):
         after = s.get("load_average_after")
         out.append(f"- Load average (1/5/15 min) at start: {'/'.join(map(str, env['load_average']))}"
@@ -960,6 +1048,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, metavar="OUT", help="write the full results as JSON")
     parser.add_argument("--markdown", default=None, metavar="OUT", help="write the results table as Markdown")
     parser.add_argument("--title", default=None, help="heading of the Markdown table")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time each row on its own instead of interleaving the runtimes of a batch size "
+                             "in round-robin rounds (the default, fairer on a machine with changing load)")
     parser.add_argument("--train-step", action="store_true",
                         help="measure training images/s (our train_one_epoch vs a bare timm-style loop) "
                              "instead of inference; default batch 32")
@@ -1019,10 +1110,12 @@ def run(args) -> int:
         kind = "train"
     else:
         settings["buffers"] = args.buffers
+        settings["interleaved"] = not args.sequential
         rows = run_inference(args.models, runtimes=_str_list(args.runtimes), precisions=_str_list(args.precision),
                              batch_sizes=batches, image_size=args.image_size, warmup_s=args.warmup,
                              duration_s=args.duration, min_runs=args.min_runs, buffers=args.buffers,
-                             threads=args.threads, device=args.device, peak_gflops=peak, log=log)
+                             threads=args.threads, device=args.device, peak_gflops=peak,
+                             interleave=not args.sequential, log=log)
         kind = "inference"
     if not main:
         return 0
@@ -1043,7 +1136,7 @@ def _command_line(args) -> str:
     import shlex
 
     parts = ["mineralnet", "bench", *args.models]
-    defaults = dict(train_step=False, runtimes=None, precision=None, batch_sizes="1,8,32", image_size=None,
+    defaults = dict(train_step=False, sequential=False, runtimes=None, precision=None, batch_sizes="1,8,32", image_size=None,
                     warmup=1.0, duration=3.0, min_runs=5, buffers=4, threads=None, device="auto",
                     peak_gflops=None, title=None, json=None, markdown=None)
     for k, d in defaults.items():

@@ -16,6 +16,15 @@ from mineralnet.model import FusionNet
 from mineralnet.runs import model_meta, save_model
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads, and on a shared machine OpenMP barriers stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
@@ -82,6 +91,30 @@ def test_measure_with_a_fake_clock_matches_numpy():
     for key, q in (("p50", 50), ("p90", 90), ("p99", 99)):
         assert stats["latency_ms"][key] == pytest.approx(np.percentile(timed, q))
     assert stats["latency_ms"]["mean"] == pytest.approx(timed.mean())
+
+
+def test_interleaved_variants_share_rounds_and_report_their_own_latency():
+    now, order = [0.0], []
+
+    def variant(name, ms):
+        def fn(_):
+            order.append(name)
+            now[0] += ms / 1e3
+        return fn
+
+    def broken(_):
+        raise RuntimeError("engine built for batch <= 8")
+
+    variants = {"fast": (variant("fast", 2.0), [0, 1], None), "slow": (variant("slow", 6.0), [0], None),
+                "broken": (broken, [0], None)}
+    out = bench.measure_interleaved(variants, warmup_s=0.01, duration_s=0.1, min_runs=3, clock=lambda: now[0])
+    assert isinstance(out["broken"], RuntimeError)
+    fast, slow = out["fast"], out["slow"]
+    assert fast["runs"] == slow["runs"] >= 3  # one call each per round
+    assert fast["latency_ms"]["p50"] == pytest.approx(2.0) and slow["latency_ms"]["p99"] == pytest.approx(6.0)
+    assert (fast["runs"] - 1) * 8.0 < 0.1 * 2 * 1e3 <= fast["runs"] * 8.0  # duration x number of variants
+    timed = order[-2 * fast["runs"]:]
+    assert timed[:2] == ["fast", "slow"] and timed[2:4] == ["slow", "fast"]  # the order rotates
 
 
 def test_result_row_throughput_and_gflops():
@@ -215,7 +248,8 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 def test_train_step_rows(tiny_run):
     rows = bench.run_train_step(str(tiny_run), loops=["mineralnet", "bare"], precisions=["fp32", "fp16"],
-                                batch_sizes=[4], warmup_s=0, duration_s=0.01, min_runs=2, log=lambda *_: None)
+                                batch_sizes=[4], warmup_s=0, duration_s=0.01, min_runs=2, steps_per_epoch=2,
+                                log=lambda *_: None)
     by = {(r["runtime"], r["precision"]): r for r in rows}
     assert by[("mineralnet", "fp32")]["status"] == by[("bare", "fp32")]["status"] == "ok"
     assert by[("mineralnet", "fp32")]["runs"] >= 2 and by[("bare", "fp32")]["baseline"]
