@@ -169,7 +169,7 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
                   persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
-    return train_loader, val_loader, sampler
+    return train_loader, val_loader
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -440,7 +440,7 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
     split = prepare_data(cfg, run_dir, main)
-    train_loader, val_loader, sampler = build_loaders(cfg, split)
+    train_loader, val_loader = build_loaders(cfg, split)
     model = FusionNet(cfg.backbone, cfg.stages, len(split.classes), pretrained=cfg.pretrained_value,
                       drop_rate=cfg.drop_rate)
     if resuming:
@@ -488,11 +488,13 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
     with StopFlag() as stop:
         while progress.epoch < cfg.epochs:
             epoch = progress.epoch
-            sampler.set_epoch(epoch)
-            train_loader.dataset.set_epoch(epoch)
+            # Accelerate's loader re-sets its sampler and dataset to its own iteration count at every
+            # pass (a count that restarts at 0 in a resumed process): set it to the true epoch.
+            train_loader.set_epoch(epoch)
             loader = train_loader
             if progress.step_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
+                loader.set_epoch(epoch)
             bar = tqdm(total=len(train_loader), initial=progress.step_in_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        disable=not main, leave=False, dynamic_ncols=True)
             tr = train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, progress,
@@ -558,7 +560,7 @@ def final_evaluation(run_dir: Path, model, val_loader, accelerator, classes) -> 
     from mineralnet.evaluate import write_eval_report
 
     accelerator.wait_for_everyone()
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors"), device=str(accelerator.device)))
+    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))  # copied onto the model's device
     ev = evaluate(model, val_loader, accelerator)
     best = summarize(confusion_matrix(ev["targets"], ev["preds"], len(classes)))
     if accelerator.is_main_process:
