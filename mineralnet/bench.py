@@ -922,7 +922,10 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
         after = s.get("load_average_after")
         out.append(f"- Load average (1/5/15 min) at start: {'/'.join(map(str, env['load_average']))}"
                    + (f", at end: {'/'.join(map(str, after))}" if after else "")
-                   + f" on {env['cpu'].get('usable_cpus')} CPUs (other processes share them)")
+                   + f" on {env['cpu'].get('usable_cpus')} CPUs"
+                   + (": **oversubscribed** (other processes held the cores; multi-threaded rows suffer most, "
+                      "as their threads wait for each other at every parallel region)"
+                      if env["load_average"][0] > (env["cpu"].get("usable_cpus") or 1) else ""))
     if s.get("peak_gflops"):
         out.append(f"- Peak: {s['peak_gflops']:.0f} GFLOP/s fp32 ({s.get('peak_source') or 'given with --peak-gflops'})")
     out.append("")
