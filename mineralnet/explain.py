@@ -1,0 +1,513 @@
+"""`mineralnet explain RUN --data DIR`: what a trained run looks at, and where it fails.
+
+Writes RUN/explain/ (or --out):
+  gradcam.png          Grad-CAM on the fused stages (the paper's Figure 3), beside the F4 term alone
+  tsne.png, tsne.csv   t-SNE of the fused embed() vectors, N photos per class (Figure 5)
+  misrecognised.png    gallery of misrecognised photos with true/predicted names and confidence (Figure 6)
+  metrics.json, per_class.csv, confusion.png   the evaluation of DIR (as `mineralnet eval`)
+  report.md            ties the numbers and the pictures together
+
+Grad-CAM for a fused model: the predicted logit is differentiated with respect to every fused
+stage map A_s (B, C_s, H_s, W_s) through the fusion head (each map held as a leaf, so F2's effect on
+F4, which is computed from it, is counted once, in F4). Each stage's Grad-CAM map
+sum_c mean(dlogit/dA_s) A_s is scaled by its number of positions H_s*W_s, so that its spatial mean
+is exactly that stage's share of the logit (global-average pooling + linear head), upsampled to
+the image and summed over stages; ReLU, then divided by the image's maximum. The "F4 term" is the same map from stage 4 alone (the
+highest fused stage when 4 is not fused): how this model's deepest features alone would look.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mineralnet.errors import MineralNetError
+
+EXPLAIN_DIR = "explain"
+
+
+# ----------------------------------------------------------------------------- Grad-CAM
+def grad_cam(model, x: torch.Tensor, target=None, stages=None) -> dict:
+    """Grad-CAM of a FusionNet on its fused stage maps.
+
+    Args:
+        model: a FusionNet (forward_features / fuse / forward_head) in eval mode.
+        x: (B, 3, H, W) normalised images.
+        target: (B,) class indices to explain (default: the predicted class).
+        stages: stage numbers to combine (default: every fused stage), e.g. (4,) for F4 alone.
+    Returns:
+        dict with `cam` (B, H, W) in 0..1 (ReLU, divided by each image's maximum), `raw` (B, H, W)
+        the signed combined map before ReLU (its mean over pixels is about the explained logit minus
+        the bias when all stages are used; exactly so before upsampling), `stage_maps` {stage: (B, H, W) signed upsampled map},
+        `grids` {stage: (H_s, W_s)}, `logits` (B, C) and `target` (B,).
+    """
+    stages_all = list(model.stages)
+    use = stages_all if stages is None else [int(s) for s in stages]
+    missing = [s for s in use if s not in stages_all]
+    if missing:
+        raise MineralNetError(f"stage(s) {missing} are not fused by this model (it fuses {stages_all})")
+    with torch.no_grad():
+        feats = model.forward_features(x)  # [(B, C_s, H_s, W_s)]
+    with torch.enable_grad():
+        # Partial gradients through the fusion head, each stage map a leaf: F2's influence on F4
+        # (F4 is computed from F2) is then counted once, in the F4 map, and the maps add up to the logit.
+        maps = [f.detach().float().requires_grad_(True) for f in feats]
+        logits = model.forward_head(model.fuse(maps))  # (B, C)
+        target = logits.argmax(1) if target is None else torch.as_tensor(target, device=logits.device).long()
+        score = logits.gather(1, target[:, None]).sum()
+        grads = torch.autograd.grad(score, maps)
+    size = x.shape[-2:]
+    stage_maps, grids = {}, {}
+    for s, A, G in zip(stages_all, maps, grads):
+        grids[s] = tuple(A.shape[2:])
+        weights = G.mean(dim=(2, 3), keepdim=True)                        # (B, C_s, 1, 1) Grad-CAM weights
+        m = (weights * A).sum(1, keepdim=True) * (A.shape[2] * A.shape[3])  # (B, 1, H_s, W_s)
+        stage_maps[s] = F.interpolate(m.detach().float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    raw = sum(stage_maps[s] for s in use)  # (B, H, W)
+    cam = raw.clamp(min=0)
+    peak = cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+    cam = torch.where(peak > 1e-12, cam / peak, torch.zeros_like(cam))
+    return {"cam": cam, "raw": raw, "stage_maps": stage_maps, "grids": grids, "logits": logits.detach(),
+            "target": target.detach()}
+
+
+def comparison_stage(model) -> int | None:
+    """The stage shown alone beside the fused CAM: 4 (or the highest fused), when more than one is fused."""
+    stages = list(model.stages)
+    if len(stages) < 2:
+        return None
+    return 4 if 4 in stages else max(stages)
+
+
+# ----------------------------------------------------------------------------- prediction
+@torch.no_grad()
+def predict_dataset(model, dataset, batch_size: int = 32, workers: int = 0) -> dict:
+    """Logits, probabilities and fused embeddings of every image of `dataset` (CPU, eval mode)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+    logits, embeds, targets = [], [], []
+    for x, y in loader:
+        fused = model.embed(x)                  # (B, feature_dim)
+        logits.append(model.forward_head(fused))
+        embeds.append(fused)
+        targets.append(torch.as_tensor(y))
+    logits = torch.cat(logits).float()
+    probs = logits.softmax(1)
+    return {"logits": logits.numpy(), "probs": probs.numpy(), "preds": probs.argmax(1).numpy(),
+            "targets": torch.cat(targets).numpy(), "embed": torch.cat(embeds).float().numpy()}
+
+
+def sample_per_class(labels, per_class: int, seed: int = 0) -> list[int]:
+    """Up to `per_class` indices of each class, seeded, in class order."""
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(i)
+    out = []
+    for label in sorted(by_class):
+        ix = by_class[label]
+        out += sorted(rng.sample(ix, min(per_class, len(ix))))
+    return out
+
+
+def pick_cam_images(targets, preds, max_images: int, seed: int = 0) -> list[int]:
+    """For each class one correctly and one wrongly recognised photo (when it has one), seeded;
+    correct ones first so every class is shown before the failures, at most `max_images`."""
+    rng = random.Random(seed)
+    correct, wrong = [], []
+    for c in sorted(set(int(t) for t in targets)):
+        ok = [i for i, (t, p) in enumerate(zip(targets, preds)) if t == c and p == c]
+        bad = [i for i, (t, p) in enumerate(zip(targets, preds)) if t == c and p != c]
+        if ok:
+            correct.append(rng.choice(ok))
+        if bad:
+            wrong.append(rng.choice(bad))
+    chosen = (correct + wrong)[:max_images]
+    return sorted(chosen, key=lambda i: (int(targets[i]), int(preds[i]) != int(targets[i])))
+
+
+# ----------------------------------------------------------------------------- t-SNE
+def tsne_2d(vectors: np.ndarray, seed: int = 0) -> tuple[np.ndarray, float]:
+    """2-D t-SNE (scikit-learn, PCA init) of (N, D) vectors -> ((N, 2), perplexity used)."""
+    from sklearn.manifold import TSNE
+
+    n = len(vectors)
+    if n < 4:
+        raise MineralNetError(f"t-SNE needs at least 4 photos, got {n}; raise --per-class or add photos")
+    perplexity = float(min(30.0, max(1.0, (n - 1) / 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
+              learning_rate="auto").fit_transform(np.asarray(vectors, dtype=np.float64))
+    return xy, perplexity
+
+
+# ----------------------------------------------------------------------------- pictures
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _display(x: torch.Tensor, mean, std) -> np.ndarray:
+    """Normalised (3, H, W) tensor -> (H, W, 3) float RGB in 0..1, the crop the model saw."""
+    img = x.detach().float().cpu().numpy().transpose(1, 2, 0) * np.asarray(std) + np.asarray(mean)
+    return np.clip(img, 0, 1)
+
+
+def _short(name: str, width: int = 22) -> str:
+    name = name.replace("_", " ")
+    return name if len(name) <= width else name[:width - 1] + "…"
+
+
+def plot_gradcam_grid(path, images, cams, cams_single, classes, targets, preds, confs, single_stage,
+                      fused_stages, single_grid=None) -> Path:
+    """Rows of (photo | fused Grad-CAM | F4-term Grad-CAM) groups, two groups per row."""
+    plt = _plt()
+    n = len(images)
+    per_group = 3 if cams_single is not None else 2
+    groups_per_row = 2 if n > 1 else 1
+    rows = math.ceil(n / groups_per_row)
+    cols = groups_per_row * per_group
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.75 * rows + 0.7), dpi=110, squeeze=False,
+                             layout="constrained")
+    fused_name = "+".join(f"F{s}" for s in fused_stages)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k in range(n):
+        r, g = divmod(k, groups_per_row)
+        ax_img = axes[r, g * per_group]
+        ok = int(targets[k]) == int(preds[k])
+        ax_img.imshow(images[k])
+        ax_img.set_title(f"true: {_short(classes[targets[k]])}\npred: {_short(classes[preds[k]])} "
+                         f"{100 * confs[k]:.0f}%", fontsize=8.5, color="black" if ok else "#c00000", loc="left")
+        if not ok:
+            for side in ax_img.spines.values():
+                side.set_visible(True)
+                side.set_color("#c00000")
+                side.set_linewidth(2)
+            ax_img.axis("on")
+            ax_img.set_xticks([])
+            ax_img.set_yticks([])
+        panels = [(cams[k], f"Grad-CAM {fused_name}")]
+        if cams_single is not None:
+            panels.append((cams_single[k], f"F{single_stage} term alone"))
+        for j, (cam, title) in enumerate(panels, start=1):
+            ax = axes[r, g * per_group + j]
+            ax.imshow(images[k])
+            note = None
+            if j == 2 and single_grid is not None and single_grid[0] * single_grid[1] <= 1:
+                note = f"F{single_stage} map is 1×1 at\nthis image size:\nno spatial detail"
+            elif float(np.max(cam)) <= 0:
+                note = "no positive evidence\nfor this class here"
+            if note:  # say so instead of painting the photo in one colour
+                ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=8,
+                        bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
+            else:
+                ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(title, fontsize=8.5)
+    fig.suptitle(f"Where the model looks for its predicted mineral (red = strongest evidence; red title = "
+                 f"misrecognised)", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _class_styles(n: int):
+    plt = _plt()
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    markers = "osD^vP*Xh<>p"
+    colours = [cmap(i % cmap.N) for i in range(n)]
+    return colours, [markers[(i // cmap.N) % len(markers)] if n > 10 else "o" for i in range(n)]
+
+
+def plot_tsne(path, xy, targets, preds, classes, title: str) -> Path:
+    """Scatter of the 2-D t-SNE, one colour (and marker beyond 10 classes) per true class; a red ring
+    marks each misrecognised photo, labelled with the predicted class's symbol."""
+    from mineralnet.plots import abbreviate
+
+    plt = _plt()
+    colours, markers = _class_styles(len(classes))
+    symbols = abbreviate(classes)
+    fig, ax = plt.subplots(figsize=(8.5, 6.5), dpi=120)
+    for c in range(len(classes)):
+        sel = targets == c
+        if sel.any():
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=36, color=colours[c], marker=markers[c],
+                       label=f"{_short(classes[c], 26)} ({symbols[c]})", edgecolors="white", linewidths=0.4)
+    wrong = np.flatnonzero(targets != preds)
+    if len(wrong):
+        ax.scatter(xy[wrong, 0], xy[wrong, 1], s=190, facecolors="none", edgecolors="#d00000", linewidths=1.6,
+                   label="misrecognised (→ predicted)")
+        for i in wrong:
+            ax.annotate(f"→{symbols[preds[i]]}", (xy[i, 0], xy[i, 1]), xytext=(7, 5), textcoords="offset points",
+                        fontsize=7.5, color="#d00000")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_xlabel("t-SNE 1")
+    ax.set_ylabel("t-SNE 2")
+    ax.set_title(title, fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, title="true mineral")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _thumbnail(path, side: int = 256) -> np.ndarray:
+    from mineralnet.data import load_image
+
+    img = load_image(path)
+    h, w = img.shape[:2]
+    s = side / max(h, w)
+    if s < 1:
+        import cv2
+        img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+    return img
+
+
+def plot_gallery(path, items, classes, columns: int = 5) -> Path:
+    """Misrecognised photos (whole photo, not the crop), most confident mistakes first.
+
+    items: [(image path, true, pred, confidence of pred, probability of the true class)].
+    """
+    plt = _plt()
+    n = max(1, len(items))
+    columns = min(columns, n)
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.7 * columns, 3.2 * rows + 0.5), dpi=110, squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat:
+        ax.axis("off")
+    if not items:
+        axes[0, 0].text(0.5, 0.5, "no misrecognised photos", ha="center", va="center", fontsize=12)
+    for k, (p, t, pr, conf, p_true) in enumerate(items):
+        ax = axes.flat[k]
+        ax.imshow(_thumbnail(p))
+        ax.set_title(f"true: {_short(classes[t])} ({100 * p_true:.0f}%)\npred: {_short(classes[pr])} "
+                     f"{100 * conf:.0f}%\n{_short(Path(p).name, 30)}", fontsize=8, loc="left", color="#a00000")
+    fig.suptitle("Misrecognised photos, most confident mistakes first (in brackets: the probability given "
+                 "to the true mineral)", fontsize=10)
+    path = Path(path)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- the command
+def _val_only_samples(run: Path, index) -> list:
+    split = run / "split.json"
+    if not split.is_file():
+        raise MineralNetError(f"--val-only needs {str(split)!r} (written by training); this run has none, drop "
+                              f"--val-only")
+    doc = json.loads(split.read_text())
+    val = {os.path.normpath(p) for p in doc.get("val", [])}
+    chosen = [s for s in index.samples if os.path.normpath(os.path.relpath(s[0], index.base)) in val]
+    if not chosen:
+        raise MineralNetError(f"none of the validation photos of {str(split)!r} is under --data "
+                              f"{index.root!r}; pass the folder the run was trained on")
+    return chosen
+
+
+def _train_overlap(run: Path, index, samples) -> int:
+    split = run / "split.json"
+    if not split.is_file():
+        return 0
+    train = {os.path.normpath(p) for p in json.loads(split.read_text()).get("train", [])}
+    if Path(json.loads(split.read_text()).get("root", "")).resolve() != Path(index.root).resolve():
+        return 0
+    return sum(os.path.normpath(os.path.relpath(p, index.base)) in train for p, _ in samples)
+
+
+def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery: int = 24,
+            batch_size: int = 32, workers: int = 0, val_only: bool = False, seed: int = 0) -> dict:
+    """Produce the explain/ folder of a run for the labelled photos in `data`. Returns a summary dict."""
+    from mineralnet.data import ImageDataset, build_transforms, scan_dataset
+    from mineralnet.evaluate import write_eval_report
+    from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
+    from mineralnet.runs import atomic_write_text, load_model
+
+    for flag, v, low in (("--per-class", per_class, 1), ("--cams", cams, 0), ("--gallery", gallery, 0),
+                         ("--batch-size", batch_size, 1), ("--workers", workers, 0)):
+        if v < low:
+            raise MineralNetError(f"{flag} {v} must be at least {low}")
+    run = Path(run)
+    model, meta = load_model(run)
+    model.eval()
+    classes = list(meta["classes"])
+    index = scan_dataset(data, verify=True, classes=classes)
+    samples = _val_only_samples(run, index) if val_only else list(index.samples)
+    if not samples:
+        raise MineralNetError(f"no readable photos under {str(data)!r}")
+    out = Path(out) if out else run / EXPLAIN_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    mean, std = meta["mean"], meta["std"]
+    transform = build_transforms(meta["image_size"], mean, std, train=False, resize=meta.get("resize"))
+    dataset = ImageDataset(samples, transform)
+    print(f"explaining {run} on {len(samples)} photos of {data}{' (its validation split)' if val_only else ''}",
+          flush=True)
+
+    pred = predict_dataset(model, dataset, batch_size, workers)
+    targets, preds, probs = pred["targets"], pred["preds"], pred["probs"]
+    metrics = write_eval_report(out, targets, preds, probs, classes, extra={"run": str(run), "data": str(data)})
+    conf = probs[np.arange(len(preds)), preds]
+
+    # Grad-CAM grid
+    cam_idx = pick_cam_images(targets, preds, cams, seed) if cams else []
+    single = comparison_stage(model)
+    if cam_idx:
+        x = torch.stack([dataset[i][0] for i in cam_idx])
+        fused = grad_cam(model, x)
+        alone = grad_cam(model, x, stages=(single,)) if single else None
+        plot_gradcam_grid(out / "gradcam.png", [_display(xi, mean, std) for xi in x], fused["cam"].numpy(),
+                          None if alone is None else alone["cam"].numpy(), classes,
+                          targets[cam_idx], preds[cam_idx], conf[cam_idx], single, model.stages,
+                          single_grid=fused["grids"].get(single))
+
+    # t-SNE of the fused vectors, per_class photos per class
+    tsne_idx = sample_per_class(targets, per_class, seed)
+    tsne_note = None
+    if len(tsne_idx) >= 4:
+        xy, perplexity = tsne_2d(pred["embed"][tsne_idx], seed)
+        t_t, t_p = targets[tsne_idx], preds[tsne_idx]
+        plot_tsne(out / "tsne.png", xy, t_t, t_p, classes,
+                  f"t-SNE of the fused {'+'.join(f'F{s}' for s in model.stages)} vectors ({model.feature_dim}-d), "
+                  f"{len(tsne_idx)} photos, up to {per_class} per class")
+        lines = ["path,true,predicted,confidence,x,y"]
+        for k, i in enumerate(tsne_idx):
+            lines.append(f"\"{samples[i][0]}\",{classes[targets[i]]},{classes[preds[i]]},{conf[i]:.4f},"
+                         f"{xy[k, 0]:.4f},{xy[k, 1]:.4f}")
+        atomic_write_text(out / "tsne.csv", "\n".join(lines) + "\n")
+    else:
+        tsne_note = f"t-SNE skipped: only {len(tsne_idx)} photos (needs 4)"
+
+    # silhouette of the full-dimensional embeddings by true class: how well the classes separate
+    silhouette = None
+    if len(set(targets.tolist())) >= 2 and len(targets) > len(set(targets.tolist())):
+        from sklearn.metrics import silhouette_score
+        silhouette = float(silhouette_score(pred["embed"], targets, metric="cosine"))
+
+    # gallery of misrecognised photos, most confident mistakes first
+    wrong = np.flatnonzero(targets != preds)
+    wrong = wrong[np.argsort(-conf[wrong], kind="stable")]
+    items = [(samples[i][0], int(targets[i]), int(preds[i]), float(conf[i]), float(probs[i, targets[i]]))
+             for i in wrong[:gallery]]
+    if gallery:
+        plot_gallery(out / "misrecognised.png", items, classes)
+
+    summary = {"run": str(run), "data": str(data), "images": len(samples), "val_only": val_only,
+               "misrecognised": int(len(wrong)), "train_overlap": _train_overlap(run, index, samples),
+               "tsne_images": len(tsne_idx), "cam_images": len(cam_idx), "silhouette_cosine": silhouette,
+               "comparison_stage": single, "metrics": {k: metrics[k] for k in ("top1", "mean_class_acc", "top3")}}
+    atomic_write_text(out / "report.md", report_markdown(meta, metrics, summary, items, tsne_note,
+                                                        per_class, bool(cam_idx), bool(gallery)))
+    print(f"Top1 {100 * metrics['top1']:.2f}%   {MEAN_CLASS_ACC_LABEL} {100 * metrics['mean_class_acc']:.2f}%   "
+          f"{len(wrong)} misrecognised of {len(samples)}")
+    print(f"wrote {out}/report.md with gradcam.png, tsne.png, misrecognised.png, confusion.png")
+    return summary
+
+
+def _confused_pairs(metrics: dict, top: int = 5) -> list[tuple[str, str, int, float]]:
+    cm = np.asarray(metrics["confusion"])
+    pct = np.asarray(metrics["confusion_percent"])
+    pairs = [(cm[i, j], pct[i, j], i, j) for i in range(len(cm)) for j in range(len(cm)) if i != j and cm[i, j]]
+    pairs.sort(key=lambda t: (-t[0], -t[1]))
+    names = metrics["classes"]
+    return [(names[i], names[j], int(n), float(p)) for n, p, i, j in pairs[:top]]
+
+
+def report_markdown(meta, metrics, summary, items, tsne_note, per_class, has_cam, has_gallery) -> str:
+    from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
+
+    stages = meta["stages"]
+    fused = "+".join(f"F{s}" for s in stages)
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    L = [f"# What `{Path(summary['run']).name}` recognises, and where it fails", "",
+         f"Model: {meta['backbone']}, fused stages {fused} ({meta.get('feature_dim', '?')}-d vector), "
+         f"{len(meta['classes'])} classes, {meta['image_size']} px centre crop. Photos: `{summary['data']}`"
+         f"{' (the run’s validation split only)' if summary['val_only'] else ''}, {summary['images']} images.", ""]
+    if summary["train_overlap"]:
+        L += [f"**Caution:** {summary['train_overlap']} of these photos were used to TRAIN this run "
+              f"(its split.json), so the numbers below are optimistic. Use `--val-only` to explain only the "
+              f"photos it was validated on.", ""]
+    L += ["## Accuracy", "",
+          f"Top1 **{pct(metrics['top1'])}%**, {MEAN_CLASS_ACC_LABEL} **{pct(metrics['mean_class_acc'])}%**, "
+          f"Top3 {pct(metrics['top3'])}%. The paper's \"mAP\" is the mean of the per-class accuracies "
+          f"(balanced accuracy), not detection mAP.", "",
+          "| Mineral | Photos | Accuracy % | Precision % | Recall % | F1 % |", "|---|---|---|---|---|---|"]
+    for r in metrics["per_class"]:
+        L.append(f"| {r['class']} | {r['support']} | {pct(r['accuracy'])} | {pct(r['precision'])} | "
+                 f"{pct(r['recall'])} | {pct(r['f1'])} |")
+    pairs = _confused_pairs(metrics)
+    L += ["", "![confusion matrix](confusion.png)", "",
+          "Confusion matrix: each row is a true mineral, the cells give the % of its photos predicted as each "
+          "column (the paper's Table 10).", ""]
+    if pairs:
+        L += ["Most frequent confusions:", ""]
+        L += [f"- {a} taken for {b}: {n} photo(s), {p:.1f}% of {a}" for a, b, n, p in pairs]
+        L.append("")
+    if has_cam:
+        single = summary["comparison_stage"]
+        L += ["## Where the model looks (Grad-CAM)", "", "![Grad-CAM](gradcam.png)", "",
+              f"For each photo: the crop the model sees, the Grad-CAM of the predicted class on the fused stages "
+              f"({fused}), " + (f"and the F{single} term alone. " if single else ". ") +
+              "Red marks the regions that raise the predicted class's score most. One correctly and one wrongly "
+              "recognised photo per mineral where available (red titles are mistakes). "
+              "The fused map sums the stages' maps, each scaled so that it averages to that stage's share "
+              "of the logit; lower stages are finer (stride 8 for F2) and show texture and edges, F4 (stride 32) "
+              "shows whole objects." + (f" The F{single} column is this model's deepest term alone, not a "
+                                         f"separately trained F{single}-only model; to compare with one (the "
+                                         f"paper's Figure 3), run explain on that run too." if single else ""), ""]
+    L += ["## How the photos group (t-SNE)", ""]
+    if tsne_note:
+        L += [tsne_note, ""]
+    else:
+        sil = summary["silhouette_cosine"]
+        L += ["![t-SNE](tsne.png)", "",
+              f"t-SNE of the fused vectors of {summary['tsne_images']} photos (up to {per_class} per mineral, "
+              f"chosen at random; the paper used 5). Each colour is a true mineral; red rings are misrecognised "
+              f"photos, labelled with the symbol of the predicted mineral. Tight, separate clusters mean the "
+              f"features tell the minerals apart; t-SNE distances between clusters are not meaningful."
+              + (f" Silhouette score of the full {meta.get('feature_dim', '')}-d vectors of all "
+                 f"{summary['images']} photos by true mineral (cosine): {sil:.3f} (1 = perfectly separated, "
+                 f"0 = overlapping; compare runs with it)." if sil is not None else ""), ""]
+    if has_gallery:
+        L += ["## Misrecognised photos", "", "![misrecognised](misrecognised.png)", "",
+              f"{summary['misrecognised']} of {summary['images']} photos are misrecognised; the "
+              f"{len(items)} shown are the most confident mistakes (the % after the true name is the "
+              f"probability the model gave the right mineral).", ""]
+        if items:
+            L += ["| Photo | True | Predicted | Confidence % |", "|---|---|---|---|"]
+            names = meta["classes"]
+            L += [f"| {Path(p).name} | {names[t]} | {names[pr]} | {100 * c:.0f} |" for p, t, pr, c, _ in items]
+            L.append("")
+    L += ["Files: metrics.json and per_class.csv hold the numbers above; tsne.csv the t-SNE coordinates."]
+    return "\n".join(L) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory made by training (model.safetensors + model.json)")
+    parser.add_argument("--data", required=True, help="labelled photos: one sub-folder per mineral (the run's class names)")
+    parser.add_argument("--per-class", type=int, default=10, help="photos per mineral in the t-SNE (default 10; paper 5)")
+    parser.add_argument("--cams", type=int, default=16,
+                        help="photos in the Grad-CAM grid (one right and one wrong per mineral; default 16)")
+    parser.add_argument("--gallery", type=int, default=24, help="misrecognised photos shown (default 24)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="only the run's validation photos (from its split.json), e.g. for a cv fold")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the photo choice and t-SNE (default 0)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/explain)")
+
+
+def run(args) -> int:
+    explain(args.run, args.data, out=args.out, per_class=args.per_class, cams=args.cams, gallery=args.gallery,
+            batch_size=args.batch_size, workers=args.workers, val_only=args.val_only, seed=args.seed)
+    return 0
