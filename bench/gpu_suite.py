@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--with-compile", action="store_true", help="also torch.compile rows (slow to compile)")
     p.add_argument("--with-ort-trt", action="store_true",
                    help="also ONNX Runtime's TensorRT EP (builds an engine per batch size: slow)")
-    p.add_argument("--duration", type=float, default=2.0, help="timed seconds per inference row")
+    p.add_argument("--duration", type=float, default=1.5, help="timed seconds per inference row")
     p.add_argument("--train-duration", type=float, default=3.0, help="timed seconds per training row")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
                 rows += [dict(r, runtime=f"train {r['runtime']}") for r in rep["rows"]]
         export = ["mineralnet-export", str(run), "--dynamic", "--max-batch", "256"]
         if gpu:
-            export += ["--fp16", "--int8", "--calib-data", str(calib_folder(args.calib_data, work)), "--calib-size", "128"]
+            export += ["--fp16", "--int8", "--calib-data", str(calib_folder(args.calib_data, work)), "--calib-size", "64"]
             if have_trt:
                 export += ["--trt", "--opt-batch", "32"]
         sh(export, commands, run)

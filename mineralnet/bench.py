@@ -777,6 +777,7 @@ def _train_variant(loop: str, meta: dict, state: dict, precision: str, batch: in
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # as timm's NativeScaler
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     timed = TimedLoader(loader, sync)
 
@@ -789,8 +790,9 @@ def _train_variant(loop: str, meta: dict, state: dict, precision: str, batch: in
             with _autocast(device.type, precision):
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
         return timed.step_times_ms()
     return run_epoch, None
 
