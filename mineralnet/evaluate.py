@@ -94,6 +94,11 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2):
                                  resize=meta.get("resize"))
     loader = DataLoader(ImageDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
+    from accelerate.state import AcceleratorState, GradientState
+
+    # A fresh Accelerator even when a training ran earlier in this process (cv, notebooks, tests).
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     model, loader = accelerator.prepare(model, loader)
     out = evaluate(model, loader, accelerator)
