@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import math
 import os
 import shlex
 import shutil
@@ -455,7 +454,13 @@ def add_arguments(parser) -> None:
     cv.add_argument("--launcher", default=None, metavar="CMD",
                     help="run each fold as `CMD launch/train.py ...` in a subprocess, e.g. "
                          "\"accelerate launch --multi_gpu --num_processes 8\" (default: in this process)")
-    add_config_arguments(parser)  # --data, --out (the cv folder), --folds (default 10 here), --config, ...
+    add_config_arguments(parser)  # --data, --out, --folds, --config and every other training flag
+    # The shared training flags mean something slightly different here: say so in --help.
+    for flag, text in (("--out", "cv folder: folds.json, results.md/json and one run per variant and fold"),
+                       ("--folds", f"K of the stratified K-fold split (default {DEFAULT_FOLDS}, the paper's)"),
+                       ("--fold", "not used by cv (it runs every fold); see --only-folds"),
+                       ("--data", "photos: one sub-folder per mineral (or a CSV manifest path,label)")):
+        parser._option_string_actions[flag].help = text
 
 
 def _parse_int_list(text: str, flag: str) -> list[int]:
