@@ -22,7 +22,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -213,9 +212,9 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     mode = im.mode
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float greyscale
         a = np.asarray(im)
-        if mode == "F":
-            a = np.clip(a, 0, 1 if a.max() <= 1.0 else 255) * (255 if a.max() <= 1.0 else 1)
-            grey = np.rint(a).astype(np.uint8)
+        if mode == "F":  # float images: 0..1 if they fit, else 0..255
+            scale = 255.0 if a.size and np.nanmax(a) <= 1.0 else 1.0
+            grey = np.rint(np.clip(np.nan_to_num(a) * scale, 0, 255)).astype(np.uint8)
         else:  # treat as 16-bit: 0..65535 -> 0..255 by rounding x / 257 (65535 = 255 * 257)
             a = np.clip(a.astype(np.int64), 0, 65535)
             grey = ((a + 128) // 257).astype(np.uint8)
@@ -224,7 +223,7 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     elif mode in ("LA", "La", "PA", "RGBa"):
         im = im.convert("RGBA")
-    elif mode == "L" and "transparency" in im.info:
+    elif mode in ("L", "RGB") and "transparency" in im.info:  # PNG colour-key transparency
         im = im.convert("RGBA")
     if im.mode == "RGBA":
         a = np.asarray(im).astype(np.uint16)
@@ -310,7 +309,7 @@ def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
         raise MineralNetError(
             f"class(es) without readable photos in {p}: {', '.join(empty)}; add photos or remove the "
             f"class (`mineralnet data check {p}` shows the details)")
-    return DatasetIndex(str(p.resolve()), names, samples, bad, empty)
+    return DatasetIndex(os.path.abspath(p), names, samples, bad, empty)  # not resolve(): keep symlinked roots
 
 
 def _class_list(found: Sequence[str], classes: list[str] | None, where: Path) -> list[str]:

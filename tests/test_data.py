@@ -109,6 +109,13 @@ def test_la_greyscale_with_alpha(tmp_path):
     assert (got[:, :5] == 255).all() and (got[:, 5:] == 60).all()
 
 
+def test_png_colour_key_transparency(tmp_path):
+    rgb = np.zeros((6, 6, 3), np.uint8)
+    rgb[:, 3:] = (9, 99, 199)
+    got = D.load_image(save(tmp_path / "k.png", Image.fromarray(rgb), "PNG", transparency=(0, 0, 0)))
+    assert (got[:, :3] == 255).all() and (got[:, 3:] == (9, 99, 199)).all()
+
+
 def test_cmyk_jpeg_and_tiff(tmp_path):
     rgb = pattern()
     cmyk = Image.fromarray(rgb).convert("CMYK")
@@ -198,6 +205,15 @@ def test_broken_files_are_refused_with_reason(tmp_path, kind, words):
     assert e.value.path == str(p) and words in e.value.reason
     assert isinstance(e.value, MineralNetError) and str(p) in str(e.value) and "\n" not in str(e.value)
     assert words in D.verify_image(p)
+
+
+def test_truncated_jpeg_refused_even_if_opencv_is_lenient(tmp_path, monkeypatch):
+    # OpenCV 4.x returns a grey-filled image for a truncated JPEG; 5.x returns None. Either way
+    # the file must be refused.
+    p = broken_files(tmp_path)["truncated"]
+    monkeypatch.setattr(cv2, "imdecode", lambda buf, flags: np.full((40, 60, 3), 128, np.uint8))
+    with pytest.raises(D.ImageDecodeError, match="truncated"):
+        D.load_image(p)
 
 
 @pytest.mark.parametrize("fmt,kw", [("JPEG", {}), ("PNG", {}), ("WEBP", {}), ("WEBP", {"lossless": True}),
@@ -295,7 +311,7 @@ def test_scan_errors_name_the_path(tmp_path):
 def test_empty_class_is_an_error_unless_allowed(tmp_path):
     root = make_tree(tmp_path / "d", {"a": 2})
     (root / "empty").mkdir()
-    with pytest.raises(MineralNetError, match="empty"):
+    with pytest.raises(MineralNetError, match="without readable photos.*: empty;"):
         D.scan_dataset(root)
     index = D.scan_dataset(root, allow_empty=True)
     assert index.empty == ["empty"] and index.counts() == {"a": 2, "empty": 0}
