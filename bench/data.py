@@ -7,6 +7,7 @@ ours         mineralnet.data.load_image + build_transforms(train=True)        (f
 albument.    mineralnet.data.load_image + build_transforms(..., backend="albumentations")
 torchvision  PIL open + convert("RGB") + RandomResizedCrop + RandomRotation + RandomHorizontalFlip
              + ToTensor + Normalize
+eval rows    build_transforms(train=False) vs Resize + CenterCrop + ToTensor + Normalize
 decode rows  load_image alone vs PIL open + convert("RGB") alone
 
 Every repeat runs every pipeline on the same files in turn; the table reports the median
@@ -40,13 +41,22 @@ def pipelines(size: int):
     alb = mdata.build_transforms(size, MEAN, STD, train=True, backend="albumentations")
     tv = T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomRotation(30), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(MEAN, STD)])
+    ours_eval = mdata.build_transforms(size, MEAN, STD, train=False)
+    tv_eval = T.Compose([T.Resize(mdata.eval_resize(size)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
     return {
         "ours": lambda p: ours(mdata.load_image(p, min_size=ours.min_decode_size)),
         "albumentations": lambda p: alb(image=mdata.load_image(p))["image"],
         "torchvision": lambda p: tv(Image.open(p).convert("RGB")),
+        "eval: ours": lambda p: ours_eval(mdata.load_image(p, min_size=ours_eval.min_decode_size)),
+        "eval: torchvision": lambda p: tv_eval(Image.open(p).convert("RGB")),
         "decode: load_image": lambda p: mdata.load_image(p),
         "decode: PIL": lambda p: Image.open(p).convert("RGB"),
     }, torchvision.__version__
+
+
+def reference(name: str) -> str:
+    """The row a pipeline is compared with."""
+    return {"decode": "decode: PIL", "eval": "eval: torchvision"}.get(name.split(":")[0], "torchvision")
 
 
 def main(argv=None) -> int:
@@ -87,17 +97,16 @@ def main(argv=None) -> int:
                     fn(p)
                 rates[name].append(len(paths) / (time.perf_counter() - t0))
         for name, r in rates.items():
-            ref = rates["decode: PIL"] if name.startswith("decode") else rates["torchvision"]
+            ref = rates[reference(name)]
             results.append({"image_size": size, "pipeline": name, "img_per_s": statistics.median(r),
-                            "img_per_s_all": [round(x, 1) for x in r],
+                            "img_per_s_all": [round(x, 1) for x in r], "vs": reference(name),
                             "ratio": statistics.median(a / b for a, b in zip(r, ref))})
     print(f"# data pipeline, 1 worker: {env['cpu']}; torch {env['torch']}, torchvision {env['torchvision']}, "
           f"OpenCV {env['opencv']}; {len(paths)} photos from {root}, {args.repeats} repeats\n")
-    print("| size | pipeline | images/s (median) | ratio |")
+    print("| size | pipeline | images/s (median) | ratio (median of repeats) |")
     print("|---:|---|---:|---:|")
     for r in results:
-        ref = "vs PIL decode" if r["pipeline"].startswith("decode") else "vs torchvision"
-        print(f"| {r['image_size']} | {r['pipeline']} | {r['img_per_s']:.0f} | {r['ratio']:.2f}x {ref} |")
+        print(f"| {r['image_size']} | {r['pipeline']} | {r['img_per_s']:.0f} | {r['ratio']:.2f}x vs {r['vs']} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
     return 0
