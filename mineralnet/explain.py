@@ -46,7 +46,8 @@ def grad_cam(model, x: torch.Tensor, target=None, stages=None) -> dict:
         dict with `cam` (B, H, W) in 0..1 (ReLU, divided by each image's maximum), `raw` (B, H, W)
         the signed combined map before ReLU (its mean over pixels is about the explained logit minus
         the bias when all stages are used; exactly so before upsampling), `stage_maps` {stage: (B, H, W) signed upsampled map},
-        `grids` {stage: (H_s, W_s)}, `logits` (B, C) and `target` (B,).
+        `grids` {stage: (H_s, W_s)}, `contributions` {stage: (B,)} each stage's additive share of the
+        logit (W_s . F_s), `logits` (B, C) and `target` (B,).
     """
     stages_all = list(model.stages)
     use = stages_all if stages is None else [int(s) for s in stages]
@@ -64,18 +65,25 @@ def grad_cam(model, x: torch.Tensor, target=None, stages=None) -> dict:
         score = logits.gather(1, target[:, None]).sum()
         grads = torch.autograd.grad(score, maps)
     size = x.shape[-2:]
-    stage_maps, grids = {}, {}
+    stage_maps, grids, contrib = {}, {}, {}
     for s, A, G in zip(stages_all, maps, grads):
         grids[s] = tuple(A.shape[2:])
         weights = G.mean(dim=(2, 3), keepdim=True)                        # (B, C_s, 1, 1) Grad-CAM weights
         m = (weights * A).sum(1, keepdim=True) * (A.shape[2] * A.shape[3])  # (B, 1, H_s, W_s)
+        contrib[s] = m.detach().mean(dim=(1, 2, 3))                        # (B,) stage s's share of the logit
         stage_maps[s] = F.interpolate(m.detach().float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    raw = sum(stage_maps[s] for s in use)  # (B, H, W)
+    cam, raw = combine_stage_maps(stage_maps, use)
+    return {"cam": cam, "raw": raw, "stage_maps": stage_maps, "grids": grids, "contributions": contrib,
+            "logits": logits.detach(), "target": target.detach()}
+
+
+def combine_stage_maps(stage_maps: dict, stages) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the signed stage maps of `stages` -> (cam in 0..1 after ReLU and per-image max, raw sum)."""
+    raw = sum(stage_maps[s] for s in stages)  # (B, H, W)
     cam = raw.clamp(min=0)
-    peak = cam.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-    cam = torch.where(peak > 1e-12, cam / peak, torch.zeros_like(cam))
-    return {"cam": cam, "raw": raw, "stage_maps": stage_maps, "grids": grids, "logits": logits.detach(),
-            "target": target.detach()}
+    peak = cam.flatten(1).amax(1)[:, None, None]
+    cam = torch.where(peak > 1e-12, cam / peak.clamp(min=1e-12), torch.zeros_like(cam))
+    return cam, raw
 
 
 def comparison_stage(model) -> int | None:
@@ -165,18 +173,24 @@ def _short(name: str, width: int = 22) -> str:
     return name if len(name) <= width else name[:width - 1] + "…"
 
 
-def plot_gradcam_grid(path, images, cams, cams_single, classes, targets, preds, confs, single_stage,
-                      fused_stages, single_grid=None) -> Path:
-    """Rows of (photo | fused Grad-CAM | F4-term Grad-CAM) groups, two groups per row."""
+def stage_label(stages) -> str:
+    return "+".join(f"F{s}" for s in stages)
+
+
+def plot_gradcam_grid(path, images, panels, classes, targets, preds, confs) -> Path:
+    """Rows of (photo | one Grad-CAM per panel) groups, two groups per row.
+
+    panels: [(title, cams (N, H, W) in 0..1, stage grid (h, w) or None, shares (N,) or None)]; a share
+    is the fraction of the predicted class's score that the panel's stages provide.
+    """
     plt = _plt()
     n = len(images)
-    per_group = 3 if cams_single is not None else 2
+    per_group = 1 + len(panels)
     groups_per_row = 2 if n > 1 else 1
     rows = math.ceil(n / groups_per_row)
     cols = groups_per_row * per_group
-    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.75 * rows + 0.7), dpi=110, squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(2.3 * cols, 2.85 * rows + 0.7), dpi=110, squeeze=False,
                              layout="constrained")
-    fused_name = "+".join(f"F{s}" for s in fused_stages)
     for ax in axes.flat:
         ax.axis("off")
     for k in range(n):
@@ -194,15 +208,13 @@ def plot_gradcam_grid(path, images, cams, cams_single, classes, targets, preds, 
             ax_img.axis("on")
             ax_img.set_xticks([])
             ax_img.set_yticks([])
-        panels = [(cams[k], f"Grad-CAM {fused_name}")]
-        if cams_single is not None:
-            panels.append((cams_single[k], f"F{single_stage} term alone"))
-        for j, (cam, title) in enumerate(panels, start=1):
+        for j, (title, cams, grid, shares) in enumerate(panels, start=1):
             ax = axes[r, g * per_group + j]
             ax.imshow(images[k])
+            cam = cams[k]
             note = None
-            if j == 2 and single_grid is not None and single_grid[0] * single_grid[1] <= 1:
-                note = f"F{single_stage} map is 1×1 at\nthis image size:\nno spatial detail"
+            if grid is not None and grid[0] * grid[1] <= 1:
+                note = "1×1 map at this\nimage size:\nno spatial detail"
             elif float(np.max(cam)) <= 0:
                 note = "no positive evidence\nfor this class here"
             if note:  # say so instead of painting the photo in one colour
@@ -210,9 +222,10 @@ def plot_gradcam_grid(path, images, cams, cams_single, classes, targets, preds, 
                         bbox=dict(facecolor="white", alpha=0.8, edgecolor="none"))
             else:
                 ax.imshow(cam, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_title(title, fontsize=8.5)
-    fig.suptitle(f"Where the model looks for its predicted mineral (red = strongest evidence; red title = "
-                 f"misrecognised)", fontsize=10)
+            share = "" if shares is None or not np.isfinite(shares[k]) else f"\n{100 * shares[k]:.0f}% of the score"
+            ax.set_title(title + share, fontsize=8.5)
+    fig.suptitle("Where the model finds evidence for its predicted mineral (red = strongest; red title = "
+                 "misrecognised)", fontsize=10)
     path = Path(path)
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
@@ -362,14 +375,26 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     # Grad-CAM grid
     cam_idx = pick_cam_images(targets, preds, cams, seed) if cams else []
     single = comparison_stage(model)
+    shares_mean = {}
     if cam_idx:
         x = torch.stack([dataset[i][0] for i in cam_idx])
-        fused = grad_cam(model, x)
-        alone = grad_cam(model, x, stages=(single,)) if single else None
-        plot_gradcam_grid(out / "gradcam.png", [_display(xi, mean, std) for xi in x], fused["cam"].numpy(),
-                          None if alone is None else alone["cam"].numpy(), classes,
-                          targets[cam_idx], preds[cam_idx], conf[cam_idx], single, model.stages,
-                          single_grid=fused["grids"].get(single))
+        out_cam = grad_cam(model, x)
+        contrib = out_cam["contributions"]
+        total = sum(contrib.values())  # (N,) logit minus bias
+        share = {s: torch.where(total > 0, contrib[s] / total.clamp(min=1e-12), torch.full_like(total, float("nan")))
+                 for s in contrib}
+        panels = [(f"Grad-CAM {stage_label(model.stages)}", out_cam["cam"].numpy(), None, None)]
+        if single:  # the deepest term alone, and the lower stages that fusion adds
+            low = [s for s in model.stages if s != single]
+            for part in ([single], low):
+                cam_part, _ = combine_stage_maps(out_cam["stage_maps"], part)
+                grid = out_cam["grids"][part[0]] if len(part) == 1 else None
+                panels.append((f"{stage_label(part)} term alone", cam_part.numpy(), grid,
+                               sum(share[s] for s in part).numpy()))
+            shares_mean = {stage_label(part): float(np.nanmean(sum(share[s] for s in part).numpy()))
+                           for part in ([single], low)}
+        plot_gradcam_grid(out / "gradcam.png", [_display(xi, mean, std) for xi in x], panels, classes,
+                          targets[cam_idx], preds[cam_idx], conf[cam_idx])
 
     # t-SNE of the fused vectors, per_class photos per class
     tsne_idx = sample_per_class(targets, per_class, seed)
@@ -405,7 +430,7 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     summary = {"run": str(run), "data": str(data), "images": len(samples), "val_only": val_only,
                "misrecognised": int(len(wrong)), "train_overlap": _train_overlap(run, index, samples),
                "tsne_images": len(tsne_idx), "cam_images": len(cam_idx), "silhouette_cosine": silhouette,
-               "comparison_stage": single, "metrics": {k: metrics[k] for k in ("top1", "mean_class_acc", "top3")}}
+               "comparison_stage": single, "stage_shares": shares_mean, "metrics": {k: metrics[k] for k in ("top1", "mean_class_acc", "top3")}}
     atomic_write_text(out / "report.md", report_markdown(meta, metrics, summary, items, tsne_note,
                                                         per_class, bool(cam_idx), bool(gallery)))
     print(f"Top1 {100 * metrics['top1']:.2f}%   {MEAN_CLASS_ACC_LABEL} {100 * metrics['mean_class_acc']:.2f}%   "
@@ -455,16 +480,26 @@ def report_markdown(meta, metrics, summary, items, tsne_note, per_class, has_cam
         L.append("")
     if has_cam:
         single = summary["comparison_stage"]
+        low = "+".join(f"F{s}" for s in stages if s != single)
         L += ["## Where the model looks (Grad-CAM)", "", "![Grad-CAM](gradcam.png)", "",
-              f"For each photo: the crop the model sees, the Grad-CAM of the predicted class on the fused stages "
-              f"({fused}), " + (f"and the F{single} term alone. " if single else ". ") +
-              "Red marks the regions that raise the predicted class's score most. One correctly and one wrongly "
-              "recognised photo per mineral where available (red titles are mistakes). "
-              "The fused map sums the stages' maps, each scaled so that it averages to that stage's share "
-              "of the logit; lower stages are finer (stride 8 for F2) and show texture and edges, F4 (stride 32) "
-              "shows whole objects." + (f" The F{single} column is this model's deepest term alone, not a "
-                                         f"separately trained F{single}-only model; to compare with one (the "
-                                         f"paper's Figure 3), run explain on that run too." if single else ""), ""]
+              f"For each photo: the crop the model sees and the Grad-CAM of the predicted mineral on the fused "
+              f"stages ({fused})" + (f", then the F{single} term and the {low} term alone" if single else "") +
+              ". Red marks the regions that raise the predicted mineral's score most; each map is scaled to "
+              "its own maximum. One correctly and one wrongly recognised photo per mineral where available "
+              "(red titles are mistakes).", "",
+              "How it is computed: the score of the predicted mineral is differentiated with respect to each "
+              "fused stage map; each stage's map is scaled so that it averages to that stage's additive share "
+              "of the score (global-average pooling + one linear layer make the shares exact), and the fused "
+              "map is their sum. Lower stages are finer (stride 8 for F2) and respond to texture, lustre and "
+              "edges; F4 (stride 32) to whole crystals and aggregates.", ""]
+        if summary.get("stage_shares"):
+            parts = ", ".join(f"{k} {100 * v:.0f}%" for k, v in summary["stage_shares"].items())
+            L += [f"Average share of the predicted mineral's score on these photos: {parts}. Shares add up to 100% "
+                  f"per photo; one above 100% means the other term argues against the mineral. A small share for "
+                  f"{low} means fusion changes little of what this model attends to.", "",
+                  f"The F{single} column is this model's deepest term, not a separately trained F{single}-only "
+                  f"model; for the paper's Figure 3 comparison, run `mineralnet explain` on such a run too "
+                  f"(e.g. the stages=4 variant of `mineralnet cv`).", ""]
     L += ["## How the photos group (t-SNE)", ""]
     if tsne_note:
         L += [tsne_note, ""]
