@@ -441,6 +441,7 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
 
     split = prepare_data(cfg, run_dir, main)
     train_loader, val_loader = build_loaders(cfg, split)
+    train_set = train_loader.dataset
     model = FusionNet(cfg.backbone, cfg.stages, len(split.classes), pretrained=cfg.pretrained_value,
                       drop_rate=cfg.drop_rate)
     if resuming:
@@ -491,6 +492,7 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
             # Accelerate's loader re-sets its sampler and dataset to its own iteration count at every
             # pass (a count that restarts at 0 in a resumed process): set it to the true epoch.
             train_loader.set_epoch(epoch)
+            train_set.set_epoch(epoch)  # under DDP the loader's set_epoch does not reach our dataset
             loader = train_loader
             if progress.step_in_epoch:
                 loader = accelerator.skip_first_batches(train_loader, progress.step_in_epoch)
