@@ -446,7 +446,7 @@ def _build_torch(variant: str):
     return build
 
 
-def _ort_session(bm: BenchModel, providers: list, threads: Optional[int]):
+def _ort_session(bm: BenchModel, providers: list, threads: Optional[int], spinning: bool = True):
     try:
         import onnxruntime as ort
     except ImportError:
@@ -455,6 +455,8 @@ def _ort_session(bm: BenchModel, providers: list, threads: Optional[int]):
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:  # idle pool threads would spin on the cores that the next runtime needs
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(bm.path, sess_options=opts, providers=providers), ort
 
@@ -466,7 +468,8 @@ def _build_ort(which: str):
     provider = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                 "trt": "TensorrtExecutionProvider"}[which]
 
-    def build(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None) -> Prepared:
+    def build(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None,
+              spinning: bool = True) -> Prepared:
         with contextlib.suppress(ImportError):
             import onnxruntime as ort
             if provider not in ort.get_available_providers():
@@ -487,7 +490,7 @@ def _build_ort(which: str):
             providers = [provider, "CPUExecutionProvider"]
         else:
             providers = [provider]
-        sess, ort = _ort_session(bm, providers, threads)
+        sess, ort = _ort_session(bm, providers, threads, spinning)
         if sess.get_providers()[0] != provider:  # ORT falls back silently when a provider fails to load
             raise Skip(f"onnxruntime could not start {provider} (session runs on {sess.get_providers()[0]}); "
                        f"check the CUDA/cuDNN/TensorRT libraries that onnxruntime-gpu needs")
@@ -592,7 +595,10 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
                               gflop_per_image=bm.gflop_per_image, peak_gflops=peak_gflops)
                 prepared, status, reason = None, None, None
                 try:
-                    prepared = rt.build(bm, prec, dev, threads) if rt.takes_threads else rt.build(bm, prec, dev)
+                    # Interleaved, ONNX Runtime's idle threads must not spin: they would steal the cores
+                    # from the runtime timed next (measured here: PyTorch eager 1.4x slower at batch 1).
+                    prepared = (rt.build(bm, prec, dev, threads, spinning=not interleave) if rt.takes_threads
+                                else rt.build(bm, prec, dev))
                 except Skip as e:
                     status, reason = "skipped", str(e)
                 except MineralNetError:
@@ -918,7 +924,8 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
     out.append(f"- Timing: warm-up {s.get('warmup_s')} s, then >= {s.get('duration_s')} s and >= "
                f"{s.get('min_runs')} timed runs per row, device-synchronised, inputs rotated over "
                f"{s.get('buffers', s.get('steps_per_epoch'))} buffers"
-               + ("; the runtimes of one batch size interleaved in round-robin rounds (one call each per round)"
+               + ("; the runtimes of one batch size interleaved in round-robin rounds (one call each per round; "
+                  "ONNX Runtime's idle-thread spinning off so that it leaves the cores to the next runtime)"
                   if s.get("interleaved") else ""))
     if env.get("load_average"):
         after = s.get("load_average_after")
