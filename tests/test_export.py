@@ -225,6 +225,31 @@ def test_int8_symmetric_activations_have_zero_points_of_zero(exported, run_dir, 
     assert (logits.argmax(1) == ref.argmax(1)).mean() >= 0.75
 
 
+def test_int8_calibration_uses_every_batch(exported, run_dir, photos):
+    """Ranges collected batch by batch equal one pass over all batches (onnxruntime 1.32's
+    CalibMaxIntermediateOutputs silently dropped every full group of 16 batches)."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    src = run_dir / "export" / "model.onnx"
+    x = _preprocess(_photos(photos)[:18]).numpy()  # 18 batches of 1: more than 16
+    ours = onnx.load_from_string(xonnx.quantize_int8(src, x, batch=1))
+    pre, ref = run_dir / "pre.onnx", run_dir / "ref.onnx"
+    quant_pre_process(str(src), str(pre))
+    quantize_static(str(pre), str(ref), xonnx._Batches(x, 1), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                    extra_options={"WeightSymmetric": True})
+    a = {t.name: onnx.numpy_helper.to_array(t) for t in ours.graph.initializer}
+    b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(ref)).graph.initializer}
+    assert a.keys() == b.keys()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    # and the scales really depend on the last batches: dropping them changes some
+    fewer = onnx.load_from_string(xonnx.quantize_int8(src, x[:2], batch=1))
+    c = {t.name: onnx.numpy_helper.to_array(t) for t in fewer.graph.initializer}
+    assert any(not np.array_equal(a[k], c[k]) for k in a if k.endswith("_scale"))
+
+
 def test_int8_without_or_with_missing_calibration_data_is_one_line(run_dir, tmp_path, capsys):
     from mineralnet.cli import export_main
 
@@ -321,6 +346,21 @@ def test_trt_without_tensorrt_fails_in_one_line_with_the_trtexec_command(exporte
     assert (f"trtexec --onnx={out / 'model.onnx'} --saveEngine={out / 'model.fp16.engine'} --fp16 "
             f"--minShapes=images:1x3x64x64 --optShapes=images:4x3x64x64 --maxShapes=images:4x3x64x64") in err
     assert (out / "model.onnx").is_file() and not list(out.glob("*.engine"))  # the command's input exists
+
+
+def test_trt_refuses_an_int8_model_tensorrt_cannot_build(exported, run_dir, photos, tmp_path, monkeypatch, capsys):
+    import onnx
+
+    good = onnx.load(str(run_dir / "export" / "model.onnx"))
+    monkeypatch.setattr(xonnx, "onnx_proto", lambda *a, **k: good)
+    from mineralnet.cli import export_main
+
+    rc = export_main([str(run_dir), "--trt", "--int8", "--int8-activations", "uint8", "--calib-data", str(photos),
+                      "--calib-size", "8", "--min-agreement", "0", "--dynamic", "--max-batch", "4",
+                      "--outputs", "logits,probs,embedding", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "uint8 asymmetric activations, which TensorRT cannot build" in err and "--int8-activations int8" in err
 
 
 class _FakeTRT:

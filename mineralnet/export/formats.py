@@ -360,17 +360,17 @@ def export_trt(ctx: ExportContext, precisions: Sequence[str]) -> list[Artifact]:
     """TensorRT plans (+ sidecars) from the ONNX files written above; needs TensorRT and a GPU."""
     o = ctx.options
     plans = trt_plans(ctx, precisions)
-    missing = xtrt.tensorrt_missing()
-    if missing:
-        commands = " && ".join(cmd for *_, cmd in plans)
-        raise MineralNetError(f"cannot build TensorRT engines: {missing}; the ONNX files are written in "
-                              f"{ctx.out_dir}, build the engine on the NVIDIA device with: {commands}")
     if "int8" in precisions:
         quant = _onnx_quantization(ctx.files["int8"])
         if not quant.get("tensorrt_compatible"):
             raise MineralNetError(f"{ctx.files['int8']} has {quant.get('activations')} activations, which TensorRT "
                                   f"cannot build (it needs int8 with zero point 0); re-export with "
-                                  f"--int8-activations int8")
+                                  f"--int8-activations int8 (the default with --trt)")
+    missing = xtrt.tensorrt_missing()
+    if missing:
+        commands = " && ".join(cmd for *_, cmd in plans)
+        raise MineralNetError(f"cannot build TensorRT engines: {missing}; the ONNX files are written in "
+                              f"{ctx.out_dir}, build the engine on the NVIDIA device with: {commands}")
     device = xtrt.device_info()
     cache = Path(o.timing_cache) if o.timing_cache else ctx.path("timing.cache")
     artifacts = []
