@@ -633,12 +633,14 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
                 except Exception as e:
                     results[i] = e
                 gc.collect()
+        load = _loadavg()
         for i, res in results.items():
             common, p = entries[i]
             if isinstance(res, BaseException):
                 rows_by[(i, b)] = _error_row(entries[i], b, res, log)
                 continue
-            row = result_row(batch=b, device=p.device, stats=res, provider=p.provider, **common)
+            row = result_row(batch=b, device=p.device, stats=res, provider=p.provider,
+                             load_1min=load[0] if load else None, **common)
             log(f"  {common['model']} {common['runtime']} {common['precision']} batch {b}: p50 "
                 f"{row['latency_ms']['p50']:.2f} ms, {row['throughput_img_s']:.1f} img/s ({row['runs']} runs)")
             rows_by[(i, b)] = row
@@ -929,21 +931,26 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
                   if s.get("interleaved") else ""))
     if env.get("load_average"):
         after = s.get("load_average_after")
+        worst = max([env["load_average"][0], (after or [0])[0]] +
+                    [r.get("load_1min") or 0 for r in rows])
         out.append(f"- Load average (1/5/15 min) at start: {'/'.join(map(str, env['load_average']))}"
                    + (f", at end: {'/'.join(map(str, after))}" if after else "")
                    + f" on {env['cpu'].get('usable_cpus')} CPUs"
                    + (": **oversubscribed** (other processes held the cores; multi-threaded rows suffer most, "
                       "as their threads wait for each other at every parallel region)"
-                      if env["load_average"][0] > (env["cpu"].get("usable_cpus") or 1) else ""))
+                      if worst > (env["cpu"].get("usable_cpus") or 1) else ""))
     if s.get("peak_gflops"):
         out.append(f"- Peak: {s['peak_gflops']:.0f} GFLOP/s fp32 ({s.get('peak_source') or 'given with --peak-gflops'})")
+    if any(r.get("load_1min") is not None for r in rows):
+        out.append("- load: the 1-minute load average when the row's batch size finished (2 CPUs: above 2, other "
+                   "processes were competing for the cores)")
     out.append("")
     baselines = {r["group"]: r for r in rows if r.get("baseline") and r["status"] == "ok"}
     unit = "step" if train else ""
     ratio_name = s.get("ratio_label") or ("p50 vs bare" if train else "p50 vs torch fp32")
     head = ["model", "runtime", "precision", "device", "batch"] + (["procs x threads"] if train else []) + \
            [f"p50 ms{' /' + unit if unit else ''}", "p90 ms", "p99 ms", "mean ms", "img/s", "runs", "GFLOP/s",
-            "% of fp32 peak", ratio_name]
+            "% of fp32 peak", ratio_name] + (["load"] if any(r.get("load_1min") is not None for r in rows) else [])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for r in rows:
@@ -957,6 +964,8 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
         cells += [_fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(lat["mean"]),
                   _fmt(r["throughput_img_s"], ".1f"), str(r["runs"]), _fmt(r["gflops"], ".1f"),
                   _fmt(None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"], ".0f"), ratio]
+        if head[-1] == "load":
+            cells.append(_fmt(r.get("load_1min"), ".1f"))
         out.append("| " + " | ".join(cells) + " |")
     gflop = next((r["gflop_per_image"] for r in rows if r.get("gflop_per_image")), None)
     if gflop:

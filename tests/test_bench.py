@@ -180,7 +180,8 @@ def test_batch_sweep_rows_json_and_markdown(tiny_run, tiny_onnx, tmp_path):
     assert len(table) == len(ok)
     assert f"| {ok[2]['latency_ms']['p50']:.2f} |" in table[2]
     ratio = ok[2]["latency_ms"]["p50"] / ok[0]["latency_ms"]["p50"]
-    assert table[2].endswith(f"{ratio:.2f}x |")  # ratio to PyTorch eager fp32 at the same batch
+    assert f"| {ratio:.2f}x |" in table[2]  # ratio to PyTorch eager fp32 at the same batch
+    assert ok[2]["load_1min"] is None or table[2].endswith(f"| {ok[2]['load_1min']:.1f} |")
     assert "ort-cuda / fp32 (batch 1,3): skipped:" in md
 
 
