@@ -280,7 +280,7 @@ def _mean_std(values) -> tuple[float | None, float | None]:
     v = np.asarray([x for x in values if x is not None], float)
     if not len(v):
         return None, None
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    return float(v.mean()), (float(v.std(ddof=1)) if len(v) > 1 else None)
 
 
 def summarize_variants(variants: list[dict], folds_run: list[int]) -> list[dict]:
@@ -302,7 +302,9 @@ def summarize_variants(variants: list[dict], folds_run: list[int]) -> list[dict]
 
 
 def _pct(m, s) -> str:
-    return "-" if m is None else f"{100 * m:.2f} ± {100 * s:.2f}"
+    if m is None:
+        return "-"
+    return f"{100 * m:.2f}" if s is None else f"{100 * m:.2f} ± {100 * s:.2f}"  # no std from one fold
 
 
 def _delta(t: dict | None) -> str:
