@@ -217,3 +217,14 @@ def test_no_argument_demo_produces_a_complete_run(tmp_path):
         assert (runs[0] / name).exists(), name
     assert "this was the demo" in p.stdout and "--data" in p.stdout
     assert json.loads((runs[0] / "model.json").read_text())["metrics"]["top1"] > 0.5  # it learned something
+
+
+def test_atomic_writes_have_normal_file_permissions(tmp_path):
+    from mineralnet.runs import atomic_write_text
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "x.json", "{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
