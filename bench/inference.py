@@ -90,7 +90,7 @@ def targets_section(report: dict, matmul: float, control: dict | None = None) ->
     loads = [(report["environment"].get("load_average") or [0])[0], (s.get("load_average_after") or [0])[0]]
     loads += [r.get("load_1min") or 0 for r in rows]
     cpus = report["environment"]["cpu"].get("usable_cpus") or 1
-    if max(loads) > cpus:
+    if max(loads) > bench.OVERSUBSCRIBED * cpus:
         lines += ["", f"**Caveat: the machine was oversubscribed during (part of) this run** (1-minute load average "
                       f"up to {max(loads)} on {cpus} CPUs: other processes held the cores). Multi-threaded PyTorch eager "
                       f"then stalls at OpenMP barriers whenever one of its threads is descheduled, which inflates "

@@ -56,11 +56,17 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=float, default=3)
     p.add_argument("--duration", type=float, default=10)
     p.add_argument("--ddp-duration", type=float, default=10)
-    p.add_argument("--no-ddp", action="store_true", help="skip the 1 vs 2 process measurement")
+    p.add_argument("--no-ddp", action="store_true",
+                   help="skip the 1 vs 2 process measurement (train.md then shows the last one, from ddp.json)")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--render", action="store_true", help="only rewrite train.md from train_step.json and ddp.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.render:
+        ddp = bench.load_report(str(out / "ddp.json")) if (out / "ddp.json").is_file() else None
+        write_markdown(bench.load_report(str(out / "train_step.json")), ddp, out)
+        return 0
     with tempfile.TemporaryDirectory(prefix="mineralnet-train-bench-") as tmp:
         run = bench.make_random_run(Path(tmp) / "resnet50-s24", image_size=args.image_size)
         js = out / "train_step.json"
@@ -79,9 +85,19 @@ def main(argv=None) -> int:
                                           precision=args.precision.split(",")[-1], warmup=args.warmup,
                                           duration=args.ddp_duration)
             (out / "ddp.json").write_text(json.dumps(ddp, indent=1) + "\n")
+        elif (out / "ddp.json").is_file():  # keep the last 1 vs 2 process measurement in train.md
+            ddp = bench.load_report(str(out / "ddp.json"))
+    write_markdown(report, ddp, out)
+    return 0
+
+
+def write_markdown(report: dict, ddp: dict | None, out: Path) -> None:
+    s = report["settings"]
+    size = report["rows"][0]["image_size"] if report["rows"] else "?"
+    batch = s["batch_sizes"][0] if s.get("batch_sizes") else "?"
     md = ["## Training throughput (CPU)", "",
           f"Regenerate: `python bench/train_step.py` (part of `bash bench/run_all.sh`). Model: ResNet-50 FusionNet "
-          f"(stages 2,4; 7 classes; random weights) at {args.image_size} px, global batch {args.batch_size}, "
+          f"(stages 2,4; 7 classes; random weights) at {size} px, global batch {batch}, "
           f"SGD momentum 0.9, weighted top-k loss (k=0.5, alpha=0.2), synthetic in-memory batches (no decoding: "
           f"the data pipeline is measured in its own section). One step = the wall time between consecutive "
           f"batches requested by the loop. RUN is a random-weight run from `mineralnet.bench.make_random_run`.", "",
@@ -91,7 +107,6 @@ def main(argv=None) -> int:
         md.append(ddp_scaling.render(ddp))
     (out / "train.md").write_text("\n".join(md))
     print(f"wrote {out / 'train.md'}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,9 @@ ROW_KEYS = ("model", "runtime", "precision", "device", "batch", "image_size", "s
             "latency_ms", "throughput_img_s", "gflop_per_image", "gflops", "fraction_of_peak", "group",
             "baseline", "first_call_ms")
 LATENCY_KEYS = ("mean", "p50", "p90", "p99", "min", "max")
+# A 1-minute load average above this many times the CPU count means other work competed for the cores
+# (a benchmark's own threads already make the load about equal to the CPU count).
+OVERSUBSCRIBED = 1.5
 
 
 # ============================================================================ timing harness
@@ -938,7 +941,7 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
                    + f" on {env['cpu'].get('usable_cpus')} CPUs"
                    + (": **oversubscribed** (other processes held the cores; multi-threaded rows suffer most, "
                       "as their threads wait for each other at every parallel region)"
-                      if worst > (env["cpu"].get("usable_cpus") or 1) else ""))
+                      if worst > OVERSUBSCRIBED * (env["cpu"].get("usable_cpus") or 1) else ""))
     if s.get("peak_gflops"):
         out.append(f"- Peak: {s['peak_gflops']:.0f} GFLOP/s fp32 ({s.get('peak_source') or 'given with --peak-gflops'})")
     if any(r.get("load_1min") is not None for r in rows):
