@@ -11,6 +11,7 @@ depend on the process count, the worker count, or on a resume in the middle of a
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
@@ -45,11 +46,12 @@ class PhotoDataset(Dataset):
     Augmentation randomness is a pure function of (seed, epoch, index) via `set_epoch`.
     """
 
-    def __init__(self, samples, transform, seed: int = 0, cache_side: int | None = None):
+    def __init__(self, samples, transform, seed: int = 0, cache_side: int | None = None, size_at=None):
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
         self.epoch = 0
+        self.size_at = size_at  # epoch -> training crop (progressive resizing), or None
         self.min_size = getattr(transform, "min_decode_size", None)
         self.cache = None
         if cache_side:
@@ -57,6 +59,8 @@ class PhotoDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.size_at is not None:
+            self.transform.image_size = self.size_at(epoch)
 
     def __len__(self):
         return len(self.samples)
@@ -158,11 +162,12 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     # Photos are small: OpenCV's own thread pool only fights the model's threads (and, loaded,
     # spins for seconds per image). Workers, when used, are the data parallelism.
     cv2.setNumThreads(1)
-    cache_side = round(cfg.eval_resize * 1.25) if cfg.cache_images else None
-    train_tf = mdata.build_transforms(cfg.image_size, split.mean, split.std, train=True, resize=cfg.eval_resize,
+    cache_side = round(max(cfg.eval_resize, cfg.train_size / 0.875) * 1.25) if cfg.cache_images else None
+    train_tf = mdata.build_transforms(cfg.train_size, split.mean, split.std, train=True, resize=cfg.eval_resize,
                                       scale=(cfg.scale_min, 1.0), rotate_limit=cfg.rotate, hflip=cfg.hflip)
     eval_tf = mdata.build_transforms(cfg.image_size, split.mean, split.std, train=False, resize=cfg.eval_resize)
-    train_ds = PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side)
+    train_ds = PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
+                            size_at=cfg.train_size_at if cfg.train_crop_min else None)
     val_ds = PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
     sampler = EpochShuffleSampler(len(train_ds), cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
@@ -264,10 +269,105 @@ class StopFlag:
             signal.signal(sig, h)
 
 
+class ModelEma:
+    """Exponential moving average of a model's weights and BatchNorm statistics (timm's ModelEmaV3
+    with warm-up): after optimizer step n, ema <- d * ema + (1 - d) * live with
+    d = min(decay, (1 + n) / (10 + n)), so a short run is not dominated by the random init.
+
+    Every process keeps its own copy (DDP keeps the live weights identical, so the copies are too).
+    The weights travel with the run's state/ as ema.safetensors; `n` is the global step.
+    """
+
+    FILE = "ema.safetensors"
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        model = getattr(model, "_orig_mod", model)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = float(decay)
+
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        model = getattr(model, "_orig_mod", model)
+        d = self.decay_at(step)
+        ema_f, live_f = [], []
+        for e, v in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if e.dtype.is_floating_point:
+                ema_f.append(e)
+                live_f.append(v.detach())
+            else:  # BatchNorm's num_batches_tracked
+                e.copy_(v)
+        torch._foreach_lerp_(ema_f, live_f, 1.0 - d)
+
+    def save(self, directory: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()},
+                  str(Path(directory) / self.FILE))
+
+    def load(self, directory: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(directory) / self.FILE
+        if not path.is_file():
+            raise MineralNetError(f"{str(directory)!r} holds no {self.FILE}: the run was trained without "
+                                  f"--ema-decay; resume it with --ema-decay 0")
+        self.model.load_state_dict(load_file(str(path)))
+
+
+class BatchMix:
+    """Mixup / CutMix of a batch with its reverse (timm's Mixup, batch mode): with probability
+    `prob`, draw lam ~ Beta(a, a) and either blend the photos (mixup) or paste a box of area
+    (1 - lam) from the partner (CutMix, lam then set to the exact kept area); with both alphas set,
+    each mixed batch picks one at random. Returns soft targets lam * y + (1 - lam) * y_partner.
+
+    The draw is seeded by (seed, global step, process), so a resumed run mixes exactly as an
+    uninterrupted one. Under DDP each process mixes its own share of the batch (as timm does).
+    """
+
+    def __init__(self, num_classes: int, *, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
+                 seed: int = 0, rank: int = 0):
+        self.num_classes, self.mixup, self.cutmix, self.prob = num_classes, mixup, cutmix, prob
+        self.seed, self.rank = seed, rank
+
+    def params(self, step: int, height: int, width: int):
+        """(lam, box or None) for `step`; box = (y0, y1, x0, x1) pasted from the partner."""
+        rng = np.random.default_rng([self.seed, step, self.rank])
+        if rng.random() >= self.prob:
+            return 1.0, None
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < 0.5)
+        lam = float(rng.beta(*(2 * [self.cutmix if use_cutmix else self.mixup])))
+        if not use_cutmix:
+            return lam, None
+        cut = math.sqrt(1.0 - lam)
+        ch, cw = int(height * cut), int(width * cut)
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
+        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
+        return 1.0 - (y1 - y0) * (x1 - x0) / (height * width), (y0, y1, x0, x1)
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int):
+        lam, box = self.params(step, x.shape[-2], x.shape[-1])
+        onehot = F.one_hot(y, self.num_classes).float()
+        if lam >= 1.0:
+            return x, onehot
+        partner = x.flip(0)
+        if box is None:
+            x = x * lam + partner * (1.0 - lam)
+        else:
+            y0, y1, x0, x1 = box
+            x = x.clone()
+            x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
+        return x, onehot * lam + onehot.flip(0) * (1.0 - lam)
+
+
 # ----------------------------------------------------------------------------- loop
 def train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, progress, *,
                     stop: StopFlag | None = None, writer=None, log_every: int = 10, bar=None,
-                    freeze_bn: bool = False):
+                    freeze_bn: bool = False, ema: ModelEma | None = None, mix: BatchMix | None = None):
     """One pass over the (prepared) loader. Returns {loss, images, seconds}; stops early on `stop`."""
     model.train()
     if freeze_bn:
@@ -277,6 +377,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, 
     total_loss, images, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     for x, y in loader:
         lr = lr_control.step(progress.global_step)
+        if mix is not None:
+            x, y = mix(x, y, progress.global_step)
         with accelerator.autocast():
             if loss_fn.needs_features:
                 logits, feats = model(x, return_features=True)
@@ -288,6 +390,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, 
         optimizer.step()
         progress.step_in_epoch += 1
         progress.global_step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model), progress.global_step)
         total_loss += loss.detach()
         images += x.shape[0] * accelerator.num_processes
         if bar is not None:
@@ -382,13 +486,15 @@ def _check_resume_compatible(run_dir: Path, classes, model: FusionNet) -> None:
                               f"{model.config()}; drop the changed model flags or start a new run")
 
 
-def save_checkpoint(accelerator, run_dir: Path) -> None:
-    """accelerate save_state into state/, atomically: write state.tmp, then swap."""
+def save_checkpoint(accelerator, run_dir: Path, ema: ModelEma | None = None) -> None:
+    """accelerate save_state (+ the EMA weights) into state/, atomically: write state.tmp, then swap."""
     tmp, final, old = run_dir / "state.tmp", run_dir / "state", run_dir / "state.old"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if ema is not None and accelerator.is_main_process:
+        ema.save(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -463,6 +569,11 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
     lr_control = LRControl(cfg, optimizer, len(train_loader))
     progress = Progress()
     accelerator.register_for_checkpointing(lr_control, progress)
+    ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay else None
+    mix = None
+    if cfg.mixup or cfg.cutmix:
+        mix = BatchMix(len(split.classes), mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob, seed=cfg.seed,
+                       rank=accelerator.process_index)
 
     if main:
         atomic_write_text(run_dir / "config.yaml", cfg.to_yaml())
@@ -471,6 +582,8 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
     if resuming:
         state = run_dir / "state" if (run_dir / "state").is_dir() else run_dir / "state.old"
         accelerator.load_state(str(state))
+        if ema is not None:
+            ema.load(state)
         if main:
             print(f"resumed {run_dir} at epoch {progress.epoch + 1}, step {progress.step_in_epoch}")
     writer = None
@@ -483,6 +596,7 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
               f"{accelerator.device.type}, global batch {cfg.batch_size}, {cfg.precision}; run: {run_dir}")
 
     unwrapped = accelerator.unwrap_model(model)
+    best_source = ema.model if ema is not None else unwrapped  # the weights validated, kept and exported
     meta_common = dict(classes=split.classes, image_size=cfg.image_size, mean=split.mean, std=split.std,
                        resize=cfg.eval_resize)
     status = "finished"
@@ -501,19 +615,23 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
                        disable=not main, leave=False, dynamic_ncols=True)
             tr = train_one_epoch(model, loader, loss_fn, optimizer, accelerator, lr_control, progress,
                                  stop=stop, writer=writer, log_every=cfg.log_every, bar=bar,
-                                 freeze_bn=cfg.freeze_bn)
+                                 freeze_bn=cfg.freeze_bn, ema=ema, mix=mix)
             bar.close()
             progress.train_seconds += tr["seconds"]
             if stop.set:  # preempted mid-epoch: save where we are and leave cleanly
-                save_checkpoint(accelerator, run_dir)
+                save_checkpoint(accelerator, run_dir, ema)
                 status = "interrupted"
                 if main:
                     print(f"stopped by signal at epoch {epoch + 1} step {progress.step_in_epoch}; state saved. "
                           f"Continue with: mineralnet train --resume {run_dir}")
                 break
             t_val = time.perf_counter()
-            ev = evaluate(model, val_loader, accelerator)
+            ev = evaluate(best_source, val_loader, accelerator)
             m = summarize(confusion_matrix(ev["targets"], ev["preds"], len(split.classes)))
+            live = None
+            if ema is not None:  # the live weights too, to show what the average gains
+                ev_live = evaluate(model, val_loader, accelerator)
+                live = summarize(confusion_matrix(ev_live["targets"], ev_live["preds"], len(split.classes)))
             lr_control.end_epoch(m["top1"])
             progress.epoch, progress.step_in_epoch = epoch + 1, 0
             improved = m["top1"] > progress.best_top1
@@ -522,20 +640,34 @@ def _fit(cfg, accelerator, set_seed, broadcast_object_list, tqdm) -> dict:
                 if main:
                     metrics = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "epoch": epoch + 1,
                                "val_images": m["n"]}
-                    save_model(run_dir, unwrapped, model_meta(unwrapped, metrics=metrics, **meta_common,
-                                                              extra={"split": split.split_info}))
-            save_checkpoint(accelerator, run_dir)
+                    extra = {"split": split.split_info}
+                    if ema is not None:
+                        extra["ema_decay"] = cfg.ema_decay
+                    save_model(run_dir, best_source, model_meta(unwrapped, metrics=metrics, **meta_common,
+                                                                extra=extra))
+            save_checkpoint(accelerator, run_dir, ema)
             if main:
                 line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": tr["loss"],
                         "val_loss": ev["loss"], "val_top1": m["top1"], "val_mean_class_acc": m["mean_class_acc"],
                         "img_per_s": tr["images"] / max(tr["seconds"], 1e-9), "seconds": tr["seconds"],
                         "val_seconds": time.perf_counter() - t_val}
+                if cfg.train_crop_min:
+                    line["train_crop"] = cfg.train_size_at(epoch)
+                if live is not None:
+                    line.update(val_top1_live=live["top1"], val_mean_class_acc_live=live["mean_class_acc"])
                 with open(run_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(line) + "\n")
-                for key in ("train_loss", "val_loss", "val_top1", "val_mean_class_acc", "img_per_s", "lr"):
-                    writer.add_scalar(f"epoch/{key}", line[key], epoch + 1)
+                for key in ("train_loss", "val_loss", "val_top1", "val_mean_class_acc", "img_per_s", "lr",
+                            "val_top1_live", "val_mean_class_acc_live"):
+                    if key in line:
+                        writer.add_scalar(f"epoch/{key}", line[key], epoch + 1)
+                live_note = f"  (live weights {live['top1']:.4f})" if live else ""
+                if cfg.train_crop_min:
+                    live_note += f"  crop {cfg.train_size_at(epoch)}px"
                 print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {tr['loss']:.4f}  val top1 {m['top1']:.4f}  "
-                      f"mean class acc {m['mean_class_acc']:.4f}  {line['img_per_s']:.1f} img/s  "
+                      f"mean class acc {m['mean_class_acc']:.4f}"
+                      f"{live_note}"
+                      f"  {line['img_per_s']:.1f} img/s  "
                       f"{tr['seconds']:.0f}s{'  *best' if improved else ''}", flush=True)
             if cfg.max_train_minutes and progress.train_seconds > 60 * cfg.max_train_minutes:
                 if main:

@@ -106,10 +106,11 @@ def test_ddp_global_scope_equals_one_process_and_local_differs(tiny_data, tmp_pa
     assert m["top1"] == pytest.approx(m1["top1"], abs=1e-9)
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path):
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path, ema_decay):
     base = dict(data=tiny_data, backbone="resnet18", image_size=32, batch_size=8, workers=0, optimizer="sgd",
                 lr=0.05, momentum=0.9, scheduler="cosine", precision="fp32", normalize="imagenet", seed=5,
-                epochs=2, loss="wtopk")
+                epochs=2, loss="wtopk", ema_decay=ema_decay)
     fit(load_config(None, **base, out=str(tmp_path / "straight")))
     # stop after the first epoch (a time budget), then resume for the second
     first = fit(load_config(None, **base, out=str(tmp_path / "halves"), max_train_minutes=1e-9))
@@ -119,6 +120,9 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_pa
     assert second["status"] == "finished"
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "halves")
     assert _max_diff(a, b) == 0.0
+    if ema_decay:  # the average resumes too
+        ea, eb = (load_file(str(tmp_path / n / "state" / "ema.safetensors")) for n in ("straight", "halves"))
+        assert _max_diff(ea, eb) == 0.0
     lines = (tmp_path / "halves" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
 
@@ -228,3 +232,131 @@ def test_atomic_writes_have_normal_file_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "x.json").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left
+
+
+def test_model_ema_matches_an_independent_average():
+    from mineralnet.train import ModelEma
+
+    torch.manual_seed(0)
+    live = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(2))
+    live(torch.randn(2, 3, 6, 6))
+    ema = ModelEma(live, decay=0.99)
+    ref = {k: v.clone().double() for k, v in live.state_dict().items()}
+    for step in range(1, 40):
+        with torch.no_grad():
+            for p in live.parameters():
+                p.add_(torch.randn_like(p))
+        live.train()(torch.randn(2, 3, 6, 6))  # moves BatchNorm running statistics
+        ema.update(live, step)
+        d = min(0.99, (1 + step) / (10 + step))
+        for k, v in live.state_dict().items():
+            ref[k] = d * ref[k] + (1 - d) * v.double() if v.is_floating_point() else v.clone().double()
+    got = ema.model.state_dict()
+    for k, v in ref.items():
+        assert torch.allclose(got[k].double(), v, atol=1e-5), k
+    assert got["1.num_batches_tracked"].item() == live.state_dict()["1.num_batches_tracked"].item()
+    assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
+
+
+def test_ema_run_keeps_the_averaged_weights_as_the_model(tiny_data, tmp_path):
+    out = tmp_path / "ema"
+    _run(["--data", tiny_data, "--out", str(out), "--epochs", "1", *TINY, "--ema-decay", "0.9"], tmp_path)
+    line = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"val_top1_live", "val_mean_class_acc_live"} <= set(line)
+    kept, ema, live = (load_file(str(out / f)) for f in ("model.safetensors", "state/ema.safetensors",
+                                                         "state/model.safetensors"))
+    assert _max_diff(kept, ema) == 0.0 and _max_diff(kept, live) > 0.0
+    assert json.loads((out / "model.json").read_text())["ema_decay"] == 0.9
+    p = _run(["--data", tiny_data, "--out", str(tmp_path / "bad"), *TINY, "--ema-decay", "1.5"], tmp_path,
+             check=False)
+    assert p.returncode != 0 and "--ema-decay 1.5" in p.stderr + p.stdout
+
+
+def test_progressive_resizing_schedule_and_dataset():
+    from mineralnet.train import PhotoDataset
+
+    cfg = load_config(None, image_size=128, train_crop_min=64, epochs=20, progressive_until=0.75)
+    sizes = [cfg.train_size_at(e) for e in range(cfg.epochs)]
+    # linear from 64 at epoch 0 to 128 at epoch round(0.75 * 20) - 1 = 14, floored to 16 px steps
+    expect = [max(64, int((64 + 64 * e / 14) // 16) * 16) if e < 14 else 128 for e in range(20)]
+    assert sizes == expect and sizes[0] == 64 and sizes[13] < 128 == sizes[14] == sizes[-1]
+    assert all(a <= b for a, b in zip(sizes, sizes[1:])) and all(s % 16 == 0 for s in sizes)
+    assert load_config(None, image_size=96, epochs=5).train_size_at(0) == 96  # off by default
+    assert load_config(None, image_size=128, train_crop_size=96, epochs=5).train_size_at(0) == 96
+
+    tf = mdata.build_transforms(128, [0.5] * 3, [0.25] * 3, train=True)
+    img = (torch.rand(150, 170, 3) * 255).to(torch.uint8).numpy()
+    ds = PhotoDataset([("a.jpg", 0)], tf, size_at=cfg.train_size_at)
+    ds.cache = [img]
+    for e in (0, 7, 19):
+        ds.set_epoch(e)
+        assert ds[0][0].shape == (3, sizes[e], sizes[e])
+    with pytest.raises(Exception, match="--train-crop-min 200"):
+        load_config(None, image_size=128, train_crop_min=200).validate()
+
+
+def test_progressive_run_logs_the_crop_and_validates_at_image_size(tiny_data, tmp_path):
+    out = tmp_path / "prog"
+    _run(["--data", tiny_data, "--out", str(out), "--epochs", "3", *TINY, "--train-crop-min", "16",
+          "--progressive-until", "1"], tmp_path)
+    crops = [json.loads(l)["train_crop"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert crops == [16, 16, 32]
+    assert json.loads((out / "model.json").read_text())["image_size"] == 32
+
+
+def test_batch_mix_mixup_cutmix_against_direct_computation():
+    from mineralnet.train import BatchMix
+
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 20, 24), torch.tensor([0, 1, 2, 0, 1, 2])
+    onehot = torch.nn.functional.one_hot(y, 3).float()
+    mixup = BatchMix(3, mixup=0.4, seed=1)
+    for step in range(5):
+        lam, box = mixup.params(step, 20, 24)
+        assert box is None and 0.0 <= lam <= 1.0
+        xm, t = mixup(x, y, step)
+        assert torch.allclose(xm, lam * x + (1 - lam) * x.flip(0), atol=1e-6)
+        assert torch.allclose(t, lam * onehot + (1 - lam) * onehot.flip(0)) and torch.allclose(t.sum(1), torch.ones(6))
+    assert mixup.params(3, 20, 24) == mixup.params(3, 20, 24) != mixup.params(4, 20, 24)  # seeded by step
+    assert BatchMix(3, mixup=0.4, seed=1, rank=1).params(3, 20, 24) != mixup.params(3, 20, 24)
+
+    cutmix = BatchMix(3, cutmix=1.0, seed=2)
+    seen_box = False
+    for step in range(10):
+        lam, box = cutmix.params(step, 20, 24)
+        xc, t = cutmix(x, y, step)
+        inside = torch.zeros(20, 24, dtype=torch.bool)
+        y0, y1, x0, x1 = box
+        inside[y0:y1, x0:x1] = True
+        seen_box |= bool(inside.any())
+        assert lam == pytest.approx(1 - inside.float().mean().item())  # the exact kept area
+        assert torch.equal(xc[:, :, inside], x.flip(0)[:, :, inside]) and torch.equal(xc[:, :, ~inside], x[:, :, ~inside])
+        assert torch.allclose(t, lam * onehot + (1 - lam) * onehot.flip(0))
+    assert seen_box
+    off = BatchMix(3, mixup=1.0, cutmix=1.0, prob=0.0)
+    xo, to = off(x, y, 0)
+    assert torch.equal(xo, x) and torch.equal(to, onehot)
+    both = BatchMix(3, mixup=1.0, cutmix=1.0, seed=0)
+    kinds = {both.params(s, 20, 24)[1] is None for s in range(40)}
+    assert kinds == {True, False}  # switches between mixup and CutMix
+    with pytest.raises(Exception, match="center loss"):
+        load_config(None, loss="center", mixup=0.2).validate()
+
+
+def test_losses_take_the_soft_targets_of_mixing():
+    from mineralnet.losses import build_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(8, 4), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    onehot = torch.nn.functional.one_hot(y, 4).float()
+    for name in ("ce", "wtopk"):
+        fn = build_loss(name, num_classes=4, feature_dim=1, scope="local")
+        assert fn(logits, onehot).item() == pytest.approx(fn(logits, y).item(), rel=1e-6)
+    soft = 0.7 * onehot + 0.3 * onehot.flip(0)
+    per = -(soft * logits.log_softmax(1)).sum(1)  # independent soft cross-entropy
+    assert build_loss("ce", num_classes=4, feature_dim=1)(logits, soft).item() == pytest.approx(per.mean().item(), rel=1e-6)
+    top = per.sort(descending=True).values
+    ref = top[:4].mean() + 0.2 * top[4:].mean()  # Eq. 5 with k=0.5, alpha=0.2 (weights 1/(kN), alpha/((1-k)N))
+    got = build_loss("wtopk", k=0.5, alpha=0.2, num_classes=4, feature_dim=1, scope="local")(logits, soft)
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)

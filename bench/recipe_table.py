@@ -1,0 +1,94 @@
+"""Tabulate training runs of one recipe search: what each run changed and what it reached.
+
+    python bench/recipe_table.py RUN [RUN ...] [--base RUN] [--out bench/results/recipe.md] [--note TEXT]
+
+Every row is one run directory made by `mineralnet train` (or launch/train.py): the config fields that
+differ from the base run (default: the first run), its training minutes (training steps only, not
+validation or checkpoints), the best validation Top1 / mean class accuracy with their epoch, the last
+epoch's Top1, and, for runs with --ema-decay, the live weights' Top1 at the best epoch. All runs should
+share one validation split (same --data, --folds, --fold, --seed); the table says when they do not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+IGNORED = {"out", "resume", "log_every", "workers", "data"}
+
+
+def load_run(path: Path) -> dict:
+    path = Path(path)
+    if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
+        raise SystemExit(f"recipe_table.py: error: {str(path)!r} is not a training run (needs config.yaml and "
+                         f"metrics.jsonl); pass run directories made by `mineralnet train`")
+    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    lines = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    split = json.loads((path / "split.json").read_text()) if (path / "split.json").is_file() else {}
+    return {"name": path.name, "cfg": cfg, "lines": lines, "val": tuple(split.get("val", []))}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v)
+
+
+def _defaults() -> dict:
+    try:
+        from mineralnet.config import TrainConfig
+
+        return TrainConfig().to_dict()
+    except ImportError:  # the table also works without the package installed
+        return {}
+
+
+def table(runs: list[dict], base: dict) -> str:
+    defaults = _defaults()
+    rows = ["| run | changes from the base run | epochs | train min | best Top1 | mean class acc | best epoch "
+            "| last-epoch Top1 | live weights at best |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in runs:
+        diff = [f"{k}={_fmt(v)}" for k, v in r["cfg"].items()
+                if k not in IGNORED and base["cfg"].get(k, defaults.get(k)) != v]
+        lines = r["lines"]
+        if not lines:
+            continue
+        best = max(lines, key=lambda l: l["val_top1"])  # the first epoch reaching the maximum, as training keeps
+        minutes = sum(l["seconds"] for l in lines) / 60
+        planned = r["cfg"].get("epochs", len(lines))
+        epochs = str(len(lines)) if len(lines) == planned else f"{len(lines)} of {planned} (stopped)"
+        live = f"{100 * best['val_top1_live']:.1f}" if "val_top1_live" in best else "-"
+        rows.append(f"| {r['name']} | {' '.join(diff) or '(base)'} | {epochs} | {minutes:.1f} | "
+                    f"{100 * best['val_top1']:.1f} | {100 * best['val_mean_class_acc']:.1f} | {best['epoch']} | "
+                    f"{100 * lines[-1]['val_top1']:.1f} | {live} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("runs", nargs="+", help="run directories")
+    ap.add_argument("--base", default=None, help="run whose config the others are compared with (default: first)")
+    ap.add_argument("--out", default=None, help="write the markdown here too (e.g. bench/results/recipe.md)")
+    ap.add_argument("--title", default="Training recipe search", help="section title")
+    ap.add_argument("--note", default="", help="text placed under the title (machine, commands, conclusions)")
+    args = ap.parse_args(argv)
+    runs = [load_run(Path(p)) for p in args.runs]
+    base = load_run(Path(args.base)) if args.base else runs[0]
+    same_split = len({r["val"] for r in runs}) == 1
+    text = f"## {args.title}\n\n{args.note.strip()}\n\n" if args.note.strip() else f"## {args.title}\n\n"
+    text += table(runs, base) + "\n"
+    text += ("\nAll runs validate on the same photos.\n" if same_split else
+             "\n**The runs do not share one validation split**: compare them with care.\n")
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
