@@ -6,7 +6,8 @@
 #   bash bench/run_all.sh assemble        # only re-assemble RESULTS.md from the existing results
 #
 # Steps: inference (bench/inference.py), train (bench/train_step.py, with 1 vs 2 processes),
-# data (bench/data.py), export (bench/export.py), gpu (bench/gpu_suite.py: CPU-safe parts here).
+# data (bench/data.py), export (bench/export.py; set AGREEMENT_RUN=RUN to add the int8 agreement of a
+# run trained on minet7), gpu (bench/gpu_suite.py: CPU-safe parts here).
 # Each step writes its own bench/results/<topic>.md (+ .json). Run on an otherwise idle machine:
 # other processes on the same cores change every number here.
 set -euo pipefail
@@ -32,8 +33,15 @@ for step in "${steps[@]}"; do
     case $step in
         inference) run_step inference python bench/inference.py ;;
         train)     run_step train python bench/train_step.py ;;
-        data)      if [ -f bench/data.py ]; then run_step data python bench/data.py; fi ;;
-        export)    if [ -f bench/export.py ]; then run_step export python bench/export.py; fi ;;
+        data)      run_step data python bench/data.py --md "$RESULTS/data.md" --json "$RESULTS/data.json" ;;
+        export)    # prepare -> latency (batch 1, 8) -> agreement (+ a trained run if AGREEMENT_RUN is set)
+                   W=$(mktemp -d -t mineralnet-bench-export.XXXX)
+                   run_step export-prepare python bench/export.py prepare --work "$W"
+                   run_step export-latency-1 python bench/export.py latency --work "$W" --batch 1
+                   run_step export-latency-8 python bench/export.py latency --work "$W" --batch 8
+                   run_step export-agreement python bench/export.py agreement --work "$W" \
+                       ${AGREEMENT_RUN:+--agreement-run "$AGREEMENT_RUN"}
+                   rm -rf "$W" ;;
         gpu)       run_step gpu python bench/gpu_suite.py ;;
         assemble)  ;;
         *) echo "run_all.sh: error: unknown step '$step' (inference, train, data, export, gpu, assemble)" >&2; exit 2 ;;

@@ -258,3 +258,60 @@ def test_train_step_rows(tiny_run):
     # forward + backward FLOPs are about 3x the forward's
     fwd = bench.count_flops(FusionNet("resnet18", (2, 4), 3).eval(), 32)
     assert 2.5 < by[("bare", "fp32")]["gflop_per_image"] * 1e9 / fwd < 3.5
+
+
+def test_bench_data_script_writes_its_markdown_section(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mineralnet.data import make_demo_dataset
+
+    root = Path(__file__).resolve().parents[1]
+    demo = make_demo_dataset(tmp_path / "demo", classes=2, per_class=4, size=48, seed=0)
+    md, js = tmp_path / "data.md", tmp_path / "data.json"
+    p = subprocess.run([sys.executable, str(root / "bench" / "data.py"), "--data", str(demo), "--image-size", "32",
+                        "--n", "6", "--repeats", "2", "--md", str(md), "--json", str(js)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    text = md.read_text()
+    assert text.startswith("# Data pipeline throughput") and "python bench/data.py --data" in text
+    assert "Load average" in text and "Target (ours >= 1.5x torchvision)" in text
+    rows = json.loads(js.read_text())["results"]
+    ours = next(r for r in rows if r["pipeline"] == "ours")
+    assert f"| 32 | ours | {ours['img_per_s']:.0f} | {ours['ratio']:.2f}x vs torchvision |" in text
+
+
+def test_recipe_table_lists_changes_and_best_epochs(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from mineralnet.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    for name, changes, tops in (("base", {}, [0.5, 0.6, 0.55]), ("mix", {"cutmix": 1.0}, [0.4, 0.7, 0.7])):
+        run = tmp_path / name
+        run.mkdir()
+        cfg = load_config(None, epochs=3, **changes)
+        (run / "config.yaml").write_text(cfg.to_yaml())
+        (run / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": i + 1, "val_top1": t, "val_mean_class_acc": t - 0.05, "seconds": 60.0}) + "\n"
+            for i, t in enumerate(tops)))
+        (run / "split.json").write_text(json.dumps({"val": ["a.jpg", "b.jpg"]}))
+        runs.append(str(run))
+    out = tmp_path / "recipe.md"
+    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), *runs, "--out", str(out)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    text = out.read_text()
+    assert "| base | (base) | 3 | 3.0 | 60.0 | 55.0 | 2 | 55.0 | - |" in text
+    assert "| mix | cutmix=1.0 | 3 | 3.0 | 70.0 | 65.0 | 2 | 70.0 | - |" in text  # first epoch at the best
+    assert "same photos" in text
+    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), str(tmp_path / "nope")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "not a training run" in p.stderr
+    assert yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())["epochs"] == 3

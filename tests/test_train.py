@@ -360,3 +360,17 @@ def test_losses_take_the_soft_targets_of_mixing():
     ref = top[:4].mean() + 0.2 * top[4:].mean()  # Eq. 5 with k=0.5, alpha=0.2 (weights 1/(kN), alpha/((1-k)N))
     got = build_loss("wtopk", k=0.5, alpha=0.2, num_classes=4, feature_dim=1, scope="local")(logits, soft)
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["paper", "cpu", "demo"])
+def test_presets_load_and_validate(preset):
+    cfg = load_config(preset).validate()
+    assert cfg.epochs >= 1 and cfg.batch_size >= 1
+    if preset == "paper":  # the paper's recipe, as the issue fixes it
+        assert (cfg.backbone, tuple(cfg.stages), cfg.loss, cfg.k, cfg.alpha) == ("resnet50", (2, 4), "wtopk", 0.5, 0.2)
+        assert (cfg.optimizer, cfg.lr, cfg.momentum, cfg.scheduler, cfg.batch_size, cfg.epochs, cfg.image_size) == \
+            ("sgd", 1e-3, 0.9, "plateau", 50, 100, 224)
+        assert cfg.pretrained_value is True
+    if preset == "cpu":  # from scratch, ending at the size it evaluates
+        assert cfg.pretrained_value is False
+        assert cfg.train_size_at(cfg.epochs - 1) == cfg.image_size
