@@ -100,7 +100,9 @@ class TrainConfig:
     sync_bn: bool = _f(False, "SyncBatchNorm across GPUs (CUDA only): use when the per-GPU batch is "
                               "small, e.g. 50 over 8 GPUs")
     # --- run control ---
-    seed: int = _f(0, "random seed (data order, augmentation, init, splits)")
+    seed: int = _f(0, "random seed (data order, augmentation, init, and the split unless --split-seed)")
+    split_seed: Optional[int] = _f(None, "seed of the validation split / folds and the dataset mean/std sample "
+                                         "(default: --seed); fix it to train other --seed values on the same photos")
     deterministic: bool = _f(False, "deterministic algorithms (slower; for exact reproduction)")
     resume: Optional[str] = _f(None, "run directory to continue from its last saved state")
     max_train_minutes: Optional[float] = _f(None, "stop after the epoch that exceeds this many minutes "
@@ -161,6 +163,11 @@ class TrainConfig:
         if problems:
             raise MineralNetError("invalid configuration: " + "; ".join(problems))
         return self
+
+    @property
+    def data_seed(self) -> int:
+        """The seed of the split (folds, --val-split) and of the mean/std sample."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def train_size(self) -> int:

@@ -42,8 +42,8 @@ NOT_GRIDDABLE = {
     "val_data": "cv validates on the folds",
     "val_split": "cv validates on the folds",
     "resume": "cv resumes by itself: run the same command again",
-    "seed": "the seed also fixes the folds, so variants would not share them; run cv again with "
-            "another --seed and --out",
+    "split_seed": "it fixes the folds, which every variant shares; run cv again with another "
+                  "--split-seed and --out",
 }
 FINISHED = ("finished", "time_budget")
 SIGNIFICANCE = 0.05
@@ -132,6 +132,11 @@ def build_variants(base: dict, config: str | None, grid, variants=None) -> list[
         except MineralNetError as e:
             raise MineralNetError(f"grid cell {variant_name(cell)!r}: {e}") from None
         out.append((cell, cfg))
+    # One set of folds for all variants, also when the grid varies --seed (repeats on the same folds).
+    split_seed = load_config(config, **base).data_seed
+    for _, cfg in out:
+        if cfg.split_seed is None:
+            cfg.split_seed = split_seed
     return out
 
 
@@ -392,7 +397,7 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, variants
     out = Path(base["out"])
     grid = grid or []
     variants = build_variants({**base, "folds": folds, "fold": 0}, config, grid, variants)
-    seed = variants[0][1].seed
+    seed = variants[0][1].data_seed
     out.mkdir(parents=True, exist_ok=True)
     fold_info = load_or_save_folds(out, base["data"], folds, seed)
 

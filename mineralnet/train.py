@@ -125,22 +125,22 @@ def prepare_data(cfg: TrainConfig, run_dir: Path, is_main: bool) -> DataSplit:
         train, val = samples, vindex.samples
         split_info = {"kind": "val_data", "val_data": str(cfg.val_data)}
     elif cfg.folds:
-        folds = mdata.stratified_kfold(labels, cfg.folds, seed=cfg.seed)
+        folds = mdata.stratified_kfold(labels, cfg.folds, seed=cfg.data_seed)
         val_idx = set(folds[cfg.fold])
         train = [s for i, s in enumerate(samples) if i not in val_idx]
         val = [s for i, s in enumerate(samples) if i in val_idx]
-        split_info = {"kind": "kfold", "folds": cfg.folds, "fold": cfg.fold, "seed": cfg.seed}
+        split_info = {"kind": "kfold", "folds": cfg.folds, "fold": cfg.fold, "seed": cfg.data_seed}
     else:
-        tr_idx, va_idx = mdata.stratified_split(labels, cfg.val_split, seed=cfg.seed)
+        tr_idx, va_idx = mdata.stratified_split(labels, cfg.val_split, seed=cfg.data_seed)
         train, val = [samples[i] for i in tr_idx], [samples[i] for i in va_idx]
-        split_info = {"kind": "val_split", "val_split": cfg.val_split, "seed": cfg.seed}
+        split_info = {"kind": "val_split", "val_split": cfg.val_split, "seed": cfg.data_seed}
     if not val:
         raise MineralNetError(f"the validation split of {cfg.data!r} is empty; add photos or pass --val-data")
     if len(train) < cfg.batch_size:
         raise MineralNetError(f"the training split has {len(train)} photos, fewer than --batch-size "
                               f"{cfg.batch_size}; lower --batch-size")
     if cfg.normalize == "dataset":
-        mean, std = mdata.channel_stats([p for p, _ in train], size=64, max_images=2000, seed=cfg.seed)
+        mean, std = mdata.channel_stats([p for p, _ in train], size=64, max_images=2000, seed=cfg.data_seed)
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if is_main:

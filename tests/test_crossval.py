@@ -176,7 +176,7 @@ def test_real_training_folds(tiny_data, tmp_path):
     (["--folds", "3", "--grid", "colour=red", "blue"], "--grid field 'colour' is not a training setting"),
     (["--folds", "3", "--grid", "lr=fast", "0.1"], "grid cell 'lr=fast': lr='fast' is not a valid float"),
     (["--folds", "3", "--grid", "stages=2,9"], "grid cell 'stages=2,9'"),
-    (["--folds", "3", "--grid", "seed=1", "2"], "--grid seed=... is not allowed"),
+    (["--folds", "3", "--grid", "split_seed=1", "2"], "--grid split_seed=... is not allowed"),
     (["--folds", "3", "--grid", "loss"], "must look like FIELD=V1 V2"),
     (["--folds", "3", "--fold", "1"], "--fold is chosen by cv"),
     (["--folds", "20"], "fewer than the 20 folds"),
@@ -217,3 +217,14 @@ def test_explicit_variants_and_changed_settings(tiny_data, tmp_path, monkeypatch
 def test_bad_variants(spec, message):
     with pytest.raises(MineralNetError, match=message):
         crossval.parse_variants(spec)
+
+
+def test_grid_over_seed_keeps_one_set_of_folds(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(train, "fit", _fake_fit(calls))
+    out = tmp_path / "cv"
+    assert cli_main(["cv", "--data", tiny_data, "--out", str(out), "--folds", "3", "--only-folds", "0", *TINY,
+                     "--grid", "seed=1", "2"]) == 0
+    assert sorted(c.seed for c in calls) == [1, 2]
+    assert {c.split_seed for c in calls} == {3}  # TINY's --seed 3: the folds of folds.json
+    assert json.loads((out / "folds.json").read_text())["seed"] == 3

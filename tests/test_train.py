@@ -374,3 +374,17 @@ def test_presets_load_and_validate(preset):
     if preset == "cpu":  # from scratch, ending at the size it evaluates
         assert cfg.pretrained_value is False
         assert cfg.train_size_at(cfg.epochs - 1) == cfg.image_size
+
+
+def test_split_seed_fixes_the_split_whatever_the_seed(tiny_data, tmp_path):
+    from mineralnet.train import prepare_data
+
+    def split(name, **kw):
+        cfg = load_config(None, data=tiny_data, folds=3, fold=1, batch_size=8, **kw).validate()
+        (tmp_path / name).mkdir()
+        prepare_data(cfg, tmp_path / name, True)
+        return json.loads((tmp_path / name / "split.json").read_text())
+
+    a, b, c = split("a", seed=1, split_seed=7), split("b", seed=2, split_seed=7), split("c", seed=7)
+    assert a["val"] == b["val"] == c["val"] and a["seed"] == 7
+    assert split("d", seed=1)["val"] != a["val"]  # without it, the seed moves the folds (as before)
