@@ -388,3 +388,18 @@ def test_split_seed_fixes_the_split_whatever_the_seed(tiny_data, tmp_path):
     a, b, c = split("a", seed=1, split_seed=7), split("b", seed=2, split_seed=7), split("c", seed=7)
     assert a["val"] == b["val"] == c["val"] and a["seed"] == 7
     assert split("d", seed=1)["val"] != a["val"]  # without it, the seed moves the folds (as before)
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_cpu_preset_runs_on_the_real_photos(minet7_dir, tmp_path):
+    """The cpu preset end to end on minet7 for 2 epochs (its accuracy is measured in bench/RESULTS.md)."""
+    out = tmp_path / "cpu"
+    _run(["--config", "cpu", "--data", minet7_dir, "--folds", "5", "--fold", "0", "--epochs", "2",
+          "--out", str(out)], tmp_path, timeout=900)
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["train_crop"] for l in lines] == [64, 96]  # progressive resizing ends at the eval size
+    assert all("val_top1_live" in l for l in lines)  # EMA on
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["image_size"] == 96 and meta["ema_decay"] == 0.998 and len(meta["classes"]) == 7
+    assert json.loads((out / "eval" / "metrics.json").read_text())["n"] == 332
