@@ -1,12 +1,18 @@
 """Tabulate training runs of one recipe search: what each run changed and what it reached.
 
     python bench/recipe_table.py RUN [RUN ...] [--base RUN] [--out bench/results/recipe.md] [--note TEXT]
+    python bench/recipe_table.py --by-fold RUN [RUN ...]   # one row per recipe, one column per fold
 
 Every row is one run directory made by `mineralnet train` (or launch/train.py): the config fields that
 differ from the base run (default: the first run), its training minutes (training steps only, not
 validation or checkpoints), the best validation Top1 / mean class accuracy with their epoch, the last
 epoch's Top1, and, for runs with --ema-decay, the live weights' Top1 at the best epoch. All runs should
 share one validation split (same --data, --folds, --fold, --seed); the table says when they do not.
+
+With --by-fold the runs are grouped into recipes (every config field but the fold and the output folder)
+and each recipe gets one row: best Top1 / mean class accuracy on every fold it was run on, then the means
+over its folds of the best and of the last-epoch Top1 (the last epoch is not chosen on the validation
+photos, so its mean is the unbiased one) and the training minutes.
 """
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ def load_run(path: Path) -> dict:
     if not (path / "config.yaml").is_file() or not (path / "metrics.jsonl").is_file():
         raise SystemExit(f"recipe_table.py: error: {str(path)!r} is not a training run (needs config.yaml and "
                          f"metrics.jsonl); pass run directories made by `mineralnet train`")
-    cfg = yaml.safe_load((path / "config.yaml").read_text())
+    # fields added to TrainConfig after a run was made take their defaults (what that run trained with)
+    cfg = {**_defaults(), **yaml.safe_load((path / "config.yaml").read_text())}
     lines = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
     split = json.loads((path / "split.json").read_text()) if (path / "split.json").is_file() else {}
     return {"name": path.name, "cfg": cfg, "lines": lines, "val": tuple(split.get("val", []))}
@@ -68,6 +75,52 @@ def table(runs: list[dict], base: dict) -> str:
     return "\n".join(rows)
 
 
+def _recipe_key(cfg: dict) -> str:
+    return json.dumps({k: v for k, v in cfg.items() if k not in IGNORED | {"fold", "val_split"}}, sort_keys=True)
+
+
+def fold_table(runs: list[dict], base: dict) -> str:
+    """One row per recipe (runs whose configs differ only in the fold), one column per fold."""
+    defaults = _defaults()
+    recipes: dict[str, list[dict]] = {}
+    for r in runs:
+        if r["lines"]:
+            recipes.setdefault(_recipe_key(r["cfg"]), []).append(r)
+    folds = sorted({r["cfg"].get("fold") for group in recipes.values() for r in group}, key=lambda f: (f is None, f))
+    rows = ["| recipe | " + " | ".join(f"fold {f} Top1 / mean class acc" for f in folds)
+            + " | mean best Top1 | mean best mean class acc | mean last-epoch Top1 | mean train min |",
+            "|---|" + "---|" * (len(folds) + 4)]
+    for group in recipes.values():
+        by_fold = {}
+        for r in group:
+            f = r["cfg"].get("fold")
+            if f in by_fold:
+                raise SystemExit(f"recipe_table.py: error: runs {by_fold[f]['name']!r} and {r['name']!r} are the same "
+                                 f"recipe on the same fold {f}; pass one of them")
+            by_fold[f] = r
+        cfg = group[0]["cfg"]
+        diff = [f"{k}={_fmt(v)}" for k, v in cfg.items()
+                if k not in IGNORED | {"fold"} and base["cfg"].get(k, defaults.get(k)) != v]
+        name = " ".join(diff) or "(base)"
+        names = ", ".join(r["name"] for r in group)
+        cells, tops, mcas, lasts, mins = [], [], [], [], []
+        for f in folds:
+            r = by_fold.get(f)
+            if r is None:
+                cells.append("-")
+                continue
+            best = max(r["lines"], key=lambda l: l["val_top1"])
+            tops.append(100 * best["val_top1"])
+            mcas.append(100 * best["val_mean_class_acc"])
+            lasts.append(100 * r["lines"][-1]["val_top1"])
+            mins.append(sum(l["seconds"] for l in r["lines"]) / 60)
+            cells.append(f"{tops[-1]:.1f} / {mcas[-1]:.1f}")
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        rows.append(f"| {name} ({names}) | " + " | ".join(cells)
+                    + f" | **{mean(tops):.1f}** | {mean(mcas):.1f} | {mean(lasts):.1f} | {mean(mins):.1f} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -76,11 +129,19 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write the markdown here too (e.g. bench/results/recipe.md)")
     ap.add_argument("--title", default="Training recipe search", help="section title")
     ap.add_argument("--note", default="", help="text placed under the title (machine, commands, conclusions)")
+    ap.add_argument("--by-fold", action="store_true",
+                    help="one row per recipe (runs differing only in --fold), one column per fold, and means")
     args = ap.parse_args(argv)
     runs = [load_run(Path(p)) for p in args.runs]
     base = load_run(Path(args.base)) if args.base else runs[0]
     same_split = len({r["val"] for r in runs}) == 1
     text = f"## {args.title}\n\n{args.note.strip()}\n\n" if args.note.strip() else f"## {args.title}\n\n"
+    if args.by_fold:
+        text += fold_table(runs, base) + "\n"
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
     text += table(runs, base) + "\n"
     text += ("\nAll runs validate on the same photos.\n" if same_split else
              "\n**The runs do not share one validation split**: compare them with care.\n")

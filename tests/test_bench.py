@@ -315,3 +315,41 @@ def test_recipe_table_lists_changes_and_best_epochs(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "not a training run" in p.stderr
     assert yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())["epochs"] == 3
+
+
+def test_recipe_table_by_fold_groups_runs_into_recipes(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from mineralnet.config import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    runs = []
+    # (name, changes, fold, per-epoch val top1)
+    specs = (("a0", {}, 0, [0.5, 0.6]), ("a1", {}, 1, [0.7, 0.65]),
+             ("b0", {"epochs": 2, "lr": 0.01}, 0, [0.8, 0.9]), ("b2", {"epochs": 2, "lr": 0.01}, 2, [0.6, 0.5]))
+    for name, changes, fold, tops in specs:
+        run = tmp_path / name
+        run.mkdir()
+        cfg = load_config(None, **{"epochs": 2, "folds": 5, "fold": fold, "out": str(run), **changes})
+        text = cfg.to_yaml()
+        if name == "a1":  # a run made before a field existed still groups with its recipe
+            text = "\n".join(l for l in text.splitlines() if not l.startswith("split_seed:")) + "\n"
+        (run / "config.yaml").write_text(text)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(
+            {"epoch": i + 1, "val_top1": t, "val_mean_class_acc": t - 0.1, "seconds": 30.0}) + "\n"
+            for i, t in enumerate(tops)))
+        runs.append(str(run))
+    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", *runs],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [l for l in p.stdout.splitlines() if l.startswith("| ")]
+    assert lines[0].startswith("| recipe | fold 0 Top1 / mean class acc | fold 1 Top1 / mean class acc | fold 2 ")
+    # recipe a: best 60 (fold 0) and 70 (fold 1); last epochs 60 and 65; 1 minute each
+    assert lines[1] == "| (base) (a0, a1) | 60.0 / 50.0 | 70.0 / 60.0 | - | **65.0** | 55.0 | 62.5 | 1.0 |"
+    assert lines[2] == "| lr=0.01 (b0, b2) | 90.0 / 80.0 | - | 60.0 / 50.0 | **75.0** | 65.0 | 70.0 | 1.0 |"
+    # the same recipe twice on one fold is refused
+    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", runs[0], runs[0]],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "same recipe on the same fold 0" in p.stderr
