@@ -35,8 +35,9 @@ class TrainConfig:
     fold: int = _f(0, "which fold (0..K-1) is the validation set when --folds is given")
     out: Optional[str] = _f(None, "run directory to create (default runs/<date>-<backbone>-s<stages>-<loss>)")
     workers: int = _f(2, "DataLoader worker processes per training process (0 = load in the main process)")
-    cache_images: bool = _f(False, "decode every photo once and keep it in RAM (downscaled to 1.25x the "
-                                   "eval resize): much faster epochs on small collections")
+    cache_images: bool = _f(False, "decode every photo once and keep it in RAM (training photos downscaled to "
+                                   "1.25x the eval resize, validation photos resized exactly as evaluation does): "
+                                   "much faster epochs on small collections")
     # --- model ---
     backbone: str = _f("resnet50", "timm backbone name (paper: resnet50; also vgg16, inception_v3, "
                                    "efficientnet_b0, resnet18, ...)")

@@ -579,7 +579,9 @@ class EvalTransform(Transform):
     def __repr__(self):
         return f"EvalTransform(image_size={self.image_size}, resize={self.resize}, mean={self.mean}, std={self.std})"
 
-    def apply(self, img: np.ndarray) -> torch.Tensor:
+    def prepare(self, img: np.ndarray) -> np.ndarray:
+        """The resize step alone: shorter side to `resize`. Idempotent, so a cache of prepared photos
+        (training's validation set) gives exactly the tensors that `apply` gives from the files."""
         k = int(min(img.shape[:2]) / self.resize)
         if k > 1:  # same anti-aliasing as training: integer INTER_AREA shrink, then bilinear
             img = _shrink(img, k)
@@ -588,6 +590,11 @@ class EvalTransform(Transform):
         nh, nw = max(1, round(H * s)), max(1, round(W * s))
         if (nh, nw) != (H, W):
             img = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR)
+        return img
+
+    def apply(self, img: np.ndarray) -> torch.Tensor:
+        img = self.prepare(img)
+        nh, nw = img.shape[:2]
         top, left = (nh - self.image_size) // 2, (nw - self.image_size) // 2
         return self._to_tensor(img[top:top + self.image_size, left:left + self.image_size])
 

@@ -1,5 +1,9 @@
 """`mineralnet eval RUN --data DIR`: evaluate a trained run on a labelled folder of photos.
 
+`mineralnet eval RUN --split val` evaluates the photos the run held out for validation (its split.json:
+a `--folds K --fold I` fold, a `--val-split` fraction or the default 10%), with the same preprocessing, so
+it reproduces the validation numbers of training from the files.
+
 Writes RUN/eval/ (or --out): metrics.json (Top1, mean class accuracy = the paper's "mAP", Top3,
 per-class accuracy/precision/recall/F1, confusion matrix in counts and row-normalised %),
 per_class.csv and confusion.png, and prints the per-class table. Training calls
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -60,15 +65,58 @@ def write_eval_report(out_dir, targets, preds, probs, classes, extra: dict | Non
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json)")
-    parser.add_argument("--data", required=True,
-                        help="labelled folder: one sub-folder per mineral, named as in the run's classes")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="labelled folder: one sub-folder per mineral, named as in the run's classes")
+    src.add_argument("--split", choices=("val", "train"),
+                     help="the run's own held-out photos (val) or training photos (train), as listed in its "
+                          "split.json: re-scores a fold of a cross-validation run from the files")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")
 
 
-def predict_folder(run, data, batch_size: int = 32, workers: int = 2):
-    """Load `run`, scan `data` with the run's class names and predict every image under an Accelerator.
+def split_samples(run, which: str = "val"):
+    """[(path, label)] of the photos a run trained (`which="train"`) or validated on, from its split.json."""
+    import json
+
+    from mineralnet.data import DatasetIndex, scan_dataset
+
+    path = Path(run) / "split.json"
+    if Path(run).is_file():
+        path = Path(run).parent / "split.json"
+    if not path.is_file():
+        raise MineralNetError(f"{str(path)!r} not found: --split needs a run trained with a held-out split "
+                              f"(--folds/--fold, --val-split or the default); evaluate other photos with --data DIR")
+    split = json.loads(path.read_text())
+    classes, root = split["classes"], Path(split.get("root") or ".")
+    labels = {}  # labels as the training data gave them (a class folder or a CSV manifest's label column)
+    if root.exists():
+        try:
+            labels = {os.path.abspath(p): y for p, y in scan_dataset(root, verify=False, classes=classes).samples}
+        except MineralNetError:
+            labels = {}
+    base = root.parent if root.is_file() else root  # a CSV manifest's paths are relative to its folder
+    samples = []
+    for rel in split[which]:
+        p = Path(rel) if Path(rel).is_absolute() else base / rel
+        label = labels.get(os.path.abspath(p))
+        if label is None and p.parent.name in classes:  # --val-data photos: their class folder
+            label = classes.index(p.parent.name)
+        if label is None:
+            raise MineralNetError(f"{str(p)!r}, listed in {str(path)!r}, is neither in the run's data "
+                                  f"{str(root)!r} nor under a class folder ({', '.join(classes)}); "
+                                  f"evaluate with --data DIR instead")
+        samples.append((str(p), label))
+    missing = [p for p, _ in samples if not Path(p).is_file()]
+    if missing:
+        raise MineralNetError(f"{len(missing)} of the {len(samples)} {which} photos listed in {str(path)!r} are "
+                              f"missing, e.g. {missing[0]!r}; were the photos moved? Evaluate with --data DIR instead")
+    return DatasetIndex(root=str(root), classes=list(classes), samples=samples)
+
+
+def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str | None = None):
+    """Load `run`, scan `data` with the run's class names (or take its own `split` photos: "val" or
+    "train") and predict every image under an Accelerator.
 
     Returns:
         (targets (N,), preds (N,), probs (N, C), meta, index) on every process.
@@ -86,7 +134,13 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2):
     if workers < 0:
         raise MineralNetError(f"--workers {workers} must be 0 or more")
     model, meta = load_model(run)
-    index = scan_dataset(data, verify=True, classes=list(meta["classes"]))
+    if split:
+        index = split_samples(run, split)
+        if index.classes != list(meta["classes"]):
+            raise MineralNetError(f"the split of {str(run)!r} lists classes {index.classes} but its model has "
+                                  f"{meta['classes']}; the run is inconsistent, evaluate with --data DIR")
+    else:
+        index = scan_dataset(data, verify=True, classes=list(meta["classes"]))
     if not index.samples:
         raise MineralNetError(f"no readable images under {str(data)!r}; put photos in one sub-folder per "
                               f"mineral named as the run's classes ({', '.join(meta['classes'])})")
@@ -106,13 +160,14 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2):
 
 
 def run(args) -> int:
+    split = getattr(args, "split", None)
     targets, preds, probs, meta, index, accelerator = predict_folder(args.run, args.data, args.batch_size,
-                                                                     args.workers)
+                                                                     args.workers, split=split)
     out_dir = Path(args.out) if args.out else Path(args.run) / EVAL_DIR
     if accelerator.is_main_process:
+        source = {"split": split} if split else {"data": str(args.data)}
         metrics = write_eval_report(out_dir, targets, preds, probs, meta["classes"],
-                                    extra={"run": str(args.run), "data": str(args.data),
-                                           "skipped_unreadable": len(index.bad)})
+                                    extra={"run": str(args.run), **source, "skipped_unreadable": len(index.bad)})
         if index.bad:
             print(f"skipped {len(index.bad)} unreadable image(s), e.g. {index.bad[0]}")
         print(format_table(metrics))

@@ -54,7 +54,12 @@ class PhotoDataset(Dataset):
         self.size_at = size_at  # epoch -> training crop (progressive resizing), or None
         self.min_size = getattr(transform, "min_decode_size", None)
         self.cache = None
-        if cache_side:
+        prepare = getattr(transform, "prepare", None)
+        if cache_side and prepare is not None:
+            # evaluation: cache the resized photo the transform would crop from, so that validation during
+            # training scores exactly what `mineralnet eval RUN --split val` scores from the files
+            self.cache = [prepare(mdata.load_image(p, min_size=self.min_size)) for p, _ in self.samples]
+        elif cache_side:
             self.cache = [_downscale(mdata.load_image(p, min_size=cache_side), cache_side) for p, _ in self.samples]
 
     def set_epoch(self, epoch: int) -> None:

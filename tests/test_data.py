@@ -594,3 +594,14 @@ def test_minet7_scan_finds_seven_classes():
     assert len(index.classes) == 7 and "MANIFEST" not in " ".join(index.classes)
     assert min(index.counts().values()) > 50
     assert D.load_image(index.samples[0][0]).ndim == 3
+
+
+@pytest.mark.parametrize("shape", [(40, 57, 3), (300, 211, 3), (37, 36, 3)])
+def test_eval_prepare_is_idempotent_so_a_prepared_cache_gives_the_same_tensor(shape):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, shape, dtype=np.uint8)
+    tf = D.build_transforms(32, [0.5] * 3, [0.25] * 3, train=False, resize=36)
+    prepared = tf.prepare(img)
+    assert min(prepared.shape[:2]) == 36
+    assert np.array_equal(tf.prepare(prepared), prepared)
+    assert torch.equal(tf(prepared), tf(img))

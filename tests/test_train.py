@@ -403,3 +403,39 @@ def test_cpu_preset_runs_on_the_real_photos(minet7_dir, tmp_path):
     meta = json.loads((out / "model.json").read_text())
     assert meta["image_size"] == 96 and meta["ema_decay"] == 0.998 and len(meta["classes"]) == 7
     assert json.loads((out / "eval" / "metrics.json").read_text())["n"] == 332
+
+
+def test_eval_split_val_reproduces_training_validation_from_the_files(tmp_path, capsys):
+    """With photos cached in RAM, validation during training and `mineralnet eval RUN --split val`
+    (which decodes the files again) score the same tensors: same confusion matrix."""
+    # photos much larger than the cache side, so that caching them resized any other way shows
+    data = str(mdata.make_demo_dataset(tmp_path / "big", classes=3, per_class=14, size=150, seed=2))
+    out = tmp_path / "run"
+    _run(["--data", data, "--out", str(out), "--epochs", "1", *TINY, "--folds", "3", "--fold", "1",
+          "--cache-images"], tmp_path)
+    trained = json.loads((out / "eval" / "metrics.json").read_text())
+    assert cli_main(["eval", str(out), "--split", "val", "--workers", "0", "--out", str(tmp_path / "ev")]) == 0
+    again = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert again["n"] == trained["n"] == 14 and again["split"] == "val"
+    assert again["confusion"] == trained["confusion"]
+    assert again["top3"] == pytest.approx(trained["top3"])
+    assert cli_main(["eval", str(out), "--split", "train", "--workers", "0", "--out", str(tmp_path / "tr")]) == 0
+    assert json.loads((tmp_path / "tr" / "metrics.json").read_text())["n"] == 42 - 14
+    # a run without split.json (e.g. a copied model) names the fix
+    (out / "split.json").unlink()
+    capsys.readouterr()
+    assert cli_main(["eval", str(out), "--split", "val", "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "split.json" in err and "--data DIR" in err
+
+
+def test_cached_validation_photos_give_the_tensors_evaluation_gives_from_the_files(tmp_path):
+    from mineralnet.train import PhotoDataset
+
+    data = mdata.make_demo_dataset(tmp_path / "big", classes=2, per_class=3, size=150, seed=4)
+    samples = mdata.scan_dataset(data).samples
+    eval_tf = mdata.build_transforms(32, [0.5] * 3, [0.25] * 3, train=False, resize=36)
+    cached = PhotoDataset(samples, eval_tf, cache_side=46)
+    files = mdata.ImageDataset(samples, eval_tf)  # what `mineralnet eval` reads
+    for i in range(len(samples)):
+        assert torch.equal(cached[i][0], files[i][0]), samples[i][0]
