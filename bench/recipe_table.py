@@ -87,9 +87,13 @@ def fold_table(runs: list[dict], base: dict) -> str:
         if r["lines"]:
             recipes.setdefault(_recipe_key(r["cfg"]), []).append(r)
     folds = sorted({r["cfg"].get("fold") for group in recipes.values() for r in group}, key=lambda f: (f is None, f))
+    fold_sets = [{r["cfg"].get("fold") for r in group} for group in recipes.values()]
+    common = sorted(set.intersection(*fold_sets), key=lambda f: (f is None, f)) if fold_sets else []
+    uneven = len({frozenset(f) for f in fold_sets}) > 1 and common  # recipes run on different folds
     rows = ["| recipe | " + " | ".join(f"fold {f} Top1 / mean class acc" for f in folds)
-            + " | mean best Top1 | mean best mean class acc | mean last-epoch Top1 | mean train min |",
-            "|---|" + "---|" * (len(folds) + 4)]
+            + " | mean best Top1 | mean best mean class acc | mean last-epoch Top1 | mean train min |"
+            + (f" best Top1 on the common folds ({', '.join(map(str, common))}) |" if uneven else ""),
+            "|---|" + "---|" * (len(folds) + 4 + bool(uneven))]
     for group in recipes.values():
         by_fold = {}
         for r in group:
@@ -116,8 +120,12 @@ def fold_table(runs: list[dict], base: dict) -> str:
             mins.append(sum(l["seconds"] for l in r["lines"]) / 60)
             cells.append(f"{tops[-1]:.1f} / {mcas[-1]:.1f}")
         mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
-        rows.append(f"| {name} ({names}) | " + " | ".join(cells)
-                    + f" | **{mean(tops):.1f}** | {mean(mcas):.1f} | {mean(lasts):.1f} | {mean(mins):.1f} |")
+        row = (f"| {name} ({names}) | " + " | ".join(cells)
+               + f" | **{mean(tops):.1f}** | {mean(mcas):.1f} | {mean(lasts):.1f} | {mean(mins):.1f} |")
+        if uneven:
+            shared = [100 * max(l["val_top1"] for l in by_fold[f]["lines"]) for f in common]
+            row += f" {mean(shared):.1f} |"
+        rows.append(row)
     return "\n".join(rows)
 
 

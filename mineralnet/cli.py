@@ -17,7 +17,7 @@ from mineralnet.errors import MineralNetError
 # name -> (module, one-line help). Order is the order shown by `mineralnet --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mineralnet.train", "train a model (same as `python launch/train.py`)"),
-    "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder"),
+    "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder or on its own held-out photos"),
     "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
     "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
     "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),

@@ -347,8 +347,13 @@ def test_recipe_table_by_fold_groups_runs_into_recipes(tmp_path):
     lines = [l for l in p.stdout.splitlines() if l.startswith("| ")]
     assert lines[0].startswith("| recipe | fold 0 Top1 / mean class acc | fold 1 Top1 / mean class acc | fold 2 ")
     # recipe a: best 60 (fold 0) and 70 (fold 1); last epochs 60 and 65; 1 minute each
-    assert lines[1] == "| (base) (a0, a1) | 60.0 / 50.0 | 70.0 / 60.0 | - | **65.0** | 55.0 | 62.5 | 1.0 |"
-    assert lines[2] == "| lr=0.01 (b0, b2) | 90.0 / 80.0 | - | 60.0 / 50.0 | **75.0** | 65.0 | 70.0 | 1.0 |"
+    # the recipes were run on different folds: a last column compares them on the folds both have (0)
+    assert lines[0].endswith("| mean train min | best Top1 on the common folds (0) |")
+    assert lines[1] == "| (base) (a0, a1) | 60.0 / 50.0 | 70.0 / 60.0 | - | **65.0** | 55.0 | 62.5 | 1.0 | 60.0 |"
+    assert lines[2] == "| lr=0.01 (b0, b2) | 90.0 / 80.0 | - | 60.0 / 50.0 | **75.0** | 65.0 | 70.0 | 1.0 | 90.0 |"
+    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", *runs[:2]],
+                       capture_output=True, text=True, timeout=120)
+    assert "common folds" not in p.stdout  # one recipe: nothing to line up
     # the same recipe twice on one fold is refused
     p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", runs[0], runs[0]],
                        capture_output=True, text=True, timeout=120)

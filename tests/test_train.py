@@ -402,6 +402,7 @@ def test_cpu_preset_runs_on_the_real_photos(minet7_dir, tmp_path):
     assert all("val_top1_live" in l for l in lines)  # EMA on
     meta = json.loads((out / "model.json").read_text())
     assert meta["image_size"] == 96 and meta["ema_decay"] == 0.998 and len(meta["classes"]) == 7
+    assert meta["backbone"] == "resnet10t"
     assert json.loads((out / "eval" / "metrics.json").read_text())["n"] == 332
 
 
