@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Train MineralNet: `accelerate launch launch/train.py [--config launch/configs/paper.yaml] --data DIR`.
+"""Train MineralNet: `accelerate launch launch/train.py [--config paper] --data DIR`.
 
 Thin wrapper: the flags are those of `mineralnet train` (see --help); all logic is in
-mineralnet.train. Also runs as plain `python launch/train.py` (one process).
+the mineralnet package (mineralnet/train/). Also runs as plain `python launch/train.py` (one process).
 """
 import sys
 
-from mineralnet.train import main
+from mineralnet.cli import train_main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(train_main())

@@ -16,7 +16,7 @@ from mineralnet.errors import MineralNetError
 
 # name -> (module, one-line help). Order is the order shown by `mineralnet --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mineralnet.train", "train a model (same as `python launch/train.py`)"),
+    "train": ("mineralnet.train.command", "train a model (same as `python launch/train.py`)"),
     "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder or on its own held-out photos"),
     "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
     "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
@@ -50,14 +50,7 @@ def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
         prog=prog or f"mineralnet {name}", description=help_[0].upper() + help_[1:] + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("mineralnet"):
-            print(f"mineralnet: error: `mineralnet {name}` is not built yet in this version "
-                  f"({__version__})", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(module_name)
     _hook(module, name, "add")(parser)
     args = parser.parse_args(argv)
     try:
@@ -84,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     return run_command(argv[0], argv[1:])
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Entry point of launch/train.py (same flags as `mineralnet train`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command("train", argv, prog="train.py")
 
 
 def export_main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,10 @@ from typing import Any, Optional
 import yaml
 
 from mineralnet.errors import MineralNetError
+from mineralnet.stages import parse_stages
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "launch" / "configs"
+# Presets ship inside the package (a wheel has them too); launch/configs/ holds the same files for readers.
+PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def _f(default, help: str, **kw):
@@ -113,8 +115,6 @@ class TrainConfig:
     # ------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
         """Check every field at once; raise one MineralNetError listing all problems with fixes."""
-        from mineralnet.model import parse_stages
-
         problems = []
         try:
             self.stages = parse_stages(self.stages)
@@ -242,10 +242,10 @@ def preset_path(name_or_path: str) -> Path:
     p = Path(name_or_path)
     if p.is_file():
         return p
-    cand = CONFIG_DIR / f"{name_or_path}.yaml"
+    cand = PRESET_DIR / f"{name_or_path}.yaml"
     if cand.is_file():
         return cand
-    presets = ", ".join(sorted(q.stem for q in CONFIG_DIR.glob("*.yaml")))
+    presets = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.yaml")))
     raise MineralNetError(f"config {name_or_path!r} not found; pass a YAML file or a preset name ({presets})")
 
 

@@ -30,7 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mineralnet import data as mdata
+from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import atomic_write_json, atomic_write_text, read_metrics, read_result, read_split
+from mineralnet import train
 
 DEFAULT_FOLDS = 10
 # Fields a grid may not vary: they define where the data and runs are, or the folds themselves.
@@ -52,7 +56,6 @@ SIGNIFICANCE = 0.05
 # ----------------------------------------------------------------------------- grid
 def parse_grid(specs) -> list[tuple[str, list[str]]]:
     """[["stages=4", "2,4"], ["loss=ce", "wtopk"]] -> [("stages", ["4", "2,4"]), ("loss", ["ce", "wtopk"])]."""
-    from mineralnet.config import FIELD_NAMES
 
     out: list[tuple[str, list[str]]] = []
     for spec in specs or []:
@@ -117,7 +120,6 @@ def variant_slug(cell: dict) -> str:
 def build_variants(base: dict, config: str | None, grid, variants=None) -> list[tuple[dict, object]]:
     """[(cell, TrainConfig)]: each explicit variant (or none) times the cartesian product of the grid,
     every config validated up front."""
-    from mineralnet.config import load_config
 
     names = [n for n, _ in grid]
     grid_cells = [dict(zip(names, combo)) for combo in itertools.product(*[v for _, v in grid])] or [{}]
@@ -143,7 +145,6 @@ def build_variants(base: dict, config: str | None, grid, variants=None) -> list[
 # ----------------------------------------------------------------------------- folds
 def make_folds(data, folds: int, seed: int) -> dict:
     """The stratified folds of `data` as relative paths: {classes, n, val: [[path, ...] per fold]}."""
-    from mineralnet import data as mdata
 
     index = mdata.scan_dataset(data, verify=True)
     if len(index.classes) < 2:
@@ -151,13 +152,12 @@ def make_folds(data, folds: int, seed: int) -> dict:
                               f"at least 2 minerals")
     val = mdata.stratified_kfold(index.labels(), folds, seed, classes=index.classes)
     rel = [os.path.relpath(p, index.base) for p, _ in index.samples]
-    return {"data": str(index.root), "folds": folds, "seed": seed, "classes": list(index.classes), "n": len(rel),
+    return {"data": str(index.root), "base": str(index.base), "folds": folds, "seed": seed, "classes": list(index.classes), "n": len(rel),
             "unreadable": len(index.bad), "val": [sorted(rel[i] for i in fold) for fold in val]}
 
 
 def load_or_save_folds(out: Path, data, folds: int, seed: int) -> dict:
     """Compute the folds; write out/folds.json the first time, and check them against it afterwards."""
-    from mineralnet.runs import atomic_write_json
 
     current = make_folds(data, folds, seed)
     path = out / "folds.json"
@@ -173,14 +173,15 @@ def load_or_save_folds(out: Path, data, folds: int, seed: int) -> dict:
     return current
 
 
-def check_run_split(run_dir: Path, fold_val: list[str]) -> None:
-    """The run's own split.json must hold exactly the fold's validation photos."""
-    split = run_dir / "split.json"
-    if not split.is_file():
-        return
-    got = sorted(json.loads(split.read_text()).get("val", []))
-    if got != sorted(fold_val):
-        raise MineralNetError(f"{str(split)!r} validates on other photos than the cv fold in folds.json; "
+def check_run_split(run_dir: Path, data_root, fold_val: list[str]) -> None:
+    """The run's own split must hold exactly the fold's validation photos (paths relative to `data_root`)."""
+    try:
+        got = sorted(os.path.abspath(p) for p, _ in read_split(run_dir)["splits"]["val"])
+    except MineralNetError:
+        return  # no split written yet
+    want = sorted(os.path.abspath(os.path.join(data_root, rel)) for rel in fold_val)
+    if got != want:
+        raise MineralNetError(f"{str(run_dir)!r} validates on other photos than the cv fold in folds.json; "
                               f"delete {str(run_dir)!r} and run cv again")
 
 
@@ -207,18 +208,14 @@ def check_same_config(run_dir: Path, cfg) -> None:
 
 def fold_result(run_dir: Path) -> dict | None:
     """Metrics of a finished fold run, or None when it has not finished."""
-    res, ev = run_dir / "result.json", run_dir / "eval" / "metrics.json"
-    if not (res.is_file() and ev.is_file()):
-        return None
-    result = json.loads(res.read_text())
-    if result.get("status") not in FINISHED:
+    result, ev = read_result(run_dir), run_dir / "eval" / "metrics.json"
+    if result is None or not ev.is_file() or result.get("status") not in FINISHED:
         return None
     m = json.loads(ev.read_text())
     out = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "top3": m.get("top3"),
            "epoch": result.get("best", {}).get("epoch"), "status": result.get("status"),
            "train_seconds": result.get("train_seconds"), "run_dir": str(run_dir)}
-    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    lines = read_metrics(run_dir)
     if lines:
         out.update(epochs=lines[-1]["epoch"], last_top1=lines[-1]["val_top1"],
                    last_mean_class_acc=lines[-1]["val_mean_class_acc"])
@@ -243,8 +240,6 @@ def launch_script() -> list[str]:
 
 def run_fold(cfg, run_dir: Path, launcher: str | None, fold_yaml: Path) -> None:
     """Train one fold in-process through fit(), or hand it to `launcher` (e.g. accelerate launch)."""
-    from mineralnet import train
-    from mineralnet.runs import atomic_write_text
 
     resume = _prepare_fold_dir(run_dir)
     if launcher is None:
@@ -364,7 +359,6 @@ def results_markdown(summary: dict) -> str:
 
 
 def write_results(out: Path, summary: dict) -> None:
-    from mineralnet.runs import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "results.json", summary)
     atomic_write_text(out / "results.md", results_markdown(summary))
@@ -431,7 +425,7 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, variants
                       flush=True)
             else:
                 print(f"{tag}: already finished (Top1 {100 * result['top1']:.2f}%), not re-run", flush=True)
-            check_run_split(run_dir, fold_info["val"][fold])
+            check_run_split(run_dir, fold_info.get("base") or fold_info["data"], fold_info["val"][fold])
             rec["folds"].append({"fold": fold, **result})
             summarize_variants(records, fold_ids)
             summary["wall_seconds_this_call"] = time.perf_counter() - t0
@@ -443,7 +437,6 @@ def cross_validate(base: dict, *, config: str | None = None, grid=None, variants
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    from mineralnet.config import add_config_arguments
 
     parser.description = ("K-fold cross-validation: every grid cell is trained once per fold on identical "
                           "stratified folds; results.md/json give Top1 and mean class accuracy (the paper's "
@@ -478,7 +471,6 @@ def _parse_int_list(text: str, flag: str) -> list[int]:
 
 
 def run(args) -> int:
-    from mineralnet.config import FIELD_NAMES
 
     fields = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
     if "fold" in fields:

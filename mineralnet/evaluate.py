@@ -12,55 +12,18 @@ per_class.csv and confusion.png, and prints the per-class table. Training calls
 from __future__ import annotations
 
 import argparse
-import csv
-import io
-import os
 from pathlib import Path
 
 import numpy as np
 
+from torch.utils.data import DataLoader
+
+from mineralnet.data import DatasetIndex, ImageDataset, build_transforms, scan_dataset
 from mineralnet.errors import MineralNetError
-from mineralnet.metrics import compute_metrics, format_table
-
-EVAL_DIR = "eval"
-CSV_FIELDS = ("class", "support", "correct", "predicted", "accuracy", "precision", "recall", "f1")
-
-
-def write_eval_report(out_dir, targets, preds, probs, classes, extra: dict | None = None) -> dict:
-    """Write metrics.json, per_class.csv and confusion.png into `out_dir` (created if needed).
-
-    Args:
-        out_dir: the folder the three files go into (training passes RUN/eval).
-        targets, preds: (N,) true and predicted class indices.
-        probs: (N, C) softmax probabilities, or None (then no Top3).
-        classes: class names in index order.
-        extra: more keys for metrics.json (e.g. data folder, run).
-    Returns:
-        the metrics dict written to metrics.json.
-    """
-    from mineralnet.plots import plot_confusion
-    from mineralnet.runs import atomic_write_json, atomic_write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    targets = np.asarray(targets).reshape(-1)
-    preds = np.asarray(preds).reshape(-1)
-    if len(targets) != len(preds):
-        raise ValueError(f"{len(targets)} targets but {len(preds)} predictions")
-    metrics = compute_metrics(targets, preds, probs, classes=list(classes))
-    if extra:
-        metrics.update(extra)
-    atomic_write_json(out_dir / "metrics.json", metrics)
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in metrics["per_class"]:
-        writer.writerow({k: ("" if row[k] is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]))
-                         for k in CSV_FIELDS})
-    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
-    plot_confusion(np.asarray(metrics["confusion"]), list(classes), out_dir / "confusion.png")
-    return metrics
+from mineralnet.metrics import format_table
+from mineralnet.report import EVAL_DIR, write_eval_report
+from mineralnet.runs import load_model, read_split
+from mineralnet.train.loop import evaluate, fresh_accelerator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,42 +39,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def split_samples(run, which: str = "val"):
-    """[(path, label)] of the photos a run trained (`which="train"`) or validated on, from its split.json."""
-    import json
-
-    from mineralnet.data import DatasetIndex, scan_dataset
-
-    path = Path(run) / "split.json"
-    if Path(run).is_file():
-        path = Path(run).parent / "split.json"
-    if not path.is_file():
-        raise MineralNetError(f"{str(path)!r} not found: --split needs a run trained with a held-out split "
-                              f"(--folds/--fold, --val-split or the default); evaluate other photos with --data DIR")
-    split = json.loads(path.read_text())
-    classes, root = split["classes"], Path(split.get("root") or ".")
-    labels = {}  # labels as the training data gave them (a class folder or a CSV manifest's label column)
-    if root.exists():
-        try:
-            labels = {os.path.abspath(p): y for p, y in scan_dataset(root, verify=False, classes=classes).samples}
-        except MineralNetError:
-            labels = {}
-    base = root.parent if root.is_file() else root  # a CSV manifest's paths are relative to its folder
-    samples = []
-    for rel in split[which]:
-        p = Path(rel) if Path(rel).is_absolute() else base / rel
-        label = labels.get(os.path.abspath(p))
-        if label is None and p.parent.name in classes:  # --val-data photos: their class folder
-            label = classes.index(p.parent.name)
-        if label is None:
-            raise MineralNetError(f"{str(p)!r}, listed in {str(path)!r}, is neither in the run's data "
-                                  f"{str(root)!r} nor under a class folder ({', '.join(classes)}); "
-                                  f"evaluate with --data DIR instead")
-        samples.append((str(p), label))
+    """The photos a run trained (`which="train"`) or validated on, from its split file, as a DatasetIndex."""
+    split = read_split(run)
+    samples = split["splits"][which]
     missing = [p for p, _ in samples if not Path(p).is_file()]
     if missing:
-        raise MineralNetError(f"{len(missing)} of the {len(samples)} {which} photos listed in {str(path)!r} are "
-                              f"missing, e.g. {missing[0]!r}; were the photos moved? Evaluate with --data DIR instead")
-    return DatasetIndex(root=str(root), classes=list(classes), samples=samples)
+        raise MineralNetError(f"{len(missing)} of the {len(samples)} {which} photos listed in the split of "
+                              f"{str(run)!r} are missing, e.g. {missing[0]!r}; were the photos moved? Evaluate "
+                              f"with --data DIR instead")
+    return DatasetIndex(root=split["root"], classes=list(split["classes"]), samples=list(samples))
 
 
 def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str | None = None):
@@ -121,14 +57,6 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
     Returns:
         (targets (N,), preds (N,), probs (N, C), meta, index) on every process.
     """
-    import torch
-    from accelerate import Accelerator
-    from torch.utils.data import DataLoader
-
-    from mineralnet.data import ImageDataset, build_transforms, scan_dataset
-    from mineralnet.runs import load_model
-    from mineralnet.train import evaluate
-
     if batch_size < 1:
         raise MineralNetError(f"--batch-size {batch_size} must be at least 1")
     if workers < 0:
@@ -148,12 +76,7 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
                                  resize=meta.get("resize"))
     loader = DataLoader(ImageDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
-    from accelerate.state import AcceleratorState, GradientState
-
-    # A fresh Accelerator even when a training ran earlier in this process (cv, notebooks, tests).
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = fresh_accelerator()
     model, loader = accelerator.prepare(model, loader)
     out = evaluate(model, loader, accelerator)
     return np.asarray(out["targets"]), np.asarray(out["preds"]), np.asarray(out["probs"]), meta, index, accelerator

@@ -28,7 +28,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mineralnet.data import ImageDataset, build_transforms, load_image, scan_dataset
 from mineralnet.errors import MineralNetError
+from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
+from mineralnet.report import abbreviate, write_eval_report
+from mineralnet.runs import atomic_write_text, load_model
+from mineralnet.train.loop import evaluate, fresh_accelerator
 
 EXPLAIN_DIR = "explain"
 
@@ -95,20 +100,11 @@ def comparison_stage(model) -> int | None:
 
 
 # ----------------------------------------------------------------------------- prediction
-@torch.no_grad()
 def predict_dataset(model, dataset, batch_size: int = 32, workers: int = 0) -> dict:
-    """Logits, probabilities and fused embeddings of every image of `dataset` (CPU, eval mode)."""
+    """Logits, probabilities and fused embeddings (`features`) of every image of `dataset` (eval mode),
+    through the same prediction loop as training and `eval`."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    logits, embeds, targets = [], [], []
-    for x, y in loader:
-        fused = model.embed(x)                  # (B, feature_dim)
-        logits.append(model.forward_head(fused))
-        embeds.append(fused)
-        targets.append(torch.as_tensor(y))
-    logits = torch.cat(logits).float()
-    probs = logits.softmax(1)
-    return {"logits": logits.numpy(), "probs": probs.numpy(), "preds": probs.argmax(1).numpy(),
-            "targets": torch.cat(targets).numpy(), "embed": torch.cat(embeds).float().numpy()}
+    return evaluate(model, loader, fresh_accelerator(cpu=True), embeddings=True)
 
 
 def sample_per_class(labels, per_class: int, seed: int = 0) -> list[int]:
@@ -243,7 +239,6 @@ def _class_styles(n: int):
 def plot_tsne(path, xy, targets, preds, classes, title: str) -> Path:
     """Scatter of the 2-D t-SNE, one colour (and marker beyond 10 classes) per true class; a red ring
     marks each misrecognised photo, labelled with the predicted class's symbol."""
-    from mineralnet.plots import abbreviate
 
     plt = _plt()
     colours, markers = _class_styles(len(classes))
@@ -275,7 +270,6 @@ def plot_tsne(path, xy, targets, preds, classes, title: str) -> Path:
 
 
 def _thumbnail(path, side: int = 256) -> np.ndarray:
-    from mineralnet.data import load_image
 
     img = load_image(path)
     h, w = img.shape[:2]
@@ -316,36 +310,70 @@ def plot_gallery(path, items, classes, columns: int = 5) -> Path:
 
 # ----------------------------------------------------------------------------- the command
 def _val_only_samples(run: Path, index) -> list:
-    split = run / "split.json"
-    if not split.is_file():
-        raise MineralNetError(f"--val-only needs {str(split)!r} (written by training); this run has none, drop "
-                              f"--val-only")
-    doc = json.loads(split.read_text())
-    val = {os.path.normpath(p) for p in doc.get("val", [])}
-    chosen = [s for s in index.samples if os.path.normpath(os.path.relpath(s[0], index.base)) in val]
+    val = {os.path.abspath(p) for p, _ in read_split(run)["splits"]["val"]}
+    chosen = [s for s in index.samples if os.path.abspath(s[0]) in val]
     if not chosen:
-        raise MineralNetError(f"none of the validation photos of {str(split)!r} is under --data "
+        raise MineralNetError(f"none of the validation photos of {str(run)!r} is under --data "
                               f"{index.root!r}; pass the folder the run was trained on")
     return chosen
 
 
-def _train_overlap(run: Path, index, samples) -> int:
-    split = run / "split.json"
-    if not split.is_file():
+def _train_overlap(run: Path, samples) -> int:
+    """How many of `samples` the run trained on (0 when the run has no split file)."""
+    try:
+        train = {os.path.abspath(p) for p, _ in read_split(run)["splits"]["train"]}
+    except MineralNetError:
         return 0
-    train = {os.path.normpath(p) for p in json.loads(split.read_text()).get("train", [])}
-    if Path(json.loads(split.read_text()).get("root", "")).resolve() != Path(index.root).resolve():
-        return 0
-    return sum(os.path.normpath(os.path.relpath(p, index.base)) in train for p, _ in samples)
+    return sum(os.path.abspath(p) in train for p, _ in samples)
+
+
+def _gradcam_figure(out: Path, model, dataset, cam_idx, classes, targets, preds, conf, mean, std) -> dict:
+    """gradcam.png for the photos `cam_idx`; returns each term's mean share of the predicted logit."""
+    if not cam_idx:
+        return {}
+    single = comparison_stage(model)
+    x = torch.stack([dataset[i][0] for i in cam_idx])
+    out_cam = grad_cam(model, x)
+    contrib = out_cam["contributions"]
+    total = sum(contrib.values())  # (N,) logit minus bias
+    share = {s: torch.where(total > 0, contrib[s] / total.clamp(min=1e-12), torch.full_like(total, float("nan")))
+             for s in contrib}
+    panels = [(f"Grad-CAM {stage_label(model.stages)}", out_cam["cam"].numpy(), None, None)]
+    shares_mean = {}
+    if single:  # the deepest term alone, and the lower stages that fusion adds
+        low = [s for s in model.stages if s != single]
+        for part in ([single], low):
+            cam_part, _ = combine_stage_maps(out_cam["stage_maps"], part)
+            grid = out_cam["grids"][part[0]] if len(part) == 1 else None
+            panels.append((f"{stage_label(part)} term alone", cam_part.numpy(), grid,
+                           sum(share[s] for s in part).numpy()))
+        shares_mean = {stage_label(part): float(np.nanmean(sum(share[s] for s in part).numpy()))
+                       for part in ([single], low)}
+    plot_gradcam_grid(out / "gradcam.png", [_display(xi, mean, std) for xi in x], panels, classes,
+                      targets[cam_idx], preds[cam_idx], conf[cam_idx])
+    return shares_mean
+
+
+def _tsne_figure(out: Path, model, pred: dict, tsne_idx, samples, classes, conf, per_class: int, seed: int):
+    """tsne.png + tsne.csv of the fused vectors of `tsne_idx`; returns a note when skipped, else None."""
+    if len(tsne_idx) < 4:
+        return f"t-SNE skipped: only {len(tsne_idx)} photos (needs 4)"
+    targets, preds = pred["targets"], pred["preds"]
+    xy, perplexity = tsne_2d(pred["features"][tsne_idx], seed)
+    plot_tsne(out / "tsne.png", xy, targets[tsne_idx], preds[tsne_idx], classes,
+              f"t-SNE of the fused {'+'.join(f'F{s}' for s in model.stages)} vectors ({model.feature_dim}-d), "
+              f"{len(tsne_idx)} photos, up to {per_class} per class")
+    lines = ["path,true,predicted,confidence,x,y"]
+    for k, i in enumerate(tsne_idx):
+        lines.append(f"\"{samples[i][0]}\",{classes[targets[i]]},{classes[preds[i]]},{conf[i]:.4f},"
+                     f"{xy[k, 0]:.4f},{xy[k, 1]:.4f}")
+    atomic_write_text(out / "tsne.csv", "\n".join(lines) + "\n")
+    return None
 
 
 def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery: int = 24,
             batch_size: int = 32, workers: int = 0, val_only: bool = False, seed: int = 0) -> dict:
     """Produce the explain/ folder of a run for the labelled photos in `data`. Returns a summary dict."""
-    from mineralnet.data import ImageDataset, build_transforms, scan_dataset
-    from mineralnet.evaluate import write_eval_report
-    from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
-    from mineralnet.runs import atomic_write_text, load_model
 
     for flag, v, low in (("--per-class", per_class, 1), ("--cams", cams, 0), ("--gallery", gallery, 0),
                          ("--batch-size", batch_size, 1), ("--workers", workers, 0)):
@@ -372,52 +400,18 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     metrics = write_eval_report(out, targets, preds, probs, classes, extra={"run": str(run), "data": str(data)})
     conf = probs[np.arange(len(preds)), preds]
 
-    # Grad-CAM grid
     cam_idx = pick_cam_images(targets, preds, cams, seed) if cams else []
     single = comparison_stage(model)
-    shares_mean = {}
-    if cam_idx:
-        x = torch.stack([dataset[i][0] for i in cam_idx])
-        out_cam = grad_cam(model, x)
-        contrib = out_cam["contributions"]
-        total = sum(contrib.values())  # (N,) logit minus bias
-        share = {s: torch.where(total > 0, contrib[s] / total.clamp(min=1e-12), torch.full_like(total, float("nan")))
-                 for s in contrib}
-        panels = [(f"Grad-CAM {stage_label(model.stages)}", out_cam["cam"].numpy(), None, None)]
-        if single:  # the deepest term alone, and the lower stages that fusion adds
-            low = [s for s in model.stages if s != single]
-            for part in ([single], low):
-                cam_part, _ = combine_stage_maps(out_cam["stage_maps"], part)
-                grid = out_cam["grids"][part[0]] if len(part) == 1 else None
-                panels.append((f"{stage_label(part)} term alone", cam_part.numpy(), grid,
-                               sum(share[s] for s in part).numpy()))
-            shares_mean = {stage_label(part): float(np.nanmean(sum(share[s] for s in part).numpy()))
-                           for part in ([single], low)}
-        plot_gradcam_grid(out / "gradcam.png", [_display(xi, mean, std) for xi in x], panels, classes,
-                          targets[cam_idx], preds[cam_idx], conf[cam_idx])
+    shares_mean = _gradcam_figure(out, model, dataset, cam_idx, classes, targets, preds, conf, mean, std)
 
-    # t-SNE of the fused vectors, per_class photos per class
     tsne_idx = sample_per_class(targets, per_class, seed)
-    tsne_note = None
-    if len(tsne_idx) >= 4:
-        xy, perplexity = tsne_2d(pred["embed"][tsne_idx], seed)
-        t_t, t_p = targets[tsne_idx], preds[tsne_idx]
-        plot_tsne(out / "tsne.png", xy, t_t, t_p, classes,
-                  f"t-SNE of the fused {'+'.join(f'F{s}' for s in model.stages)} vectors ({model.feature_dim}-d), "
-                  f"{len(tsne_idx)} photos, up to {per_class} per class")
-        lines = ["path,true,predicted,confidence,x,y"]
-        for k, i in enumerate(tsne_idx):
-            lines.append(f"\"{samples[i][0]}\",{classes[targets[i]]},{classes[preds[i]]},{conf[i]:.4f},"
-                         f"{xy[k, 0]:.4f},{xy[k, 1]:.4f}")
-        atomic_write_text(out / "tsne.csv", "\n".join(lines) + "\n")
-    else:
-        tsne_note = f"t-SNE skipped: only {len(tsne_idx)} photos (needs 4)"
+    tsne_note = _tsne_figure(out, model, pred, tsne_idx, samples, classes, conf, per_class, seed)
 
     # silhouette of the full-dimensional embeddings by true class: how well the classes separate
     silhouette = None
     if len(set(targets.tolist())) >= 2 and len(targets) > len(set(targets.tolist())):
         from sklearn.metrics import silhouette_score
-        silhouette = float(silhouette_score(pred["embed"], targets, metric="cosine"))
+        silhouette = float(silhouette_score(pred["features"], targets, metric="cosine"))
 
     # gallery of misrecognised photos, most confident mistakes first
     wrong = np.flatnonzero(targets != preds)
@@ -428,7 +422,7 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
         plot_gallery(out / "misrecognised.png", items, classes)
 
     summary = {"run": str(run), "data": str(data), "images": len(samples), "val_only": val_only,
-               "misrecognised": int(len(wrong)), "train_overlap": _train_overlap(run, index, samples),
+               "misrecognised": int(len(wrong)), "train_overlap": _train_overlap(run, samples),
                "tsne_images": len(tsne_idx), "cam_images": len(cam_idx), "silhouette_cosine": silhouette,
                "comparison_stage": single, "stage_shares": shares_mean, "metrics": {k: metrics[k] for k in ("top1", "mean_class_acc", "top3")}}
     atomic_write_text(out / "report.md", report_markdown(meta, metrics, summary, items, tsne_note,
@@ -449,7 +443,6 @@ def _confused_pairs(metrics: dict, top: int = 5) -> list[tuple[str, str, int, fl
 
 
 def report_markdown(meta, metrics, summary, items, tsne_note, per_class, has_cam, has_gallery) -> str:
-    from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
 
     stages = meta["stages"]
     fused = "+".join(f"F{s}" for s in stages)

@@ -112,7 +112,6 @@ def cross_entropy_loss(logits, targets, label_smoothing: float = 0.0) -> torch.T
 
 
 class CrossEntropyLoss(nn.Module):
-    needs_features = False
 
     def __init__(self, label_smoothing: float = 0.0):
         super().__init__()
@@ -124,7 +123,6 @@ class CrossEntropyLoss(nn.Module):
 
 class WeightedTopKLoss(nn.Module):
     """Weighted top-k loss; `scope` is "global" (mine over all processes) or "local"."""
-    needs_features = False
 
     def __init__(self, k: float = 0.5, alpha: float = 0.2, scope: str = "global"):
         super().__init__()
@@ -151,7 +149,6 @@ class CenterLoss(nn.Module):
     center term = 1/(2B) * sum_i ||f_i - c_{y_i}||^2 with learnable class centres c (C, D), trained
     by the same optimiser as the network (so pass this module's parameters to it).
     """
-    needs_features = True
 
     def __init__(self, num_classes: int, feature_dim: int, weight: float = 0.01, label_smoothing: float = 0.0):
         super().__init__()

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +182,161 @@ def load_model(path, map_location: str | torch.device = "cpu"):
         raise MineralNetError(f"weights {str(weights)!r} do not match the architecture in its metadata "
                               f"({' '.join(first)[:200]}); the checkpoint is incompatible") from None
     return model.eval(), meta
+
+
+# ----------------------------------------------------------------------------- the run directory
+CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE = "config.yaml", "split.json", "metrics.jsonl", "result.json"
+RESUME_FILE, STATE_DIR, PROGRESS_FILE = "resume.json", "state", "progress.json"
+
+
+class RunDir:
+    """A training run's folder and every file training writes into it (DESIGN.md section 4).
+
+    Nothing else writes these files, and readers go through `read_split`, `read_metrics` and
+    `read_result`. Writes happen on the main process only; checkpoints involve every process.
+    """
+
+    def __init__(self, path, is_main: bool = True):
+        self.path, self.is_main = Path(path), is_main
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    @classmethod
+    def open(cls, path, *, resuming: bool, is_main: bool) -> "RunDir":
+        """Create the folder of a new run, or check the folder of a run being resumed."""
+        run = cls(path, is_main)
+        if is_main:
+            if run.path.exists() and any(run.path.iterdir()) and not resuming and (run / CONFIG_FILE).exists():
+                raise MineralNetError(f"run directory {str(run.path)!r} already holds a run; pass --resume "
+                                      f"{run.path} to continue it or choose another --out")
+            run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    # -- configuration and the data the run was made from
+    def write_config(self, cfg) -> None:
+        if self.is_main:
+            atomic_write_text(self / CONFIG_FILE, cfg.to_yaml())
+
+    def write_resume_info(self, classes, model_config: dict) -> None:
+        if self.is_main:
+            atomic_write_json(self / RESUME_FILE, {"classes": list(classes), "model": model_config})
+
+    def check_resume_compatible(self, classes, model_config: dict) -> None:
+        path = self / RESUME_FILE
+        if not path.is_file():
+            return
+        old = json.loads(path.read_text())
+        if old["classes"] != list(classes):
+            raise MineralNetError(f"cannot resume {str(self.path)!r}: it was trained on classes {old['classes']} "
+                                  f"but the data now has {list(classes)}; use the same data or start a new run")
+        if old["model"] != model_config:
+            raise MineralNetError(f"cannot resume {str(self.path)!r}: it holds a {old['model']} model, not "
+                                  f"{model_config}; drop the changed model flags or start a new run")
+
+    def write_split(self, index, train, val, info: dict) -> None:
+        """split.json: the run's training and validation photos (one versioned format, `data.save_splits`)."""
+        from mineralnet.data import save_splits
+
+        if self.is_main:
+            save_splits(self / SPLIT_FILE, index, {"train": train, "val": val}, info=info)
+
+    def write_unreadable(self, bad) -> None:
+        if self.is_main and bad:
+            atomic_write_text(self / "unreadable.txt", "".join(f"{p}\t{r}\n" for p, r in bad))
+
+    # -- per-epoch records
+    def truncate_metrics(self, epochs_done: int) -> None:
+        """On resume, drop metric lines of epochs after the restored state (they will be re-run)."""
+        path = self / METRICS_FILE
+        if self.is_main and path.exists():
+            lines = [json.dumps(l) for l in read_metrics(self.path) if l["epoch"] <= epochs_done]
+            atomic_write_text(path, "".join(l + "\n" for l in lines))
+
+    def append_metrics(self, line: dict) -> None:
+        if self.is_main:
+            with open(self / METRICS_FILE, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    def save_best(self, model, meta: dict) -> None:
+        if self.is_main:
+            save_model(self.path, model, meta)
+
+    def write_result(self, result: dict) -> None:
+        if self.is_main:
+            atomic_write_json(self / RESULT_FILE, result)
+
+    # -- checkpoints
+    def save_checkpoint(self, accelerator, counters: dict, ema=None) -> None:
+        """accelerate save_state + the counters (JSON) + the EMA weights into state/, atomically: write
+        state.tmp, then swap it in."""
+        tmp, final, old = self / "state.tmp", self / STATE_DIR, self / "state.old"
+        if self.is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if self.is_main:
+            atomic_write_json(tmp / PROGRESS_FILE, counters)
+            if ema is not None:
+                ema.save(tmp)
+        accelerator.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old.exists():
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def state_dir(self) -> Path:
+        """The folder to resume from: state/, or state.old/ when a swap was cut short."""
+        return self / STATE_DIR if (self / STATE_DIR).is_dir() else self / "state.old"
+
+    def load_checkpoint(self, accelerator, ema=None) -> dict:
+        """Restore model/optimizer/RNG state (+ EMA); returns the saved counters."""
+        state = self.state_dir()
+        path = state / PROGRESS_FILE
+        if not path.is_file():
+            raise MineralNetError(f"{str(state)!r} has no {PROGRESS_FILE}: it was saved by an older MineralNet; "
+                                  f"start the run again without --resume")
+        accelerator.load_state(str(state))
+        if ema is not None:
+            ema.load(state)
+        return json.loads(path.read_text())
+
+
+def default_run_path(backbone: str, stages, loss: str) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{backbone}-s{''.join(map(str, stages))}-{loss}"
+
+
+def _run_root(run) -> Path:
+    p = Path(run)
+    return p.parent if p.is_file() else p
+
+
+def read_split(run):
+    """The split of a run dir (or of the run a model file sits in) -> `data.load_splits`'s dict
+    (root, classes, splits: {"train", "val"} -> [(path, label)], info). Raises when there is none."""
+    from mineralnet.data import load_splits
+
+    path = _run_root(run) / SPLIT_FILE
+    if not path.is_file():
+        raise MineralNetError(f"{str(path)!r} not found: the run was not trained with a held-out split "
+                              f"written by this version; pass labelled photos with --data DIR instead")
+    return load_splits(path, check_files=False)
+
+
+def read_metrics(run) -> list[dict]:
+    """metrics.jsonl of a run, one dict per finished epoch ([] when there is none yet)."""
+    path = _run_root(run) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def read_result(run) -> dict | None:
+    path = _run_root(run) / RESULT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -1,5 +1,6 @@
 """`mineralnet cv`: grid x folds, identical folds for every variant, resume, results tables, bad input."""
 import json
+import os
 import re
 import sys
 import textwrap
@@ -14,6 +15,7 @@ from mineralnet import train
 from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import RunDir, read_split
 
 TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "4", "--workers", "0", "--epochs", "1",
         "--optimizer", "sgd", "--lr", "0.05", "--scheduler", "none", "--precision", "fp32",
@@ -23,6 +25,11 @@ TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "4", "--
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     return str(mdata.make_demo_dataset(tmp_path_factory.mktemp("demo"), classes=3, per_class=9, size=40, seed=2))
+
+
+def _split_val(run_dir, base):
+    """The run's validation photos, relative to `base`, sorted (as folds.json lists them)."""
+    return sorted(os.path.relpath(p, base) for p, _ in read_split(run_dir)["splits"]["val"])
 
 
 def _fake_fit(calls):
@@ -35,7 +42,7 @@ def _fake_fit(calls):
         calls.append(cfg)
         run_dir = Path(cfg.out)
         run_dir.mkdir(parents=True, exist_ok=True)
-        split = train.prepare_data(cfg, run_dir, True)
+        split = train.prepare_data(cfg, RunDir(run_dir))
         targets = np.array([label for _, label in split.val])
         rng = np.random.default_rng(cfg.fold * 100 + (7 if cfg.loss == "ce" else 0) + int(cfg.lr * 1000))
         preds = np.where(rng.random(len(targets)) < 0.6, targets, rng.integers(0, 3, len(targets)))
@@ -65,8 +72,7 @@ def test_cv_grid_same_folds_table_and_resume(tiny_data, tmp_path, monkeypatch, c
     assert len(sum(folds["val"], [])) == 27
     variants = json.loads((out / "results.json").read_text())["variants"]
     for fold in range(3):
-        vals = [sorted(json.loads((out / v["slug"] / f"fold{fold}" / "split.json").read_text())["val"])
-                for v in variants]
+        vals = [_split_val(out / v["slug"] / f"fold{fold}", tiny_data) for v in variants]
         assert all(v == sorted(folds["val"][fold]) for v in vals)
 
     # the table: 4 variant rows with mean ± std equal to the per-fold numbers
@@ -164,8 +170,8 @@ def test_real_training_folds(tiny_data, tmp_path):
                      "--grid", "stages=4", "2,4"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert [v["name"] for v in res["variants"]] == ["stages=4", "stages=2,4"]
-    splits = [json.loads((out / v["slug"] / "fold0" / "split.json").read_text()) for v in res["variants"]]
-    assert sorted(splits[0]["val"]) == sorted(splits[1]["val"]) == json.loads((out / "folds.json").read_text())["val"][0]
+    splits = [_split_val(out / v["slug"] / "fold0", tiny_data) for v in res["variants"]]
+    assert splits[0] == splits[1] == json.loads((out / "folds.json").read_text())["val"][0]
     for v in res["variants"]:
         metrics = json.loads((out / v["slug"] / "fold0" / "eval" / "metrics.json").read_text())
         assert v["folds"][0]["top1"] == metrics["top1"] and metrics["n"] == 9

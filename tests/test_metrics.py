@@ -8,7 +8,7 @@ import pytest
 sk = pytest.importorskip("sklearn.metrics")
 
 from mineralnet.metrics import compute_metrics, confusion_matrix, format_table, row_percent, summarize, topk_accuracy
-from mineralnet.plots import abbreviate
+from mineralnet.report import abbreviate
 
 
 def _random_case(seed, num_classes=6, n=80):

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config
-from mineralnet.runs import load_model
+from mineralnet.errors import MineralNetError
+from mineralnet.runs import RunDir, load_model, read_split
 from mineralnet.train import fit, resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +99,7 @@ def test_ddp_global_scope_equals_one_process_and_local_differs(tiny_data, tmp_pa
     assert _max_diff(one, two) < 1e-5
     assert _max_diff(one, loc) > 1e-4  # local mining picks other hard samples: the test can tell
     # evaluation under 2 processes counts each validation image exactly once (val size is odd here)
-    n_val = len(json.loads((tmp_path / "two" / "split.json").read_text())["val"])
+    n_val = len(read_split(tmp_path / "two")["splits"]["val"])
     m = json.loads((tmp_path / "two" / "eval" / "metrics.json").read_text())
     assert n_val % 2 == 1  # the last batch cannot split evenly over 2 processes
     assert sum(map(sum, m["confusion"])) == n_val
@@ -292,7 +293,7 @@ def test_progressive_resizing_schedule_and_dataset():
     for e in (0, 7, 19):
         ds.set_epoch(e)
         assert ds[0][0].shape == (3, sizes[e], sizes[e])
-    with pytest.raises(Exception, match="--train-crop-min 200"):
+    with pytest.raises(MineralNetError, match="--train-crop-min 200"):
         load_config(None, image_size=128, train_crop_min=200).validate()
 
 
@@ -340,7 +341,7 @@ def test_batch_mix_mixup_cutmix_against_direct_computation():
     both = BatchMix(3, mixup=1.0, cutmix=1.0, seed=0)
     kinds = {both.params(s, 20, 24)[1] is None for s in range(40)}
     assert kinds == {True, False}  # switches between mixup and CutMix
-    with pytest.raises(Exception, match="center loss"):
+    with pytest.raises(MineralNetError, match="center loss"):
         load_config(None, loss="center", mixup=0.2).validate()
 
 
@@ -382,8 +383,9 @@ def test_split_seed_fixes_the_split_whatever_the_seed(tiny_data, tmp_path):
     def split(name, **kw):
         cfg = load_config(None, data=tiny_data, folds=3, fold=1, batch_size=8, **kw).validate()
         (tmp_path / name).mkdir()
-        prepare_data(cfg, tmp_path / name, True)
-        return json.loads((tmp_path / name / "split.json").read_text())
+        prepare_data(cfg, RunDir(tmp_path / name))
+        s = read_split(tmp_path / name)
+        return {"val": sorted(p for p, _ in s["splits"]["val"]), **s["info"]}
 
     a, b, c = split("a", seed=1, split_seed=7), split("b", seed=2, split_seed=7), split("c", seed=7)
     assert a["val"] == b["val"] == c["val"] and a["seed"] == 7

@@ -1,13 +1,22 @@
-"""Figures shared by `eval`, `explain` and training: confusion matrix, mineral abbreviations.
+"""The eval report shared by training, `eval` and `explain`: metrics.json, per_class.csv and the
+confusion matrix figure, plus the mineral abbreviations every figure uses.
 
 matplotlib is imported inside the functions (Agg backend, no display needed).
 """
 from __future__ import annotations
 
+import csv
+import io
 import re
 from pathlib import Path
 
 import numpy as np
+
+from mineralnet.metrics import compute_metrics, row_percent
+from mineralnet.runs import atomic_write_json, atomic_write_text
+
+EVAL_DIR = "eval"
+CSV_FIELDS = ("class", "support", "correct", "predicted", "accuracy", "precision", "recall", "f1")
 
 # Mineral symbols of the IMA-CNMNC list (Warr 2021, Mineralogical Magazine 85, 291-320), the
 # abbreviations geologists read in tables such as the paper's Table 10. Unknown names fall back to
@@ -89,8 +98,6 @@ def plot_confusion(cm, classes, path, title: str = "Confusion matrix (% of each 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mineralnet.metrics import row_percent
-
     cm = np.asarray(cm)
     n = len(classes)
     pct = row_percent(cm)
@@ -137,3 +144,37 @@ def plot_confusion(cm, classes, path, title: str = "Confusion matrix (% of each 
     fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def write_eval_report(out_dir, targets, preds, probs, classes, extra: dict | None = None) -> dict:
+    """Write metrics.json, per_class.csv and confusion.png into `out_dir` (created if needed).
+
+    Args:
+        out_dir: the folder the three files go into (training passes RUN/eval).
+        targets, preds: (N,) true and predicted class indices.
+        probs: (N, C) softmax probabilities, or None (then no Top3).
+        classes: class names in index order.
+        extra: more keys for metrics.json (e.g. data folder, run).
+    Returns:
+        the metrics dict written to metrics.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    targets = np.asarray(targets).reshape(-1)
+    preds = np.asarray(preds).reshape(-1)
+    if len(targets) != len(preds):
+        raise ValueError(f"{len(targets)} targets but {len(preds)} predictions")
+    metrics = compute_metrics(targets, preds, probs, classes=list(classes))
+    if extra:
+        metrics.update(extra)
+    atomic_write_json(out_dir / "metrics.json", metrics)
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in metrics["per_class"]:
+        writer.writerow({k: ("" if row[k] is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]))
+                         for k in CSV_FIELDS})
+    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
+    plot_confusion(np.asarray(metrics["confusion"]), list(classes), out_dir / "confusion.png")
+    return metrics

@@ -1,0 +1,53 @@
+"""`mineralnet train` (and `python launch/train.py`, `accelerate launch launch/train.py`): flags -> fit()."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from mineralnet.config import TrainConfig, add_config_arguments, config_from_args, load_config
+from mineralnet.errors import MineralNetError
+from mineralnet.runs import CONFIG_FILE
+from mineralnet.train.fit import fit
+
+
+def resolve_resume(cfg: TrainConfig, cli_overrides: dict | None = None) -> TrainConfig:
+    """--resume RUN: the run's saved config, with only the explicitly given flags changed."""
+    run = Path(cfg.resume)
+    if not (run / CONFIG_FILE).is_file():
+        raise MineralNetError(f"--resume {str(run)!r} is not a run directory (no {CONFIG_FILE}); pass the folder "
+                              f"training wrote")
+    if not (run / "state").is_dir() and not (run / "state.old").is_dir():
+        raise MineralNetError(f"--resume {str(run)!r} has no saved state/ (it stopped before its first "
+                              f"checkpoint); start it again without --resume")
+    saved = yaml.safe_load((run / CONFIG_FILE).read_text())
+    saved.update(cli_overrides or {})
+    saved.update(resume=str(run), out=str(run))
+    return load_config(None, **saved)
+
+
+def add_arguments(parser) -> None:
+    parser.description = ("Train FusionNet (stage-feature fusion + weighted top-k loss). Single process: "
+                          "`python launch/train.py ...`; several GPUs: `accelerate launch --multi_gpu "
+                          "--num_processes N launch/train.py ...`. With no arguments: a short demo on a "
+                          "synthetic photo set.")
+    add_config_arguments(parser)
+
+
+def run(args) -> int:
+    explicit = {k: v for k, v in vars(args).items() if k not in ("config",)}
+    if explicit.get("resume"):
+        cfg = resolve_resume(load_config(None, resume=explicit["resume"]),
+                             {k: v for k, v in explicit.items() if k != "resume"})
+    elif not explicit and args.config is None:
+        cfg = load_config("demo")
+        print("no arguments: training the demo preset on the built-in synthetic mineral photos "
+              "(train on yours with --data DIR --config cpu|paper)")
+    else:
+        cfg = config_from_args(args)
+    result = fit(cfg)
+    if cfg.data is None or "demo-v1" in str(cfg.data):
+        if result["status"] == "finished":
+            print("this was the demo. Train on your own photos (one folder per mineral):\n"
+                  "  accelerate launch launch/train.py --config cpu --data /path/to/photos --out runs/mine")
+    return 0  # an interrupted run saved its state: that is a clean exit too

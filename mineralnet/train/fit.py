@@ -1,0 +1,316 @@
+"""fit(): one training run from a laptop CPU to many GPUs.
+
+    run = RunDir.open(...)                 # create or resume; owns every file in the run
+    parts = setup(cfg, accelerator, run)   # data, model, loss, optimiser, schedule, EMA: built once
+    for each epoch: train_one_epoch -> validate -> end_epoch -> time budget
+
+Accelerate owns devices, DDP, mixed precision and gathering. `batch_size` is the GLOBAL batch:
+the loader yields global batches and Accelerate splits each one over the processes
+(`split_batches=True`), so R processes see exactly the batches one process would see. Every
+sample's augmentation is seeded by (seed, epoch, index), so data order and augmentation do not
+depend on the process count, the worker count, or on a resume in the middle of an epoch.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from mineralnet import data as mdata
+from mineralnet.config import TrainConfig
+from mineralnet.errors import MineralNetError
+from mineralnet.losses import build_loss
+from mineralnet.metrics import confusion_matrix, summarize
+from mineralnet.model import FusionNet
+from mineralnet.report import write_eval_report
+from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
+from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
+from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
+from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
+
+
+@dataclass
+class TrainParts:
+    """Everything training builds once, prepared for the accelerator."""
+    cfg: TrainConfig
+    run: RunDir
+    split: DataSplit
+    model: Any             # prepared (DDP-wrapped when distributed)
+    loss_fn: Any
+    optimizer: Any
+    train_loader: Any
+    val_loader: Any
+    lr_control: LRControl
+    progress: Progress
+    ema: ModelEma | None
+    mix: Any               # data.BatchMix or None
+    writer: Any = None     # TensorBoard SummaryWriter on the main process
+
+    @property
+    def unwrapped(self):
+        return self.model.module if hasattr(self.model, "module") else self.model
+
+    @property
+    def best_source(self):
+        """The weights that are validated, kept and exported: the EMA when there is one."""
+        return self.ema.model if self.ema is not None else self.unwrapped
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import DataLoaderConfiguration
+
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
+    if cfg.precision == "fp16" and not torch.cuda.is_available():
+        raise MineralNetError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
+    return fresh_accelerator(mixed_precision=mp, dataloader_config=DataLoaderConfiguration(split_batches=True),
+                             step_scheduler_with_optimizer=False)
+
+
+def _check_setup(cfg: TrainConfig, accelerator) -> None:
+    R = accelerator.num_processes
+    if cfg.batch_size % R:
+        raise MineralNetError(f"--batch-size {cfg.batch_size} does not divide over {R} processes; use a multiple "
+                              f"of {R} (it is the GLOBAL batch)")
+    if cfg.sync_bn and accelerator.device.type != "cuda":
+        raise MineralNetError("--sync-bn needs CUDA GPUs (SyncBatchNorm is unavailable on CPU); drop the flag")
+
+
+def open_run(cfg: TrainConfig, accelerator) -> RunDir:
+    """The run directory (created, or checked for a resume), the same on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    main = accelerator.is_main_process
+    if cfg.data is None:
+        cfg.data = broadcast_object_list([str(mdata.make_demo_dataset()) if main else None])[0]
+    path = Path(cfg.out) if cfg.out else default_run_path(cfg.backbone, cfg.stages, cfg.loss)
+    path = Path(broadcast_object_list([str(path)])[0])
+    run = RunDir.open(path, resuming=cfg.resume is not None, is_main=main)
+    accelerator.wait_for_everyone()
+    return run
+
+
+def _build_model(cfg: TrainConfig, split: DataSplit, run: RunDir):
+    model = FusionNet(cfg.backbone, cfg.stages, len(split.classes), pretrained=cfg.pretrained_value,
+                      drop_rate=cfg.drop_rate)
+    if cfg.resume is not None:
+        run.check_resume_compatible(split.classes, model.config())
+    if cfg.sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    loss_fn = build_loss(cfg.loss, k=cfg.k, alpha=cfg.alpha, scope=cfg.loss_scope, num_classes=len(split.classes),
+                         feature_dim=model.feature_dim, center_weight=cfg.center_weight,
+                         label_smoothing=cfg.label_smoothing)
+    return model, loss_fn
+
+
+def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
+    """Data, model, loss, optimiser, schedule, EMA and mixing, prepared; a resumed run's state restored."""
+    from accelerate.utils import set_seed
+
+    set_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    split = prepare_data(cfg, run)
+    train_loader, val_loader = build_loaders(cfg, split)
+    model, loss_fn = _build_model(cfg, split, run)
+    optimizer = build_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))
+    if cfg.compile:
+        model = torch.compile(model)
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    if any(True for _ in loss_fn.parameters()):
+        loss_fn = accelerator.prepare(loss_fn)
+    ema = ModelEma(accelerator.unwrap_model(model), cfg.ema_decay) if cfg.ema_decay else None
+    mix = None
+    if cfg.mixup or cfg.cutmix:
+        mix = mdata.BatchMix(len(split.classes), mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob,
+                             seed=cfg.seed, rank=accelerator.process_index)
+    parts = TrainParts(cfg, run, split, model, loss_fn, optimizer, train_loader, val_loader,
+                       LRControl(cfg, optimizer, len(train_loader)), Progress(), ema, mix)
+    run.write_config(cfg)
+    run.write_resume_info(split.classes, accelerator.unwrap_model(model).config())
+    if cfg.resume is not None:
+        counters = run.load_checkpoint(accelerator, ema)
+        parts.lr_control.load_state_dict(counters["lr_control"])
+        parts.progress.load_state_dict(counters["progress"])
+        if accelerator.is_main_process:
+            print(f"resumed {run.path} at epoch {parts.progress.epoch + 1}, step {parts.progress.step_in_epoch}")
+    return parts
+
+
+def save_checkpoint(parts: TrainParts, accelerator) -> None:
+    counters = {"lr_control": parts.lr_control.state_dict(), "progress": parts.progress.state_dict()}
+    parts.run.save_checkpoint(accelerator, counters, parts.ema)
+
+
+def fit(cfg: TrainConfig) -> dict:
+    """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
+    cfg.validate()
+    accelerator = make_accelerator(cfg)
+    try:
+        _check_setup(cfg, accelerator)
+        run = open_run(cfg, accelerator)
+        parts = setup(cfg, accelerator, run)
+        return _fit(parts, accelerator)
+    finally:
+        accelerator.end_training()
+
+
+def _fit(parts: TrainParts, accelerator) -> dict:
+    from tqdm.auto import tqdm
+
+    cfg, run, progress, main = parts.cfg, parts.run, parts.progress, accelerator.is_main_process
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        parts.writer = SummaryWriter(str(run / "tb"), purge_step=progress.global_step or None)
+        run.truncate_metrics(progress.epoch)
+        print(f"training {cfg.backbone} stages {','.join(map(str, cfg.stages))} on {len(parts.split.train)} photos, "
+              f"validating on {len(parts.split.val)}, {len(parts.split.classes)} classes, "
+              f"{accelerator.num_processes} process(es) on {accelerator.device.type}, global batch "
+              f"{cfg.batch_size}, {cfg.precision}; run: {run.path}")
+    status = "finished"
+    with StopFlag() as stop:
+        while progress.epoch < cfg.epochs:
+            epoch = progress.epoch
+            _set_epoch(parts, epoch)
+            bar = tqdm(total=len(parts.train_loader), initial=progress.step_in_epoch,
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, leave=False, dynamic_ncols=True)
+            stats = train_one_epoch(parts, accelerator, stop, bar)
+            bar.close()
+            progress.train_seconds += stats["seconds"]
+            if any_process(accelerator, stop.set):
+                status = interrupted(parts, accelerator)
+                break
+            metrics = validate(parts, accelerator)
+            end_epoch(parts, accelerator, epoch, stats, metrics)
+            if over_budget(parts, main):
+                status = "time_budget"
+                break
+    return finish(parts, accelerator, status)
+
+
+def _set_epoch(parts: TrainParts, epoch: int) -> None:
+    # Accelerate's loader re-sets its sampler and dataset to its own iteration count at every pass (a count
+    # that restarts at 0 in a resumed process): set it to the true epoch. Under DDP the loader's set_epoch
+    # does not reach our dataset, so set that too.
+    parts.train_loader.set_epoch(epoch)
+    parts.train_loader.dataset.set_epoch(epoch)
+
+
+def interrupted(parts: TrainParts, accelerator) -> str:
+    """Pre-empted mid-epoch: save where we are and leave cleanly."""
+    save_checkpoint(parts, accelerator)
+    if accelerator.is_main_process:
+        print(f"stopped by signal at epoch {parts.progress.epoch + 1} step {parts.progress.step_in_epoch}; state "
+              f"saved. Continue with: mineralnet train --resume {parts.run.path}")
+    return "interrupted"
+
+
+def validate(parts: TrainParts, accelerator) -> dict:
+    """Score the kept weights (and the live ones too when an EMA is kept) on the validation photos."""
+    t0, n = time.perf_counter(), len(parts.split.classes)
+    ev = evaluate(parts.best_source, parts.val_loader, accelerator)
+    out = {"ev": ev, "m": summarize(confusion_matrix(ev["targets"], ev["preds"], n)), "live": None}
+    if parts.ema is not None:  # the live weights too, to show what the average gains
+        live = evaluate(parts.model, parts.val_loader, accelerator)
+        out["live"] = summarize(confusion_matrix(live["targets"], live["preds"], n))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def end_epoch(parts: TrainParts, accelerator, epoch: int, stats: dict, val: dict) -> None:
+    """Schedule, best weights, checkpoint, metrics.jsonl, TensorBoard and the epoch's console line."""
+    cfg, progress, m = parts.cfg, parts.progress, val["m"]
+    parts.lr_control.end_epoch(m["top1"])
+    progress.epoch, progress.step_in_epoch = epoch + 1, 0
+    improved = m["top1"] > progress.best_top1
+    if improved:
+        progress.best_top1, progress.best_epoch = m["top1"], epoch + 1
+        _save_best(parts, m, epoch)
+    save_checkpoint(parts, accelerator)
+    if not accelerator.is_main_process:
+        return
+    line = {"epoch": epoch + 1, "lr": parts.optimizer.param_groups[0]["lr"], "train_loss": stats["loss"],
+            "val_loss": val["ev"]["loss"], "val_top1": m["top1"], "val_mean_class_acc": m["mean_class_acc"],
+            "img_per_s": stats["images"] / max(stats["seconds"], 1e-9), "seconds": stats["seconds"],
+            "val_seconds": val["seconds"]}
+    note = ""
+    if val["live"] is not None:
+        line.update(val_top1_live=val["live"]["top1"], val_mean_class_acc_live=val["live"]["mean_class_acc"])
+        note += f"  (live weights {val['live']['top1']:.4f})"
+    if cfg.train_crop_min:
+        line["train_crop"] = cfg.train_size_at(epoch)
+        note += f"  crop {line['train_crop']}px"
+    parts.run.append_metrics(line)
+    for key in ("train_loss", "val_loss", "val_top1", "val_mean_class_acc", "img_per_s", "lr",
+                "val_top1_live", "val_mean_class_acc_live"):
+        if key in line:
+            parts.writer.add_scalar(f"epoch/{key}", line[key], epoch + 1)
+    print(f"epoch {epoch + 1:>3}/{cfg.epochs}  loss {stats['loss']:.4f}  val top1 {m['top1']:.4f}  "
+          f"mean class acc {m['mean_class_acc']:.4f}{note}  {line['img_per_s']:.1f} img/s  "
+          f"{stats['seconds']:.0f}s{'  *best' if improved else ''}", flush=True)
+
+
+def _save_best(parts: TrainParts, m: dict, epoch: int) -> None:
+    split, cfg = parts.split, parts.cfg
+    metrics = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "epoch": epoch + 1, "val_images": m["n"]}
+    extra = {"split": split.split_info}
+    if parts.ema is not None:
+        extra["ema_decay"] = cfg.ema_decay
+    meta = model_meta(parts.unwrapped, classes=split.classes, image_size=cfg.image_size, mean=split.mean,
+                      std=split.std, resize=cfg.eval_resize, metrics=metrics, extra=extra)
+    parts.run.save_best(parts.best_source, meta)
+
+
+def over_budget(parts: TrainParts, main: bool) -> bool:
+    cfg, progress = parts.cfg, parts.progress
+    if not (cfg.max_train_minutes and progress.train_seconds > 60 * cfg.max_train_minutes):
+        return False
+    if main:
+        print(f"time budget of {cfg.max_train_minutes} min reached after epoch {progress.epoch}")
+    return True
+
+
+def finish(parts: TrainParts, accelerator, status: str) -> dict:
+    """result.json, and (unless interrupted) the best weights' final evaluation in eval/."""
+    progress, run = parts.progress, parts.run
+    result = {"run_dir": str(run.path), "status": status, "train_seconds": progress.train_seconds,
+              "best": {"top1": progress.best_top1, "epoch": progress.best_epoch}}
+    if status != "interrupted" and progress.best_epoch > 0:
+        result["best"] = final_evaluation(parts, accelerator)
+    if accelerator.is_main_process:
+        if parts.writer is not None:
+            parts.writer.close()
+        run.write_result(result)
+        if status != "interrupted":
+            print_summary(result, run.path)
+    return result
+
+
+def final_evaluation(parts: TrainParts, accelerator) -> dict:
+    """Reload the best weights, evaluate the validation split and write eval/ (metrics, plots)."""
+    run, classes, model = parts.run, parts.split.classes, parts.unwrapped
+    accelerator.wait_for_everyone()
+    model.load_state_dict(load_file(str(run / MODEL_FILE)))  # copied onto the model's device
+    ev = evaluate(model, parts.val_loader, accelerator)
+    best = summarize(confusion_matrix(ev["targets"], ev["preds"], len(classes)))
+    if accelerator.is_main_process:
+        write_eval_report(run / "eval", ev["targets"], ev["preds"], ev["probs"], classes)
+    epoch = read_meta(run.path)["metrics"].get("epoch")
+    return {"top1": best["top1"], "mean_class_acc": best["mean_class_acc"], "epoch": epoch}
+
+
+def print_summary(result: dict, run_dir: Path) -> None:
+    b = result["best"]
+    print(f"\nbest val top1 {b['top1']:.4f}, mean class acc (paper's mAP) {b.get('mean_class_acc', float('nan')):.4f} "
+          f"at epoch {b['epoch']}; {result['train_seconds'] / 60:.1f} min of training\n"
+          f"run: {run_dir}\nnext:\n"
+          f"  mineralnet eval {run_dir} --data <labelled photos>\n"
+          f"  mineralnet explain {run_dir} --data <labelled photos>\n"
+          f"  mineralnet-export {run_dir} --int8 --calib-data <photos>\n"
+          f"  mineralnet predict {run_dir} photo.jpg")

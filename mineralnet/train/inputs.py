@@ -1,0 +1,91 @@
+"""Training inputs: scan and split the photos, measure their statistics, and build the loaders."""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader
+
+from mineralnet import data as mdata
+from mineralnet.config import TrainConfig
+from mineralnet.errors import MineralNetError
+from mineralnet.runs import RunDir
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataSplit:
+    classes: list
+    train: list  # [(path, label)]
+    val: list
+    mean: list
+    std: list
+    bad: list  # [(path, reason)] excluded at scan time
+    split_info: dict
+
+
+def _split(cfg: TrainConfig, index):
+    """(train samples, val samples, split info, unreadable) as the config asks."""
+    samples, labels = index.samples, index.labels()
+    if cfg.val_data:
+        vindex = mdata.scan_dataset(cfg.val_data, verify=True, classes=index.classes)
+        return samples, vindex.samples, {"kind": "val_data", "val_data": str(cfg.val_data)}, list(vindex.bad)
+    if cfg.folds:
+        folds = mdata.stratified_kfold(labels, cfg.folds, seed=cfg.data_seed)
+        val_idx = set(folds[cfg.fold])
+        train = [s for i, s in enumerate(samples) if i not in val_idx]
+        val = [s for i, s in enumerate(samples) if i in val_idx]
+        return train, val, {"kind": "kfold", "folds": cfg.folds, "fold": cfg.fold, "seed": cfg.data_seed}, []
+    tr_idx, va_idx = mdata.stratified_split(labels, cfg.val_split, seed=cfg.data_seed)
+    info = {"kind": "val_split", "val_split": cfg.val_split, "seed": cfg.data_seed}
+    return [samples[i] for i in tr_idx], [samples[i] for i in va_idx], info, []
+
+
+def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
+    """Scan, check, split and measure the photos; write the split (and unreadable list) into the run."""
+    index = mdata.scan_dataset(cfg.data, verify=True)
+    if len(index.classes) < 2:
+        raise MineralNetError(f"{cfg.data!r} has only {len(index.classes)} class folder(s) "
+                              f"({', '.join(index.classes) or 'none'}); training needs at least 2 minerals")
+    train, val, split_info, vbad = _split(cfg, index)
+    bad = list(index.bad) + vbad
+    if not val:
+        raise MineralNetError(f"the validation split of {cfg.data!r} is empty; add photos or pass --val-data")
+    if len(train) < cfg.batch_size:
+        raise MineralNetError(f"the training split has {len(train)} photos, fewer than --batch-size "
+                              f"{cfg.batch_size}; lower --batch-size")
+    if cfg.normalize == "dataset":
+        mean, std = mdata.channel_stats([p for p, _ in train], size=64, max_images=2000, seed=cfg.data_seed)
+    else:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    run.write_split(index, train, val, split_info)
+    run.write_unreadable(bad)
+    if bad and run.is_main:
+        warnings.warn(f"{len(bad)} unreadable photo(s) excluded from training; the list is in "
+                      f"{run / 'unreadable.txt'} (`mineralnet data check` shows why)", stacklevel=2)
+    return DataSplit(index.classes, train, val, [float(m) for m in mean], [float(s) for s in std], bad, split_info)
+
+
+def build_loaders(cfg: TrainConfig, split: DataSplit):
+    """(train loader, validation loader): global batches, the sampler's order a function of (seed, epoch)."""
+    import cv2
+
+    # Photos are small: OpenCV's own thread pool only fights the model's threads (and, loaded,
+    # spins for seconds per image). Workers, when used, are the data parallelism.
+    cv2.setNumThreads(1)
+    # 1.25x the larger of the eval resize and the training crop's (unrounded) resize
+    cache_side = round(max(cfg.eval_resize, cfg.train_size / 0.875) * 1.25) if cfg.cache_images else None
+    train_tf = mdata.build_transforms(cfg.train_size, split.mean, split.std, train=True, resize=cfg.eval_resize,
+                                      scale=(cfg.scale_min, 1.0), rotate_limit=cfg.rotate, hflip=cfg.hflip)
+    eval_tf = mdata.build_transforms(cfg.image_size, split.mean, split.std, train=False, resize=cfg.eval_resize)
+    train_ds = mdata.PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
+                                  size_at=cfg.train_size_at if cfg.train_crop_min else None)
+    val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
+    sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
+    common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
+                  persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+    train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
+    val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
+    return train_loader, val_loader

@@ -1,0 +1,104 @@
+"""The architecture rules of DESIGN.md section 3, checked on the source tree: the library never imports
+its CLI, no two modules import each other, presets ship as package data, one split-file format."""
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PKG = REPO / "mineralnet"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """Every mineralnet module `path` imports, at any depth of the file (function-level imports too)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            found.add(base)
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from mineralnet import data`
+    return {m for m in found if m in modules and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = sorted(PKG.rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    return {_module_name(f): _imports(f, modules) for f in files}
+
+
+def test_the_library_never_imports_its_cli():
+    graph = _graph()
+    offenders = sorted(m for m, deps in graph.items() if "mineralnet.cli" in deps and m != "mineralnet.cli")
+    assert not offenders, f"these modules import mineralnet.cli: {offenders}"
+
+
+def test_no_two_modules_import_each_other():
+    graph = _graph()
+    # a package's __init__ re-exporting its own submodules is not a cycle with them
+    def own(a, b):
+        return b.startswith(a + ".") or a.startswith(b + ".")
+    pairs = sorted({tuple(sorted((a, b))) for a, deps in graph.items() for b in deps
+                    if a in graph.get(b, ()) and not own(a, b)})
+    assert not pairs, f"modules that import each other: {pairs}"
+
+
+def test_import_graph_check_catches_a_cycle(tmp_path, monkeypatch):
+    # the check itself must be able to fail: two modules importing each other are found
+    pkg = tmp_path / "mineralnet"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("def f():\n    from mineralnet import b\n")
+    (pkg / "b.py").write_text("from mineralnet.a import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
+    graph = _graph()
+    assert "mineralnet.b" in graph["mineralnet.a"] and "mineralnet.a" in graph["mineralnet.b"]
+
+
+def test_launch_configs_equal_the_packaged_presets():
+    packaged = {p.name: p.read_text() for p in (PKG / "presets").glob("*.yaml")}
+    shown = {p.name: p.read_text() for p in (REPO / "launch" / "configs").glob("*.yaml")}
+    assert packaged and packaged == shown, "launch/configs/ must hold the same files as mineralnet/presets/"
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_presets_and_train_help_works_installed(tmp_path):
+    import zipfile
+
+    from setuptools import build_meta
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        wheel = build_meta.build_wheel(str(tmp_path))
+    finally:
+        os.chdir(cwd)
+    names = zipfile.ZipFile(tmp_path / wheel).namelist()
+    presets = {Path(n).name for n in names if n.startswith("mineralnet/presets/")}
+    assert {"cpu.yaml", "paper.yaml", "demo.yaml"} <= presets
+    # a non-editable install: the wheel's files first on the path, run from outside the source tree
+    site = tmp_path / "site"
+    zipfile.ZipFile(tmp_path / wheel).extractall(site)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    code = ("import sys, mineralnet; assert mineralnet.__file__.startswith(sys.argv[1]), mineralnet.__file__; "
+            "from mineralnet.cli import main; sys.exit(main(['train', '--config', 'cpu', '--help']))")
+    p = subprocess.run([sys.executable, "-c", code, str(site)], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "--backbone" in p.stdout
