@@ -125,7 +125,7 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from mineralnet.data import ImageDataset, build_transforms, scan_dataset
+    from mineralnet.data import PhotoDataset, build_transforms, scan_dataset
     from mineralnet.runs import load_model
     from mineralnet.train import evaluate
 
@@ -146,7 +146,7 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
                               f"mineral named as the run's classes ({', '.join(meta['classes'])})")
     transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False,
                                  resize=meta.get("resize"))
-    loader = DataLoader(ImageDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(PhotoDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     from accelerate.state import AcceleratorState, GradientState
 

@@ -342,7 +342,7 @@ def _train_overlap(run: Path, index, samples) -> int:
 def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery: int = 24,
             batch_size: int = 32, workers: int = 0, val_only: bool = False, seed: int = 0) -> dict:
     """Produce the explain/ folder of a run for the labelled photos in `data`. Returns a summary dict."""
-    from mineralnet.data import ImageDataset, build_transforms, scan_dataset
+    from mineralnet.data import PhotoDataset, build_transforms, scan_dataset
     from mineralnet.evaluate import write_eval_report
     from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
     from mineralnet.runs import atomic_write_text, load_model
@@ -363,7 +363,7 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     out.mkdir(parents=True, exist_ok=True)
     mean, std = meta["mean"], meta["std"]
     transform = build_transforms(meta["image_size"], mean, std, train=False, resize=meta.get("resize"))
-    dataset = ImageDataset(samples, transform)
+    dataset = PhotoDataset(samples, transform)
     print(f"explaining {run} on {len(samples)} photos of {data}{' (its validation split)' if val_only else ''}",
           flush=True)
 

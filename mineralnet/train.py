@@ -23,13 +23,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
 from mineralnet import data as mdata
 from mineralnet.config import TrainConfig, add_config_arguments, config_from_args, load_config
+from mineralnet.data import BatchMix, EpochShuffleSampler, PhotoDataset
 from mineralnet.errors import MineralNetError
 from mineralnet.losses import build_loss
 from mineralnet.metrics import confusion_matrix, summarize
@@ -40,71 +40,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 # ----------------------------------------------------------------------------- data
-class PhotoDataset(Dataset):
-    """(CHW float tensor, label) for (path, label) samples; optional in-RAM cache of decoded photos.
-
-    Augmentation randomness is a pure function of (seed, epoch, index) via `set_epoch`.
-    """
-
-    def __init__(self, samples, transform, seed: int = 0, cache_side: int | None = None, size_at=None):
-        self.samples = list(samples)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-        self.size_at = size_at  # epoch -> training crop (progressive resizing), or None
-        self.min_size = getattr(transform, "min_decode_size", None)
-        self.cache = None
-        prepare = getattr(transform, "prepare", None)
-        if cache_side and prepare is not None:
-            # evaluation: cache the resized photo the transform would crop from, so that validation during
-            # training scores exactly what `mineralnet eval RUN --split val` scores from the files
-            self.cache = [prepare(mdata.load_image(p, min_size=self.min_size)) for p, _ in self.samples]
-        elif cache_side:
-            self.cache = [_downscale(mdata.load_image(p, min_size=cache_side), cache_side) for p, _ in self.samples]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if self.size_at is not None:
-            self.transform.image_size = self.size_at(epoch)
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        img = self.cache[i] if self.cache is not None else mdata.load_image(path, min_size=self.min_size)
-        if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32)
-        return self.transform(image=img)["image"], label
-
-
-def _downscale(img: np.ndarray, side: int) -> np.ndarray:
-    import cv2
-
-    h, w = img.shape[:2]
-    s = side / min(h, w)
-    if s >= 1:
-        return img
-    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
-
-
-class EpochShuffleSampler(Sampler):
-    """A permutation of range(n) that depends only on (seed, epoch): identical in every process."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
-
-    def __len__(self):
-        return self.n
-
-
 @dataclass
 class DataSplit:
     classes: list
@@ -320,53 +255,6 @@ class ModelEma:
             raise MineralNetError(f"{str(directory)!r} holds no {self.FILE}: the run was trained without "
                                   f"--ema-decay; resume it with --ema-decay 0")
         self.model.load_state_dict(load_file(str(path)))
-
-
-class BatchMix:
-    """Mixup / CutMix of a batch with its reverse (timm's Mixup, batch mode): with probability
-    `prob`, draw lam ~ Beta(a, a) and either blend the photos (mixup) or paste a box of area
-    (1 - lam) from the partner (CutMix, lam then set to the exact kept area); with both alphas set,
-    each mixed batch picks one at random. Returns soft targets lam * y + (1 - lam) * y_partner.
-
-    The draw is seeded by (seed, global step, process), so a resumed run mixes exactly as an
-    uninterrupted one. Under DDP each process mixes its own share of the batch (as timm does).
-    """
-
-    def __init__(self, num_classes: int, *, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
-                 seed: int = 0, rank: int = 0):
-        self.num_classes, self.mixup, self.cutmix, self.prob = num_classes, mixup, cutmix, prob
-        self.seed, self.rank = seed, rank
-
-    def params(self, step: int, height: int, width: int):
-        """(lam, box or None) for `step`; box = (y0, y1, x0, x1) pasted from the partner."""
-        rng = np.random.default_rng([self.seed, step, self.rank])
-        if rng.random() >= self.prob:
-            return 1.0, None
-        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or rng.random() < 0.5)
-        lam = float(rng.beta(*(2 * [self.cutmix if use_cutmix else self.mixup])))
-        if not use_cutmix:
-            return lam, None
-        cut = math.sqrt(1.0 - lam)
-        ch, cw = int(height * cut), int(width * cut)
-        cy, cx = int(rng.integers(height)), int(rng.integers(width))
-        y0, y1 = max(cy - ch // 2, 0), min(cy + ch // 2, height)
-        x0, x1 = max(cx - cw // 2, 0), min(cx + cw // 2, width)
-        return 1.0 - (y1 - y0) * (x1 - x0) / (height * width), (y0, y1, x0, x1)
-
-    @torch.no_grad()
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int):
-        lam, box = self.params(step, x.shape[-2], x.shape[-1])
-        onehot = F.one_hot(y, self.num_classes).float()
-        if lam >= 1.0:
-            return x, onehot
-        partner = x.flip(0)
-        if box is None:
-            x = x * lam + partner * (1.0 - lam)
-        else:
-            y0, y1, x0, x1 = box
-            x = x.clone()
-            x[:, :, y0:y1, x0:x1] = partner[:, :, y0:y1, x0:x1]
-        return x, onehot * lam + onehot.flip(0) * (1.0 - lam)
 
 
 # ----------------------------------------------------------------------------- loop
