@@ -751,7 +751,7 @@ def _train_variant(loop: str, meta: dict, state: dict, precision: str, batch: in
     from mineralnet.config import load_config
     from mineralnet.losses import build_loss
     from mineralnet.model import FusionNet
-    from mineralnet.train import LRControl, Progress, build_optimizer, make_accelerator, train_one_epoch
+    from mineralnet.train import LRControl, Progress, TrainParts, build_optimizer, make_accelerator, train_one_epoch
 
     channels_last = loop.endswith("-cl")
     ours = loop.startswith("mineralnet")
@@ -774,11 +774,15 @@ def _train_variant(loop: str, meta: dict, state: dict, precision: str, batch: in
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         timed = TimedLoader(loader, sync)
-        lr_control, progress = LRControl(cfg, optimizer, len(loader)), Progress()
+        progress = Progress()
+        # the training loop's own parts; this benchmark needs no run directory, split, EMA or mixing
+        parts = TrainParts(cfg, run=None, split=None, model=model, loss_fn=loss_fn, optimizer=optimizer,
+                           train_loader=timed, val_loader=None, lr_control=LRControl(cfg, optimizer, len(loader)),
+                           progress=progress, ema=None, mix=None)
 
         def run_epoch():
             progress.step_in_epoch = 0
-            train_one_epoch(model, timed, loss_fn, optimizer, accelerator, lr_control, progress)
+            train_one_epoch(parts, accelerator)
             return timed.step_times_ms()
         return run_epoch, accelerator
 

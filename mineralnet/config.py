@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 import yaml
 
+from mineralnet.data import eval_resize
 from mineralnet.errors import MineralNetError
 from mineralnet.stages import parse_stages
 
@@ -187,7 +188,7 @@ class TrainConfig:
 
     @property
     def eval_resize(self) -> int:
-        return self.resize or round(self.image_size / 0.875)
+        return self.resize or eval_resize(self.image_size)
 
     @property
     def pretrained_value(self):

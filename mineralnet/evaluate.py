@@ -18,7 +18,7 @@ import numpy as np
 
 from torch.utils.data import DataLoader
 
-from mineralnet.data import DatasetIndex, ImageDataset, build_transforms, scan_dataset
+from mineralnet.data import DatasetIndex, PhotoDataset, build_transforms, scan_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
 from mineralnet.report import EVAL_DIR, write_eval_report
@@ -74,7 +74,7 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
                               f"mineral named as the run's classes ({', '.join(meta['classes'])})")
     transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False,
                                  resize=meta.get("resize"))
-    loader = DataLoader(ImageDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
+    loader = DataLoader(PhotoDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     accelerator = fresh_accelerator()
     model, loader = accelerator.prepare(model, loader)

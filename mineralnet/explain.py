@@ -18,7 +18,6 @@ highest fused stage when 4 is not fused): how this model's deepest features alon
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -28,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mineralnet.data import ImageDataset, build_transforms, load_image, scan_dataset
+from mineralnet.data import PhotoDataset, build_transforms, load_image, scan_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
 from mineralnet.report import abbreviate, write_eval_report
-from mineralnet.runs import atomic_write_text, load_model
+from mineralnet.runs import atomic_write_text, load_model, read_split
 from mineralnet.train.loop import evaluate, fresh_accelerator
 
 EXPLAIN_DIR = "explain"
@@ -391,7 +390,7 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     out.mkdir(parents=True, exist_ok=True)
     mean, std = meta["mean"], meta["std"]
     transform = build_transforms(meta["image_size"], mean, std, train=False, resize=meta.get("resize"))
-    dataset = ImageDataset(samples, transform)
+    dataset = PhotoDataset(samples, transform)
     print(f"explaining {run} on {len(samples)} photos of {data}{' (its validation split)' if val_only else ''}",
           flush=True)
 

@@ -203,14 +203,13 @@ class Predictor:
 # ----------------------------------------------------------------------------- command line
 def expand_images(paths: Sequence[str]) -> list[str]:
     """Files as given; folders expand to the image files under them (sorted)."""
-    from mineralnet.data import IMAGE_EXTENSIONS
+    from mineralnet.data import IMAGE_EXTENSIONS, list_images
 
     out: list[str] = []
     for raw in paths:
         p = Path(os.path.expanduser(raw))
         if p.is_dir():
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            found = list_images(p)
             if not found:
                 raise MineralNetError(f"folder {raw!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
             out += found

@@ -18,7 +18,9 @@ from typing import Any
 import torch
 
 from mineralnet import __version__
+from mineralnet.data import load_splits, save_splits
 from mineralnet.errors import MineralNetError
+from mineralnet.model import FusionNet
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -164,8 +166,6 @@ def load_model(path, map_location: str | torch.device = "cpu"):
     """Rebuild a trained FusionNet from a run directory or weights file -> (model in eval mode, meta)."""
     from safetensors.torch import load_file
 
-    from mineralnet.model import FusionNet
-
     weights, _ = _resolve(path)
     meta = read_meta(path)
     model = FusionNet(meta["backbone"], meta["stages"], meta["num_classes"], pretrained=False,
@@ -236,8 +236,6 @@ class RunDir:
 
     def write_split(self, index, train, val, info: dict) -> None:
         """split.json: the run's training and validation photos (one versioned format, `data.save_splits`)."""
-        from mineralnet.data import save_splits
-
         if self.is_main:
             save_splits(self / SPLIT_FILE, index, {"train": train, "val": val}, info=info)
 
@@ -320,8 +318,6 @@ def _run_root(run) -> Path:
 def read_split(run):
     """The split of a run dir (or of the run a model file sits in) -> `data.load_splits`'s dict
     (root, classes, splits: {"train", "val"} -> [(path, label)], info). Raises when there is none."""
-    from mineralnet.data import load_splits
-
     path = _run_root(run) / SPLIT_FILE
     if not path.is_file():
         raise MineralNetError(f"{str(path)!r} not found: the run was not trained with a held-out split "

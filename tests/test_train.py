@@ -275,7 +275,7 @@ def test_ema_run_keeps_the_averaged_weights_as_the_model(tiny_data, tmp_path):
 
 
 def test_progressive_resizing_schedule_and_dataset():
-    from mineralnet.train import PhotoDataset
+    from mineralnet.data import PhotoDataset
 
     cfg = load_config(None, image_size=128, train_crop_min=64, epochs=20, progressive_until=0.75)
     sizes = [cfg.train_size_at(e) for e in range(cfg.epochs)]
@@ -307,7 +307,7 @@ def test_progressive_run_logs_the_crop_and_validates_at_image_size(tiny_data, tm
 
 
 def test_batch_mix_mixup_cutmix_against_direct_computation():
-    from mineralnet.train import BatchMix
+    from mineralnet.data import BatchMix
 
     torch.manual_seed(0)
     x, y = torch.randn(6, 3, 20, 24), torch.tensor([0, 1, 2, 0, 1, 2])
@@ -433,7 +433,7 @@ def test_eval_split_val_reproduces_training_validation_from_the_files(tmp_path, 
 
 
 def test_cached_validation_photos_give_the_tensors_evaluation_gives_from_the_files(tmp_path):
-    from mineralnet.train import PhotoDataset
+    from mineralnet.data import PhotoDataset
 
     data = mdata.make_demo_dataset(tmp_path / "big", classes=2, per_class=3, size=150, seed=4)
     samples = mdata.scan_dataset(data).samples

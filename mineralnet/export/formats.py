@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from mineralnet import __version__
+from mineralnet.data import list_images
 from mineralnet.errors import MineralNetError
 from mineralnet.export import onnx as xonnx
 from mineralnet.export import tensorrt as xtrt
@@ -80,15 +81,6 @@ class Artifact:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def list_images(folder) -> list[str]:
-    """Image files under `folder` (recursively, any layout), sorted; hidden entries skipped."""
-    from mineralnet.data import IMAGE_EXTENSIONS
-
-    root = Path(os.path.expanduser(os.fspath(folder)))
-    return sorted(str(p) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
 def _spread(items: Sequence, n: int) -> list:

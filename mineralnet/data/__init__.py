@@ -1,0 +1,32 @@
+"""Photo collections: decoding, scanning, statistics, augmentation, datasets, splits, a demo set.
+
+    decode.py      load_image(path) -> (H, W, 3) uint8 RGB, upright; verify_image
+    scan.py        scan_dataset(DIR or CSV) -> DatasetIndex(classes, samples, bad); list_images(DIR)
+    stats.py       channel_stats(paths) -> RGB mean/std
+    transforms.py  build_transforms(...) -> img -> (3, S, S) float32 tensor; BatchMix (CutMix/mixup)
+    datasets.py    PhotoDataset (optional RAM cache), EpochShuffleSampler
+    splits.py      stratified_kfold / stratified_split / save_splits / load_splits
+    demo.py        make_demo_dataset() -> a small synthetic mineral set for demos and tests
+    cli.py         `mineralnet data check|demo`
+
+Every public name is importable from `mineralnet.data`.
+"""
+from mineralnet.data.decode import ImageDecodeError, load_image, verify_image
+from mineralnet.data.decode import _decode_jpeg_fast, _decode_pil, _jpeg_header  # noqa: F401 (tests)
+from mineralnet.data.scan import IMAGE_EXTENSIONS, DatasetIndex, list_images, scan_dataset
+from mineralnet.data.stats import channel_stats
+from mineralnet.data.transforms import (BatchMix, EvalTransform, Transform, TrainTransform, build_transforms,
+                                        eval_resize, warp_crop)
+from mineralnet.data.datasets import EpochShuffleSampler, ImageDataset, PhotoDataset
+from mineralnet.data.splits import SPLITS_FORMAT, load_splits, save_splits, stratified_kfold, stratified_split
+from mineralnet.data.demo import DEMO_MINERALS, make_demo_dataset
+
+__all__ = [
+    "ImageDecodeError", "load_image", "verify_image",
+    "IMAGE_EXTENSIONS", "DatasetIndex", "list_images", "scan_dataset",
+    "channel_stats",
+    "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "eval_resize", "warp_crop",
+    "EpochShuffleSampler", "ImageDataset", "PhotoDataset",
+    "SPLITS_FORMAT", "load_splits", "save_splits", "stratified_kfold", "stratified_split",
+    "DEMO_MINERALS", "make_demo_dataset",
+]

@@ -1,0 +1,91 @@
+"""The photo dataset (with an optional RAM cache) and the epoch sampler that training uses.
+
+    PhotoDataset(samples, transform)  -> (float32 CHW tensor, int label) per (path, label) sample
+    EpochShuffleSampler(n, seed)      -> a permutation of range(n) per epoch, the same in every process
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from mineralnet.data.decode import load_image
+
+
+class PhotoDataset(Dataset):
+    """(float32 CHW tensor, int label) for each (path, label) sample; optional in-RAM cache of decoded photos.
+
+    Augmentation randomness is a pure function of (seed, epoch, index) via `set_epoch` (for
+    transforms with ``set_random_seed``). JPEGs are decoded at reduced scale when the transform's
+    ``min_decode_size`` allows it (large photos only). A file that fails to decode raises
+    ImageDecodeError naming it (scan_dataset(verify=True) should have excluded it).
+
+    Args:
+        transform: a `build_transforms` result (fast or albumentations backend), called as
+            ``transform(image=img)["image"]``.
+        cache_side: decode every photo once, up front, and keep it in RAM: an evaluation
+            transform's resized photo (its ``prepare`` step), otherwise the photo with its shorter
+            side shrunk to at most `cache_side` pixels. None: decode the file at every access.
+        size_at: epoch -> training crop size (progressive resizing), applied by `set_epoch`.
+    """
+
+    def __init__(self, samples, transform, seed: int = 0, cache_side: int | None = None, size_at=None):
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+        self.size_at = size_at  # epoch -> training crop (progressive resizing), or None
+        self.min_size = getattr(transform, "min_decode_size", None)
+        self.cache = None
+        prepare = getattr(transform, "prepare", None)
+        if cache_side and prepare is not None:
+            # evaluation: cache the resized photo the transform would crop from, so that validation during
+            # training scores exactly what `mineralnet eval RUN --split val` scores from the files
+            self.cache = [prepare(load_image(p, min_size=self.min_size)) for p, _ in self.samples]
+        elif cache_side:
+            self.cache = [_downscale(load_image(p, min_size=cache_side), cache_side) for p, _ in self.samples]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.size_at is not None:
+            self.transform.image_size = self.size_at(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        img = self.cache[i] if self.cache is not None else load_image(path, min_size=self.min_size)
+        if hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32)
+        return self.transform(image=img)["image"], int(label)
+
+
+ImageDataset = PhotoDataset  # the name evaluation code and tests have used
+
+
+def _downscale(img: np.ndarray, side: int) -> np.ndarray:
+    """Shrink (INTER_AREA) so the shorter side is `side`; smaller photos are returned as they are."""
+    h, w = img.shape[:2]
+    s = side / min(h, w)
+    if s >= 1:
+        return img
+    return cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+
+
+class EpochShuffleSampler(Sampler):
+    """A permutation of range(n) that depends only on (seed, epoch): identical in every process."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n

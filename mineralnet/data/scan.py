@@ -1,0 +1,147 @@
+"""Scanning a photo collection: a class-folder tree or a CSV manifest -> `DatasetIndex`.
+
+    scan_dataset(DIR or CSV) -> DatasetIndex(classes, samples, bad)
+    list_images(DIR)         -> every image file under DIR (the one folder walker)
+"""
+from __future__ import annotations
+
+import csv
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from mineralnet.data.decode import verify_image
+from mineralnet.errors import MineralNetError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+
+_LAYOUT_HINT = "expected one sub-folder per mineral (DIR/quartz/*.jpg) or a CSV with columns path,label"
+
+
+@dataclass
+class DatasetIndex:
+    """The photos of a collection: class names, (path, label) samples and unreadable files."""
+
+    root: str  # folder or CSV it came from
+    classes: list[str]  # sorted class names; index = label
+    samples: list[tuple[str, int]]  # (absolute path, label), sorted by (class, path)
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), not in samples
+    empty: list[str] = field(default_factory=list)  # classes without a single readable photo
+
+    def labels(self) -> list[int]:
+        return [label for _, label in self.samples]
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(self.classes, 0)
+        for _, label in self.samples:
+            counts[self.classes[label]] += 1
+        return counts
+
+    @property
+    def base(self) -> Path:
+        """Folder that relative sample paths refer to (the CSV's folder for a manifest)."""
+        root = Path(self.root)
+        return root.parent if root.suffix.lower() == ".csv" and root.is_file() else root
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_images(folder) -> list[str]:
+    """Image files (by extension) under `folder`, recursively and in any layout, sorted; hidden
+    files and folders are skipped. Paths keep the form of `folder` (``~`` expanded, a relative
+    folder gives relative paths); an empty list if `folder` is not a folder."""
+    root = os.fspath(Path(os.path.expanduser(os.fspath(folder))))
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames if _is_image_name(f)]
+    return sorted(found)
+
+
+def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
+                 allow_empty: bool = False) -> DatasetIndex:
+    """Index a class-folder tree or a CSV manifest (header ``path,label``, label = class name).
+
+    Args:
+        verify: decode-check every file (in threads); failures go to ``.bad``, not ``.samples``.
+        classes: map class names onto this list (evaluating a trained model on other photos);
+            a class that is not in it is an error.
+        allow_empty: report classes without readable photos in ``.empty`` instead of raising
+            (used by ``mineralnet data check``).
+    """
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.exists():
+        raise MineralNetError(f"data path {p} does not exist; {_LAYOUT_HINT}")
+    if p.is_dir():
+        names, files, seen = _scan_folder(p, classes)
+    elif p.suffix.lower() == ".csv":
+        names, files, seen = _scan_csv(p, classes)
+    else:
+        raise MineralNetError(f"data path {p} is neither a folder nor a .csv manifest; {_LAYOUT_HINT}")
+    bad: list[tuple[str, str]] = []
+    if verify and files:
+        paths = [f for f, _ in files]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            reasons = list(pool.map(verify_image, paths, chunksize=16))
+        bad = [(f, r) for f, r in zip(paths, reasons) if r is not None]
+        files = [s for s, r in zip(files, reasons) if r is None]
+    samples = sorted(files, key=lambda s: (s[1], s[0]))
+    present = {names[label] for _, label in samples}
+    empty = [c for c in names if c in seen and c not in present]
+    if empty and not allow_empty:
+        raise MineralNetError(
+            f"class(es) without readable photos in {p}: {', '.join(empty)}; add photos or remove the "
+            f"class (`mineralnet data check {p}` shows the details)")
+    return DatasetIndex(os.path.abspath(p), names, samples, bad, empty)  # not resolve(): keep symlinked roots
+
+
+def _class_list(found: Sequence[str], classes: list[str] | None, where: Path) -> list[str]:
+    if classes is None:
+        return sorted(found)
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise MineralNetError(
+            f"{where} has class(es) {', '.join(unknown)} that the model does not know (it knows "
+            f"{', '.join(classes)}); remove or rename them")
+    return list(classes)
+
+
+def _scan_folder(root: Path, classes: list[str] | None):
+    dirs = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not dirs:
+        raise MineralNetError(f"no class folders in {root}; {_LAYOUT_HINT}")
+    names = _class_list(dirs, classes, root)
+    files = [(os.path.abspath(f), names.index(d)) for d in dirs for f in list_images(root / d)]
+    return names, files, set(dirs)
+
+
+def _scan_csv(csv_path: Path, classes: list[str] | None):
+    base = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            missing = {"path", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise MineralNetError(
+                    f"{csv_path} lacks the column(s) {', '.join(sorted(missing))}; the first line must be "
+                    f"a header with at least: path,label")
+            rows = [(n, (r["path"] or "").strip(), (r["label"] or "").strip()) for n, r in enumerate(reader, 2)]
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise MineralNetError(f"cannot read the CSV manifest {csv_path}: {e}; save it as UTF-8 text") from None
+    if not rows:
+        raise MineralNetError(f"{csv_path} lists no photos; add one line per photo: path,label")
+    for line, rel, label in rows:
+        if not rel or not label:
+            raise MineralNetError(f"{csv_path} line {line}: empty path or label; fill in both columns")
+        full = base / os.path.expanduser(rel)
+        if not full.is_file():
+            raise MineralNetError(f"{csv_path} line {line}: file {full} does not exist; fix the path "
+                                  f"(relative paths are read from {base})")
+    seen = {label for _, _, label in rows}
+    names = _class_list(seen, classes, csv_path)
+    files = [(os.path.abspath(base / os.path.expanduser(rel)), names.index(label)) for _, rel, label in rows]
+    return names, files, seen
