@@ -364,11 +364,13 @@ def test_int8_onnx_for_tensorrt_runs_in_onnx_runtime_and_passes_its_gate(trt_exp
     out, _ = trt_export
     x = _preprocess(_photos(photos)).numpy()
     fp32 = xonnx.run_session(xonnx.ort_session(out / "model.onnx"), x)
-    for level in ("basic", "all"):  # ONNX Runtime's CPU QDQ fusions accept the fp16 graph too
-        got = xonnx.run_session(xonnx.ort_session(out / "model.int8.onnx", optimization=level), x)
-        assert xonnx.agreement(fp32["logits"], got["logits"]) >= 0.8
-        assert not np.allclose(fp32["logits"], got["logits"], atol=1e-3)  # really quantized
-        np.testing.assert_allclose(got["probs"].sum(1), 1.0, atol=1e-5)  # the softmax runs in fp32
+    level = json.loads((out / "model.json").read_text())["exports"]["model.int8.onnx"]["quantization"][
+        "onnxruntime_optimization"]
+    assert level == "disable"  # ORT 1.32's CPU optimiser miscomputes fp16 Q/DQ graphs (bench/RESULTS.md)
+    got = xonnx.run_session(xonnx.ort_session(out / "model.int8.onnx", optimization=level), x)
+    assert xonnx.agreement(fp32["logits"], got["logits"]) >= 0.8
+    assert not np.allclose(fp32["logits"], got["logits"], atol=1e-3)  # really quantized
+    np.testing.assert_allclose(got["probs"].sum(1), 1.0, atol=1e-5)  # the softmax runs in fp32
     record = json.loads((out / "model.json").read_text())["exports"]["model.int8.onnx"]
     assert record["opset"] == xonnx.TRT_INT8_OPSET and record["quantization"]["float_parts"] == "fp16"
     assert record["int8"]["agreement"]["top1"] >= 0.8 and record["int8"]["seconds"] > 0
