@@ -8,7 +8,10 @@ On a CUDA machine, for ResNet-50 FusionNet (stages 2,4; 7 classes; random weight
 2. export: ONNX fp32, fp16 and int8 (`mineralnet-export RUN --dynamic --max-batch 256 --fp16 --int8`),
    plus TensorRT fp16 and int8 engines (`--trt`) when TensorRT is installed;
 3. inference over batch 1..256: PyTorch eager / channels_last in fp32, bf16, fp16, ONNX Runtime CUDA EP
-   on the fp32 and fp16 files, and the TensorRT engines (`mineralnet bench ...`).
+   on the fp32 and fp16 files, and the TensorRT engines (`mineralnet bench ...`);
+4. TensorRT (`tensorrt_step`): strongly typed fp32/fp16/int8 engines, their build time, p50 latency at
+   batch 1 and 32, and their logits against ONNX Runtime (CPU, fp32 file) on real photos
+   -> bench/results/gpu_tensorrt.{json,md}.
 Without a GPU it runs its CPU-safe parts (run creation, fp32 ONNX export, runtime checks) and writes
 every GPU row as skipped with its reason; it never overwrites results measured on a GPU.
 """
@@ -71,6 +74,88 @@ def planned_skips(reason: str, gflop: float | None) -> list[dict]:
                 rows.append(bench.skipped_row(reason, model="resnet50-s24", runtime=rt, precision=prec,
                                               device="cuda", batch=b, image_size=224, gflop_per_image=gflop))
     return rows
+
+
+def _photos(calib: Path, n: int = 64) -> list[str]:
+    from mineralnet.export.formats import _spread, list_images
+
+    return _spread(list_images(calib), n)
+
+
+def tensorrt_step(run: Path, calib: Path, out: Path, log: list[str]) -> dict:
+    """Build (or reuse) the fp32/fp16/int8 engines of `run`, time them, check them against ONNX Runtime.
+
+    Self-contained: uses engines already in RUN/export (the suite's export builds them with --trt),
+    else exports them itself with a batch profile of 1..32. Writes OUT/gpu_tensorrt.{json,md}.
+    Every number is a measurement on this machine; without TensorRT and a GPU it records why not.
+    """
+    from mineralnet.export import onnx as xonnx
+    from mineralnet.export import tensorrt as xtrt
+    from mineralnet.export.formats import ENGINE_NAMES
+    from mineralnet.predict import Preprocessor
+
+    t0 = time.perf_counter()
+    result = {"tensorrt_version": xtrt.tensorrt_version(), "engines": [], "photos": str(calib)}
+    missing = xtrt.tensorrt_missing()
+    if missing:
+        result["skipped"] = missing
+    else:
+        ex = run / "export"
+        if not all((ex / ENGINE_NAMES[p]).is_file() for p in ("fp16", "int8")):
+            sh(["mineralnet-export", str(run), "--fp16", "--int8", "--trt", "--calib-data", str(calib),
+                "--calib-size", "64", "--dynamic", "--opt-batch", "8", "--max-batch", "32"], log, run)
+        paths = _photos(calib)
+        meta = json.loads((run / "model.json").read_text())
+        images = Preprocessor(meta).batch(paths)  # (N, 3, S, S) float32
+        ref = xonnx.run_session(xonnx.ort_session(ex / "model.onnx"), images)["logits"]
+        for precision in xtrt.ENGINE_PRECISIONS:
+            engine = ex / ENGINE_NAMES[precision]
+            if engine.is_file():
+                result["engines"].append(_time_engine(engine, precision, images, ref))
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "gpu_tensorrt.json").write_text(json.dumps(result, indent=1) + "\n")
+    md = ["## TensorRT engines (strongly typed)", ""]
+    if "skipped" in result:
+        md.append(f"Not measured: {result['skipped']}.")
+    else:
+        md += [f"TensorRT {result['tensorrt_version']}; logits vs ONNX Runtime CPU (model.onnx) on "
+               f"{len(images)} photos from `{calib.name}`.", "",
+               "| precision | build s | p50 ms b=1 | p50 ms b=32 | max abs logit diff | top-1 agreement |",
+               "|---|---:|---:|---:|---:|---:|"]
+        md += [f"| {e['precision']} | {e['build_seconds']} | {e['p50_ms'].get('1', '-')} | {e['p50_ms'].get('32', '-')} "
+               f"| {e['max_abs_logit_diff']:.3g} | {e['top1_agreement']:.1%} |" for e in result["engines"]]
+    (out / "gpu_tensorrt.md").write_text("\n".join(md) + "\n")
+    return result
+
+
+def _time_engine(engine: Path, precision: str, images, ref) -> dict:
+    """p50 latency (CUDA events) at batch 1 and 32, and logits vs the ONNX Runtime reference."""
+    import numpy as np
+
+    from mineralnet.export import tensorrt as xtrt
+
+    runner = xtrt.TRTRunner(engine)
+    got = runner.run(images)["logits"]
+    side = xtrt.read_sidecar(engine)
+    row = {"precision": precision, "build_seconds": side.get("build_seconds"), "p50_ms": {},
+           "max_abs_logit_diff": float(np.abs(got - ref).max()),
+           "top1_agreement": float((got.argmax(1) == ref.argmax(1)).mean())}
+    for batch in (1, 32):
+        if not runner.min_batch <= batch <= runner.max_batch:
+            continue
+        x = torch.from_numpy(np.repeat(images[:1], batch, axis=0)).cuda()
+        for _ in range(10):  # warm-up
+            runner.infer(x)
+        times = []
+        for _ in range(50):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            runner.infer(x)
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        row["p50_ms"][str(batch)] = round(float(np.median(times)), 3)
+    return row
 
 
 def main(argv=None) -> int:
@@ -136,6 +221,8 @@ def main(argv=None) -> int:
         if not gpu:
             rows += planned_skips("torch sees no CUDA GPU on this machine; run `python bench/gpu_suite.py` on one",
                                   gflop)
+        else:
+            tensorrt_step(run, calib_folder(args.calib_data, work), out, commands)
     for r in rows:
         r["group"] = f"{r['precision']} batch {r['batch']}"
         r["baseline"] = r["runtime"] == "torch"

@@ -7,7 +7,13 @@ EXAMPLES = """\
 examples:
   mineralnet-export runs/exp1                                   # model.onnx (fp32, batch 1)
   mineralnet-export runs/exp1 --int8 --calib-data photos/train --val-data photos/val
-  mineralnet-export runs/exp1 --fp16 --trt --dynamic --max-batch 32   # on the GPU machine
+  mineralnet-export runs/exp1 --fp16 --trt --dynamic --max-batch 32   # on the GPU machine (TensorRT 10 or 11)
+  mineralnet-export runs/exp1 --int8 --trt --calib-data photos/train   # int8 Q/DQ + fp16 ONNX -> int8 engine
+
+TensorRT engines are strongly typed: each is built from the ONNX file of its precision
+(model.onnx, model.fp16.onnx, model.int8.onnx) with no precision flags, on TensorRT 10 and 11 alike.
+Without TensorRT the ONNX files are still written and checked, and the error names the trtexec
+commands to run on the device.
 """
 
 
@@ -34,7 +40,8 @@ def add_arguments(parser) -> None:
     q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="range estimation (default minmax)")
     q.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=None,
                    help="uint8: fastest in ONNX Runtime on x86; int8: symmetric, needed by TensorRT and "
-                        "preferred on ARM (default: int8 with --trt, else uint8)")
+                        "preferred on ARM (default: int8 with --trt, and then the float parts are fp16 too; "
+                        "else uint8)")
     q.add_argument("--min-agreement", type=float, default=0.9,
                    help="fail if int8 top-1 agrees with fp32 on fewer photos than this (default 0.9)")
     o = parser.add_argument_group("output")

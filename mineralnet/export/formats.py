@@ -6,8 +6,10 @@ writes into RUN/export/ (or `out_dir`):
 
     model.onnx          fp32, parity-gated against PyTorch
     model.fp16.onnx     fp16 inside, float32 in and out, parity-gated with the fp16 tolerance
-    model.int8.onnx     static QDQ int8, calibrated through the eval preprocessing
-    model[.fp16|.int8].engine (+ .engine.json)   TensorRT plans, built on the NVIDIA device
+    model.int8.onnx     static QDQ int8, calibrated through the eval preprocessing; with --trt the
+                        TensorRT flavour (symmetric int8 Q/DQ, float parts in fp16, opset 19)
+    model[.fp16|.int8].engine (+ .engine.json)   strongly typed TensorRT plans from the file of
+                        their precision, built on the NVIDIA device
     model.json          the run's metadata plus one record per exported file
 
 Every file is checked before it gets its final name: a failed gate leaves nothing behind.
@@ -248,9 +250,12 @@ def _int8_activations(ctx: ExportContext, formats: Sequence[str]) -> str:
     return "int8" if "trt" in formats else "uint8"
 
 
-def export_int8(ctx: ExportContext, activations: str = "uint8") -> Artifact:
+def export_int8(ctx: ExportContext, activations: str = "uint8", for_tensorrt: bool = False) -> Artifact:
     """model.int8.onnx: static QDQ quantization of model.onnx, calibrated on --calib-data through
-    the eval preprocessing; gated on top-1 agreement with fp32."""
+    the eval preprocessing; gated on top-1 agreement with fp32 in ONNX Runtime on this CPU.
+
+    `for_tensorrt` (with --trt and int8 activations): the model a strongly typed TensorRT build
+    needs, int8 Q/DQ with the float parts in fp16 (`xonnx.quantize_int8(for_tensorrt=True)`)."""
     o = ctx.options
     if not o.calib_data:
         raise MineralNetError("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the "
@@ -264,15 +269,19 @@ def export_int8(ctx: ExportContext, activations: str = "uint8") -> Artifact:
     if not len(calib):
         raise MineralNetError(f"--calib-data {os.fspath(o.calib_data)!r}: none of its images could be decoded")
     fixed = None if o.profile.dynamic else o.profile.max
+    t0 = time.perf_counter()
     data = xonnx.quantize_int8(ctx.files["fp32"], calib, activations=activations, method=o.calib_method,
-                               batch=fixed or 8)
+                               batch=fixed or 8, for_tensorrt=for_tensorrt)
+    quantize_s = time.perf_counter() - t0
     import onnx
 
     proto = onnx.load_from_string(data)
     quant = {"weights": "int8 symmetric per-channel",
              "activations": "uint8 asymmetric" if activations == "uint8" else "int8 symmetric",
-             "tensorrt_compatible": activations == "int8", "format": "QDQ", "calib_method": o.calib_method,
-             "calib_images": int(len(calib))}
+             "float_parts": "fp16" if for_tensorrt else "fp32", "tensorrt_compatible": for_tensorrt,
+             "quantized_ops": list(xonnx.TRT_QUANTIZED_OPS) if for_tensorrt else "all ONNX Runtime quantizes",
+             "format": "QDQ", "calib_method": o.calib_method, "calib_images": int(len(calib)),
+             "onnxruntime_optimization": "disable" if for_tensorrt else "all"}
     props = xonnx.metadata_props(ctx.meta, precision="int8", outputs=o.outputs, batch=ctx.batch_info())
     props["quantization"] = json.dumps(quant)
     xonnx.set_metadata(proto, props)
@@ -281,10 +290,14 @@ def export_int8(ctx: ExportContext, activations: str = "uint8") -> Artifact:
     done, total = xonnx.quantized_coverage(proto)
 
     fp32 = xonnx.ort_session(ctx.files["fp32"])
-    int8 = xonnx.ort_session(data)
+    # The TensorRT flavour is checked with ONNX Runtime's graph optimisations off: measured on
+    # minet7 (onnxruntime 1.32), its CPU optimiser miscomputes this fp16 Q/DQ graph from level
+    # "basic" up (top-1 agreement 18% instead of 98% unoptimised); unoptimised, ORT runs the
+    # graph exactly as written, which is what TensorRT builds from.
+    int8 = xonnx.ort_session(data, optimization=quant["onnxruntime_optimization"])
     record = {"calibration": {"source": os.fspath(o.calib_data), "images": int(len(calib)), "skipped": skipped,
                               "method": o.calib_method, "activations": quant["activations"]},
-              "coverage": {"quantized": done, "conv_gemm_matmul": total}}
+              "coverage": {"quantized": done, "conv_gemm_matmul": total}, "seconds": round(quantize_s, 1)}
     if o.val_data:
         acc = _accuracy(ctx, fp32, int8)
         record["accuracy"] = acc
@@ -300,7 +313,8 @@ def export_int8(ctx: ExportContext, activations: str = "uint8") -> Artifact:
                               f"{record['agreement']['images']} {record['agreement']['source']} (minimum "
                               f"{o.min_agreement:.0%}); calibrate on more representative photos (--calib-data, "
                               f"--calib-size) or try --calib-method percentile")
-    return ctx.write("model.int8.onnx", data, {"format": "onnx", "precision": "int8", "opset": o.opset,
+    opset = max(o.opset, xonnx.TRT_INT8_OPSET) if for_tensorrt else o.opset
+    return ctx.write("model.int8.onnx", data, {"format": "onnx", "precision": "int8", "opset": opset,
                                                "input": {"name": xonnx.INPUT_NAME, "shape": _input_shape(ctx)},
                                                "outputs": list(o.outputs), "batch": ctx.batch_info(),
                                                "quantization": quant, "int8": record, "versions": _versions()})
@@ -333,36 +347,51 @@ def _accuracy(ctx: ExportContext, fp32, int8) -> dict:
 ENGINE_NAMES = {"fp32": "model.engine", "fp16": "model.fp16.engine", "int8": "model.int8.engine"}
 
 
-def trt_plans(ctx: ExportContext, precisions: Sequence[str]) -> list[tuple[str, Path, Path, str]]:
-    """(precision, onnx source, engine path, trtexec command) for each engine to build."""
+def trt_plans(ctx: ExportContext, precisions: Sequence[str], major: int | None = None
+              ) -> list[tuple[str, Path, Path, str]]:
+    """(precision, ONNX source, engine path, trtexec command for TensorRT `major`) per engine to build.
+
+    Strongly typed builds take the precision from the graph, so each engine has its own source:
+    model.onnx (fp32), model.fp16.onnx (fp16), model.int8.onnx (int8; xtrt.ENGINE_SOURCES).
+    """
     o = ctx.options
     cache = Path(o.timing_cache) if o.timing_cache else ctx.path("timing.cache")
     plans = []
     for precision in precisions:
-        source = ctx.files["int8" if precision == "int8" else "fp32"]
+        if precision not in ctx.files:
+            raise MineralNetError(f"a {precision} engine is built from {xtrt.ENGINE_SOURCES[precision]}; export it in "
+                                  f"the same call (mineralnet-export RUN --trt --{precision})")
+        source = ctx.files[precision]
         engine = ctx.path(ENGINE_NAMES[precision])
         cmd = xtrt.trtexec_command(source, engine, precision=precision, profile=o.profile,
                                    image_size=ctx.meta["image_size"], workspace_mib=o.workspace_mib,
-                                   timing_cache=cache)
+                                   timing_cache=cache, major=major)
         plans.append((precision, source, engine, cmd))
     return plans
+
+
+def _device_command(ctx: ExportContext, precisions: Sequence[str]) -> str:
+    """The mineralnet-export command that builds the same engines on the device (the same on 10.x and 11.x)."""
+    p = ctx.options.profile
+    flags = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--calib-data", "DIR"]}
+    batch = (["--dynamic", "--min-batch", str(p.min), "--opt-batch", str(p.opt), "--max-batch", str(p.max)]
+             if p.dynamic else ["--batch", str(p.max)])
+    return " ".join(["mineralnet-export", "RUN", "--trt", *(f for pr in precisions for f in flags[pr]), *batch])
 
 
 def export_trt(ctx: ExportContext, precisions: Sequence[str]) -> list[Artifact]:
     """TensorRT plans (+ sidecars) from the ONNX files written above; needs TensorRT and a GPU."""
     o = ctx.options
     plans = trt_plans(ctx, precisions)
-    if "int8" in precisions:
-        quant = _onnx_quantization(ctx.files["int8"])
-        if not quant.get("tensorrt_compatible"):
-            raise MineralNetError(f"{ctx.files['int8']} has {quant.get('activations')} activations, which TensorRT "
-                                  f"cannot build (it needs int8 with zero point 0); re-export with "
-                                  f"--int8-activations int8 (the default with --trt)")
+    for precision, source, _, _ in plans:  # before anything else: a wrong file fails on any machine
+        xtrt.check_engine_source(source, precision)
     missing = xtrt.tensorrt_missing()
     if missing:
-        commands = " && ".join(cmd for *_, cmd in plans)
-        raise MineralNetError(f"cannot build TensorRT engines: {missing}; the ONNX files are written in "
-                              f"{ctx.out_dir}, build the engine on the NVIDIA device with: {commands}")
+        by_major = {m: " && ".join(cmd for *_, cmd in trt_plans(ctx, precisions, major=m)) for m in xtrt.TRT_MAJORS}
+        raise MineralNetError(f"cannot build TensorRT engines: {missing}; the checked ONNX files are in "
+                              f"{ctx.out_dir}; on the NVIDIA device (TensorRT 10 or 11) run "
+                              f"`{_device_command(ctx, precisions)}`, or copy the ONNX files there and run "
+                              + "; or ".join(f"with TensorRT {m}.x: {cmd}" for m, cmd in by_major.items()))
     device = xtrt.device_info()
     cache = Path(o.timing_cache) if o.timing_cache else ctx.path("timing.cache")
     artifacts = []
@@ -382,19 +411,12 @@ def export_trt(ctx: ExportContext, precisions: Sequence[str]) -> list[Artifact]:
         atomic_write_json(xtrt.sidecar_path(engine), side)
         art = ctx.write(engine.name, plan, {"format": "tensorrt", "precision": precision,
                                             "sidecar": xtrt.sidecar_path(engine).name,
-                                            "tensorrt": {k: side[k] for k in ("tensorrt_version", "gpu",
+                                            "tensorrt": {k: side[k] for k in ("tensorrt_version", "tensorrt_major",
+                                                                              "strongly_typed", "gpu",
                                                                               "compute_capability")},
                                             "profile": side["profile"]})
         artifacts.append(art)
     return artifacts
-
-
-def _onnx_quantization(path) -> dict:
-    import onnx
-
-    proto = onnx.load(os.fspath(path), load_external_data=False)
-    props = {p.key: p.value for p in proto.metadata_props}
-    return json.loads(props.get("quantization", "{}"))
 
 
 @dataclass(frozen=True)
@@ -413,7 +435,8 @@ FORMATS: dict[str, Format] = {
                    export_fp16),
     "int8": Format("int8", "model.int8.onnx", "int8 QDQ ONNX for edge CPUs (needs --calib-data); with --trt "
                                               "also an int8 engine", export_int8),
-    "trt": Format("trt", "model[.fp16|.int8].engine", "TensorRT engine(s) for the precisions asked", export_trt),
+    "trt": Format("trt", "model[.fp16|.int8].engine", "strongly typed TensorRT 10/11 engine(s) for the precisions "
+                                                       "asked, each from the ONNX file of its precision", export_trt),
 }
 
 
@@ -443,7 +466,8 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
         artifacts.append(FORMATS["fp16"].write(ctx))
         log(artifacts[-1].line())
     if "int8" in formats:
-        artifacts.append(FORMATS["int8"].write(ctx, _int8_activations(ctx, formats)))
+        activations = _int8_activations(ctx, formats)
+        artifacts.append(FORMATS["int8"].write(ctx, activations, "trt" in formats and activations == "int8"))
         ctx.files["int8"] = artifacts[-1].path
         log(artifacts[-1].line())
     if "trt" in formats:

@@ -1,9 +1,19 @@
-"""TensorRT 10 engines from the exported ONNX files: profiles, build, sidecar, runner.
+"""TensorRT engines from the exported ONNX files: profiles, strongly typed build, sidecar, runner.
+
+One build path for TensorRT 10 and 11. TensorRT 11 removed weak typing (BuilderFlag.FP16/INT8,
+the INT8 calibrator, platform_has_fast_fp16, NetworkDefinitionCreationFlag.EXPLICIT_BATCH; trtexec
+--fp16/--int8/--best/--calib), and 10.12+ deprecates it. So every network here is strongly typed
+(the STRONGLY_TYPED creation flag: needed on 10.x, accepted and ignored on 11.x) and the builder
+gets no precision flag: the precision is the ONNX graph's own.
+
+    fp32  model.onnx        fp32 graph
+    fp16  model.fp16.onnx   fp16 compute, fp32 input/outputs, softmax in fp32
+    int8  model.int8.onnx   symmetric int8 Q/DQ around Conv/Gemm/Add, the float parts in fp16
 
 The engine file is the plain serialized plan (`IBuilder.build_serialized_network`), with no
 header of our own, so `trtexec --loadEngine`, Triton's `tensorrt_plan` backend and C++
 `IRuntime::deserializeCudaEngine` read it as is. What the plan cannot hold (class names,
-preprocessing, where and with what it was built) goes into `<engine>.json` beside it.
+preprocessing, the TensorRT version and GPU that built it) goes into `<engine>.json` beside it.
 
 Engines are tied to the TensorRT version and the GPU they were built on, so they are built on
 the target device (`mineralnet-export RUN --trt` there, or the `trtexec` command this module
@@ -25,7 +35,11 @@ from mineralnet.errors import MineralNetError
 INPUT_NAME = "images"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MIB = 4096
-SIDECAR_FORMAT = "mineralnet-engine/1"
+SIDECAR_FORMAT = "mineralnet-engine/2"  # /2: records tensorrt_major and strongly_typed
+TRT_MAJORS = (10, 11)
+DEFAULT_MAJOR = 10  # when TensorRT is not installed here: what JetPack 6 and most servers have
+# The ONNX file each engine precision is built from (strong typing: the graph carries the precision).
+ENGINE_SOURCES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
 @dataclass(frozen=True)
@@ -69,16 +83,46 @@ def _dims(shape) -> str:
     return "x".join(str(int(d)) for d in shape)
 
 
+def tensorrt_version() -> str | None:
+    """`tensorrt.__version__` of the installed TensorRT, read at run time; None when it cannot be imported."""
+    try:
+        import tensorrt as trt
+    except Exception:  # not installed, or a broken install (tensorrt_missing says which)
+        return None
+    return str(trt.__version__)
+
+
+def major_of(version: str | None) -> int | None:
+    """"10.3.0.30" -> 10; None or an unparsable string -> None."""
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError:
+        return None
+
+
+def target_major(major: int | None = None) -> int:
+    """The TensorRT major a command is written for: `major`, else the installed one, else 10."""
+    major = major if major is not None else (major_of(tensorrt_version()) or DEFAULT_MAJOR)
+    if major not in TRT_MAJORS:
+        raise MineralNetError(f"TensorRT {major}.x: MineralNet builds strongly typed engines for TensorRT "
+                              f"{' and '.join(map(str, TRT_MAJORS))}; install one of those (pip install 'mineralnet[trt]')")
+    return major
+
+
 def trtexec_command(onnx_path, engine_path, *, precision: str, profile: BatchProfile, image_size: int,
-                    workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache=None) -> str:
-    """The trtexec (TensorRT 10) command that builds the same engine as `build_engine`."""
+                    workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache=None, major: int | None = None) -> str:
+    """The trtexec command that builds the same engine as `build_engine`, for TensorRT `major`.
+
+    No precision flag on either major (the ONNX file fixes the precision: see ENGINE_SOURCES).
+    TensorRT 10 needs --stronglyTyped for that; TensorRT 11 is always strongly typed and its
+    trtexec has no --fp16/--int8/--best/--calib any more.
+    """
     if precision not in ENGINE_PRECISIONS:
         raise MineralNetError(f"engine precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+    major = target_major(major)
     args = ["trtexec", f"--onnx={os.fspath(onnx_path)}", f"--saveEngine={os.fspath(engine_path)}"]
-    if precision == "fp16":
-        args.append("--fp16")
-    elif precision == "int8":  # explicit quantization from the QDQ model: no calibrator; fp16 for the rest
-        args += ["--int8", "--fp16"]
+    if major == 10:
+        args.append("--stronglyTyped")
     if profile.dynamic:
         shapes = profile.shapes(image_size)
         args += [f"--{k}Shapes={INPUT_NAME}:{_dims(shapes[k])}" for k in ("min", "opt", "max")]
@@ -113,13 +157,13 @@ def _tensorrt():
 
 
 def device_info() -> dict:
-    """TensorRT version, GPU name and compute capability of this machine (needs CUDA)."""
+    """TensorRT version (`trt.__version__`, read now), GPU name and compute capability of this machine."""
     import torch
 
     trt = _tensorrt()
     index = torch.cuda.current_device()
     major, minor = torch.cuda.get_device_capability(index)
-    return {"tensorrt_version": trt.__version__, "gpu": torch.cuda.get_device_name(index),
+    return {"tensorrt_version": str(trt.__version__), "gpu": torch.cuda.get_device_name(index),
             "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda}
 
 
@@ -138,7 +182,8 @@ def engine_sidecar(meta: dict, *, precision: str, profile: BatchProfile, onnx_fi
         "outputs": list(outputs),
         "precision": precision,
         "profile": {**profile.to_dict(), "shapes": profile.shapes(s)},
-        "tensorrt_version": device["tensorrt_version"], "gpu": device["gpu"],
+        "tensorrt_version": device["tensorrt_version"], "tensorrt_major": major_of(device["tensorrt_version"]),
+        "strongly_typed": True, "gpu": device["gpu"],
         "compute_capability": device["compute_capability"], "cuda": device.get("cuda"),
         "workspace_mib": int(workspace_mib),
         "onnx": {"file": onnx_file, "sha256": onnx_sha256},
@@ -162,47 +207,105 @@ def read_sidecar(engine_path) -> dict:
         raise MineralNetError(f"{str(side)!r} is not valid JSON ({e}); rebuild the engine") from None
 
 
+def rebuild_hint(sidecar: dict, engine_path, major: int | None) -> str:
+    """How to rebuild the engine described by `sidecar` here: the mineralnet-export flags and trtexec."""
+    profile = BatchProfile(**{k: sidecar["profile"][k] for k in ("min", "opt", "max", "dynamic")})
+    precision = sidecar.get("precision", "fp32")
+    engine = Path(os.fspath(engine_path))
+    onnx_file = (sidecar.get("onnx") or {}).get("file") or ENGINE_SOURCES.get(precision, "model.onnx")
+    flags = {"fp32": "", "fp16": " --fp16", "int8": " --int8 --calib-data DIR"}.get(precision, "")
+    batch = (f" --dynamic --min-batch {profile.min} --opt-batch {profile.opt} --max-batch {profile.max}"
+             if profile.dynamic else f" --batch {profile.max}")
+    cmd = trtexec_command(engine.parent / onnx_file, engine, precision=precision, profile=profile,
+                          image_size=int(sidecar["image_size"]),
+                          workspace_mib=int(sidecar.get("workspace_mib", DEFAULT_WORKSPACE_MIB)),
+                          major=major if major in TRT_MAJORS else None)
+    return f"`mineralnet-export RUN --trt{flags}{batch}` or `{cmd}`"
+
+
 def check_compatible(sidecar: dict, here: dict, engine_path) -> None:
-    """Raise if the engine was built with another TensorRT version or for another GPU."""
-    problems = []
-    if sidecar.get("tensorrt_version") != here["tensorrt_version"]:
-        problems.append(f"TensorRT {sidecar.get('tensorrt_version')} (here {here['tensorrt_version']})")
-    if sidecar.get("compute_capability") != here["compute_capability"] or sidecar.get("gpu") != here["gpu"]:
-        problems.append(f"GPU {sidecar.get('gpu')} sm_{str(sidecar.get('compute_capability')).replace('.', '')} "
-                        f"(here {here['gpu']} sm_{here['compute_capability'].replace('.', '')})")
-    if problems:
-        onnx_file = (sidecar.get("onnx") or {}).get("file", "model.onnx")
-        raise MineralNetError(f"engine {os.fspath(engine_path)!r} was built for {' and '.join(problems)}; engines "
-                              f"do not move between TensorRT versions or GPUs: rebuild it here from {onnx_file} "
-                              f"with `mineralnet-export RUN --trt` or trtexec")
+    """Raise (one line) if the engine was built by another TensorRT version or for another GPU family.
+
+    A plan runs only on the TensorRT version that built it and on GPUs of the same compute
+    capability (unless built version- or hardware-compatible, which MineralNet does not do).
+    """
+    built, have = sidecar.get("tensorrt_version"), here["tensorrt_version"]
+    if built != have:
+        problem = (f"was built by TensorRT {built} and this machine has TensorRT {have}; an engine runs only "
+                   f"on the TensorRT version that built it")
+    elif sidecar.get("compute_capability") != here["compute_capability"]:
+        problem = (f"was built for GPU {sidecar.get('gpu')} "
+                   f"sm_{str(sidecar.get('compute_capability')).replace('.', '')} and this machine has "
+                   f"{here['gpu']} sm_{here['compute_capability'].replace('.', '')}; an engine runs only on the "
+                   f"GPU family that built it")
+    else:
+        return
+    raise MineralNetError(f"engine {os.fspath(engine_path)!r} {problem}: rebuild it here with "
+                          f"{rebuild_hint(sidecar, engine_path, major_of(have))}")
 
 
 # ----------------------------------------------------------------------------- build
+def check_engine_source(onnx_path, precision: str) -> dict:
+    """Raise unless the ONNX file's own precision is `precision` (what a strongly typed build gets).
+
+    Reads the metadata mineralnet-export writes (`precision`, and for int8 `quantization`); a file
+    without it (not written by mineralnet-export) is let through. Returns that metadata.
+    """
+    import onnx
+
+    path = os.fspath(onnx_path)
+    try:
+        proto = onnx.load(path, load_external_data=False)
+    except Exception as e:
+        raise MineralNetError(f"cannot read {path!r} as ONNX ({type(e).__name__}); re-export it with "
+                              f"`mineralnet-export RUN`") from None
+    props = {p.key: p.value for p in proto.metadata_props}
+    graph = json.loads(props["precision"]) if "precision" in props else None
+    if graph is not None and graph != precision:
+        raise MineralNetError(f"{path!r} is a {graph} graph, not {precision}: strongly typed TensorRT takes the "
+                              f"precision from the graph, so build the {precision} engine from "
+                              f"{ENGINE_SOURCES[precision]} (mineralnet-export RUN --trt --{precision})")
+    quant = json.loads(props.get("quantization", "{}"))
+    if precision == "int8" and graph is not None and not quant.get("tensorrt_compatible"):
+        raise MineralNetError(f"{path!r} has {quant.get('activations')} activations and "
+                              f"{quant.get('float_parts', 'fp32')} float layers, which a TensorRT int8 engine cannot "
+                              f"use (it needs int8 with zero point 0 and fp16 between the Q/DQ pairs); re-export "
+                              f"with `mineralnet-export RUN --trt --int8 --int8-activations int8 --calib-data DIR`")
+    return {"precision": graph, "quantization": quant}
+
+
+def network_flags(trt) -> int:
+    """create_network flags: STRONGLY_TYPED where the enum has it (required on 10.x, ignored on 11.x).
+
+    EXPLICIT_BATCH is never used: explicit batch is the only mode since 10.0 and 11.x removed the name.
+    """
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def build_engine(onnx_path, *, precision: str, profile: BatchProfile, image_size: int,
                  workspace_mib: int = DEFAULT_WORKSPACE_MIB, timing_cache=None) -> bytes:
-    """Parse the ONNX file and build a serialized TensorRT plan.
+    """Parse the ONNX file into a strongly typed network and build a serialized TensorRT plan.
 
-    fp16: FP16 builder flag on the fp32 ONNX (TensorRT picks fp16 kernels where they are faster).
-    int8: the QDQ model (explicit quantization: the scales come from its Q/DQ nodes, no
-    calibrator) with INT8 and FP16 flags, so layers left in float run in fp16.
-    A timing cache file, when given, is read first and updated after the build.
+    The same calls on TensorRT 10 and 11: no precision flag, no calibrator. `onnx_path` must hold
+    `precision` in its graph (ENGINE_SOURCES: model.onnx, model.fp16.onnx, model.int8.onnx; checked
+    from its metadata). A timing cache file, when given, is read first and updated after the build.
     """
     from mineralnet.runs import atomic_write_bytes
 
+    if precision not in ENGINE_PRECISIONS:
+        raise MineralNetError(f"engine precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
+    check_engine_source(onnx_path, precision)
     trt = _tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(os.fspath(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise MineralNetError(f"TensorRT cannot parse {os.fspath(onnx_path)!r}: {errors[:300]}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
     inp = network.get_input(0)
     if inp.name != INPUT_NAME:
         raise MineralNetError(f"{os.fspath(onnx_path)!r} has input {inp.name!r}, not {INPUT_NAME!r}; "
@@ -217,12 +320,12 @@ def build_engine(onnx_path, *, precision: str, profile: BatchProfile, image_size
                               f"{profile.max}; re-export the ONNX with the batch settings of the engine")
     cache_file = Path(timing_cache) if timing_cache else None
     cached = cache_file.read_bytes() if cache_file and cache_file.is_file() else b""
-    cache = config.create_timing_cache(cached)
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    config.set_timing_cache(config.create_timing_cache(cached), ignore_mismatch=False)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
-        raise MineralNetError(f"TensorRT failed to build a {precision} engine from {os.fspath(onnx_path)!r} "
-                              f"(its log above says why; a larger --workspace or smaller --max-batch may help)")
+        raise MineralNetError(f"TensorRT {trt.__version__} failed to build a {precision} engine from "
+                              f"{os.fspath(onnx_path)!r} (its log above says why; a larger --workspace or smaller "
+                              f"--max-batch may help)")
     if cache_file:
         atomic_write_bytes(cache_file, bytes(config.get_timing_cache().serialize()))
     return bytes(plan)
