@@ -152,6 +152,11 @@ class EdgeModel:
         if threads:
             opts.intra_op_num_threads = threads
         self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
+        quant = json.loads(self.session.get_modelmeta().custom_metadata_map.get("quantization") or "{}")
+        if quant.get("onnxruntime_optimization") == "disable":
+            # the int8 model exported for TensorRT: ONNX Runtime's optimiser miscomputes its fp16 Q/DQ graph
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
         meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()
                 if k in ("classes", "image_size", "resize", "mean", "std", "precision")}
         missing = {"classes", "image_size", "resize", "mean", "std"} - set(meta)

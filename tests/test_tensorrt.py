@@ -463,3 +463,27 @@ def test_tensorrt_engines_build_and_match_onnx_runtime(run_dir, photos, tmp_path
     (tmp_path / "broken.engine.json").write_text(json.dumps(side))
     with pytest.raises(MineralNetError, match="cannot deserialize"):
         Predictor(broken)
+
+
+def test_ort_session_follows_the_files_optimisation_metadata(tmp_path):
+    # The int8 model for TensorRT says "onnxruntime_optimization": "disable": every ONNX Runtime session of
+    # the toolkit (predict, edge runner, bench) must honour it, or ORT's optimiser miscomputes the graph.
+    import json as _json
+
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from mineralnet.export.onnx import ort_session
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])])
+    for wanted, level in (("disable", ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                          ("all", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        helper.set_model_props(model, {"quantization": _json.dumps({"onnxruntime_optimization": wanted})})
+        path = tmp_path / f"{wanted}.onnx"
+        onnx.save(model, str(path))
+        assert ort_session(path).get_session_options().graph_optimization_level == level

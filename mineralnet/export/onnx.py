@@ -171,8 +171,23 @@ def check_proto(proto) -> None:
 
 
 def ort_session(path_or_bytes, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                optimization: str = "all"):
-    """An onnxruntime.InferenceSession on CPU (or the given providers), with a clear error."""
+                optimization: str = "auto"):
+    """An onnxruntime.InferenceSession on CPU (or the given providers), with a clear error.
+
+    optimization "auto" follows the file's own metadata: the int8 model exported for TensorRT says
+    `"onnxruntime_optimization": "disable"` (ONNX Runtime's optimiser miscomputes its fp16 Q/DQ graph),
+    everything else runs fully optimised.
+    """
+    session = _ort_session(path_or_bytes, providers, threads, "all" if optimization == "auto" else optimization)
+    if optimization == "auto":
+        quant = json.loads(session.get_modelmeta().custom_metadata_map.get("quantization", "{}") or "{}")
+        wanted = quant.get("onnxruntime_optimization", "all")
+        if wanted != "all":
+            session = _ort_session(path_or_bytes, providers, threads, wanted)
+    return session
+
+
+def _ort_session(path_or_bytes, providers, threads, optimization: str):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
