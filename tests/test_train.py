@@ -63,6 +63,7 @@ CONTRACT = ["config.yaml", "model.safetensors", "model.json", "metrics.jsonl", "
             "eval/metrics.json", "eval/per_class.csv", "eval/confusion.png"]
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_the_run_directory_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
     _run(["--data", tiny_data, "--out", str(out), "--epochs", "2", *TINY, "--loss", "wtopk"], tmp_path)
@@ -87,6 +88,7 @@ def test_tiny_run_writes_the_run_directory_contract(tiny_data, tmp_path):
     assert meta["metrics"]["top1"] == pytest.approx(best["val_top1"])
 
 
+@pytest.mark.slow
 def test_ddp_global_scope_equals_one_process_and_local_differs(tiny_data, tmp_path):
     common = ["--data", tiny_data, "--epochs", "2", *TINY, "--freeze-bn", "--loss", "wtopk", "--k", "0.25",
               "--alpha", "0.1"]
@@ -107,6 +109,7 @@ def test_ddp_global_scope_equals_one_process_and_local_differs(tiny_data, tmp_pa
     assert m["top1"] == pytest.approx(m1["top1"], abs=1e-9)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ema_decay", [0.0, 0.9])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_path, ema_decay):
     base = dict(data=tiny_data, backbone="resnet18", image_size=32, batch_size=8, workers=0, optimizer="sgd",
@@ -128,6 +131,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_data, tmp_pa
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_state_and_leaves_a_loadable_run(tiny_data, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, TRAIN, "--data", tiny_data, "--out", str(out), "--epochs", "200", *TINY]
@@ -163,6 +167,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_saves_never_leaves_a_corrupt_model(tmp_path):
     run = tmp_path / "run"
     for delay in (0.0, 0.05, 0.13, 0.31):
@@ -205,6 +210,7 @@ def test_bad_inputs_are_one_clear_line(tiny_data, tmp_path, capsys):
     assert "classes" in err(["--resume", str(run), "--data", str(other), "--epochs", "2"])
 
 
+@pytest.mark.slow
 def test_batch_not_divisible_by_processes_is_clear(tiny_data, tmp_path):
     p = _run(["--data", tiny_data, "--out", str(tmp_path / "r"), *TINY, "--batch-size", "7"], tmp_path, procs=2,
              check=False)
@@ -212,6 +218,7 @@ def test_batch_not_divisible_by_processes_is_clear(tiny_data, tmp_path):
     assert "does not divide over 2 processes" in p.stderr
 
 
+@pytest.mark.slow
 def test_no_argument_demo_produces_a_complete_run(tmp_path):
     p = subprocess.run([sys.executable, TRAIN], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
                        timeout=900)
@@ -260,6 +267,7 @@ def test_model_ema_matches_an_independent_average():
     assert not any(p.requires_grad for p in ema.model.parameters()) and not ema.model.training
 
 
+@pytest.mark.slow
 def test_ema_run_keeps_the_averaged_weights_as_the_model(tiny_data, tmp_path):
     out = tmp_path / "ema"
     _run(["--data", tiny_data, "--out", str(out), "--epochs", "1", *TINY, "--ema-decay", "0.9"], tmp_path)
@@ -297,6 +305,7 @@ def test_progressive_resizing_schedule_and_dataset():
         load_config(None, image_size=128, train_crop_min=200).validate()
 
 
+@pytest.mark.slow
 def test_progressive_run_logs_the_crop_and_validates_at_image_size(tiny_data, tmp_path):
     out = tmp_path / "prog"
     _run(["--data", tiny_data, "--out", str(out), "--epochs", "3", *TINY, "--train-crop-min", "16",
@@ -408,6 +417,7 @@ def test_cpu_preset_runs_on_the_real_photos(minet7_dir, tmp_path):
     assert json.loads((out / "eval" / "metrics.json").read_text())["n"] == 332
 
 
+@pytest.mark.slow
 def test_eval_split_val_reproduces_training_validation_from_the_files(tmp_path, capsys):
     """With photos cached in RAM, validation during training and `mineralnet eval RUN --split val`
     (which decodes the files again) score the same tensors: same confusion matrix."""
