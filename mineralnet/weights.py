@@ -90,7 +90,8 @@ def load_state_dict(path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except Exception as e:
-            raise MineralNetError(f"{str(path)!r} is not a readable safetensors file ({e})") from None
+            raise MineralNetError(f"weights file {str(path)!r} cannot be read as safetensors ({str(e)[:80]}), so its "
+                                  f"weights do not fit any backbone; pass a file written by safetensors' save_file") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError for objects/code, RuntimeError for a non-torch file
@@ -275,8 +276,8 @@ def resolve_pretrained(spec, backbone: str):
         return to_timm(load_state_dict(path), backbone)
     path = Path(os.fspath(spec))
     if not path.is_file():
-        raise MineralNetError(f"--pretrained {str(spec)!r} is neither a file nor a known source; use false, true, "
-                              f"installed, {', '.join(SOURCES)}, or a .safetensors/.pth path")
+        raise MineralNetError(f"--pretrained {str(spec)!r}: the file does not exist and no source has that name; use "
+                              f"false, true, installed, {', '.join(SOURCES)}, or an existing .safetensors/.pth file")
     return to_timm(load_state_dict(path), backbone)
 
 
