@@ -163,8 +163,8 @@ def to_timm(state_dict: dict, backbone: str) -> dict[str, torch.Tensor]:
     """Rename a state dict to timm's names for `backbone` and check every tensor and shape.
 
     EfficientNet-PyTorch checkpoints are mapped by the table above; timm and torchvision ResNet
-    checkpoints already use timm's names. Other layouts (e.g. torchvision VGG) pass through to
-    timm's own checkpoint filter when the model is built (`create_with_state_dict`).
+    checkpoints already use timm's names. The check is strict on purpose: timm loads EfficientNet
+    features_only backbones non-strictly, so a tensor that misses its name would stay random silently.
     """
     reference, counts = _reference_state(backbone)
     if is_efficientnet_pytorch(state_dict):
@@ -174,7 +174,8 @@ def to_timm(state_dict: dict, backbone: str) -> dict[str, torch.Tensor]:
         mapping = efficientnet_pytorch_key_map(state_dict, counts)
         state_dict = {mapping[k]: v for k, v in state_dict.items()}
     elif not set(state_dict) & set(reference):
-        return dict(state_dict)  # another layout: timm's checkpoint filter decides
+        raise MineralNetError(f"weights share no tensor name with timm {backbone!r}; supported layouts: timm, "
+                              f"torchvision ResNet, EfficientNet-PyTorch -- is --backbone right?")
     missing = sorted(set(reference) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(reference))
     bad = [k for k in set(reference) & set(state_dict) if tuple(state_dict[k].shape) != reference[k]]

@@ -214,3 +214,12 @@ def test_convert_package_and_fine_tune(tmp_path, capsys):
     result = fit(load_config("demo", data=str(demo), backbone=source.backbone, pretrained=str(out), epochs=1,
                              batch_size=8, out=str(tmp_path / "run"), normalize="imagenet"))
     assert (tmp_path / "run" / "model.safetensors").is_file() and result["best"]["top1"] >= 0
+
+
+def test_torchvision_resnet_keeps_names_and_unknown_layout_is_refused():
+    torchvision = pytest.importorskip("torchvision")
+    tv = torchvision.models.resnet18().state_dict()
+    mapped = weights.to_timm(tv, "resnet18")
+    timm.create_model("resnet18").load_state_dict(mapped, strict=True)
+    with pytest.raises(MineralNetError, match="share no tensor name"):
+        weights.to_timm(torchvision.models.vgg11().state_dict(), "resnet18")
