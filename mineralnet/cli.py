@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("mineralnet.predict", "name the minerals in photos with a run, ONNX file or engine"),
     "bench": ("mineralnet.bench", "latency/throughput benchmark of models across runtimes"),
     "data": ("mineralnet.data.cli", "inspect a photo collection (`mineralnet data check DIR`)"),
+    "weights": ("mineralnet.weights", "list offline pretrained weights; convert a checkpoint to timm safetensors"),
 }
 
 

@@ -17,36 +17,30 @@ from torch import nn
 from mineralnet.errors import MineralNetError
 from mineralnet.stages import parse_stages
 
-Pretrained = Union[bool, str, os.PathLike]
+Pretrained = Union[bool, str, os.PathLike, dict]
 
 
 def _create_backbone(name: str, out_indices: Sequence[int] | None, pretrained: Pretrained) -> nn.Module:
+    """timm features-only backbone; `pretrained` is anything `--pretrained` accepts (see
+    mineralnet.weights.resolve_pretrained) or an already resolved timm-layout state dict."""
+    from mineralnet import weights
+
     kwargs = dict(features_only=True)
     if out_indices is not None:
         kwargs["out_indices"] = tuple(out_indices)
-    if pretrained in (False, None, "", "none", "false", "False"):
+    resolved = weights.resolve_pretrained(pretrained, name)
+    if resolved is False:
         return timm.create_model(name, pretrained=False, **kwargs)
-    if pretrained is True or str(pretrained).lower() in ("true", "hub", "timm"):
+    if resolved is True:
         try:
             return timm.create_model(name, pretrained=True, **kwargs)
-        except Exception as e:  # no network, no cache, unknown tag, ...
+        except Exception as e:  # the hub answered a moment ago but the download failed
             raise MineralNetError(
                 f"could not get pretrained weights for {name!r} from the timm hub "
                 f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'no detail'}); "
                 f"download them elsewhere and pass the file with --pretrained PATH "
                 f"(.safetensors or .pth), or train from scratch with --pretrained false") from None
-    path = os.fspath(pretrained)
-    if not os.path.isfile(path):
-        raise MineralNetError(f"pretrained weights file {path!r} does not exist; pass an existing "
-                              f".safetensors/.pth file, true (timm hub) or false")
-    try:
-        # timm loads a local file through the pretrained config, filtering the classifier as
-        # it does for hub weights, so the same file works for features_only.
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
-    except Exception as e:
-        raise MineralNetError(f"pretrained weights {path!r} do not fit backbone {name!r} "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass weights of "
-                              f"the same timm architecture") from None
+    return weights.create_with_state_dict(name, resolved, **kwargs)
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,7 +73,8 @@ class FusionNet(nn.Module):
         backbone: timm model name (resnet50 in the paper).
         stages: the paper's stage numbers to fuse, 1..4 (Layer1..Layer4); (2, 4) is the best.
         num_classes: number of minerals.
-        pretrained: False, True (timm hub) or a path to a local weights file.
+        pretrained: False, True (timm hub), a local weights file, a named offline source
+            (e.g. "efficientnet-lite0", "installed") or a state dict; see mineralnet.weights.
         drop_rate: dropout on the fused vector before the classifier (0 in the paper).
     """
 
