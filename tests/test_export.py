@@ -542,7 +542,7 @@ def test_edge_runner_needs_neither_torch_nor_mineralnet(exported, run_dir, photo
     assert result["precision"] == "int8"
     ref = Predictor(model).predict(paths, topk=2)
     for got, want in zip(result["predictions"], ref):
-        assert [t["class"] for t in got["top"]] == [name for name, _ in want.top]
+        assert [t["label"] for t in got["top"]] == [name for name, _ in want.top]
         assert np.allclose([t["prob"] for t in got["top"]], [p for _, p in want.top], atol=1e-5)
     proc = subprocess.run([sys.executable, str(REPO / "export" / "edge_predict.py"), str(model), "missing.jpg"],
                           capture_output=True, text=True, timeout=120)

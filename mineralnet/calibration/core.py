@@ -96,14 +96,23 @@ def knn_novelty(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- threshold, AUROC
+def _between(sorted_values: np.ndarray, k: int) -> float:
+    """A cut just above the k-th smallest value (1-based): half-way to the next distinct one, so that
+    float32-vs-float64 noise of a runtime cannot move a calibration photo across it."""
+    v = float(sorted_values[k - 1])
+    above = sorted_values[k:][sorted_values[k:] > v]
+    return (v + float(above[0])) / 2 if len(above) else v + 1e-6 * max(1.0, abs(v))
+
+
 def acceptance_threshold(known_novelty: np.ndarray, acceptance: float = 0.95) -> float:
-    """The smallest novelty t with at least `acceptance` of the known photos at novelty <= t."""
+    """A novelty t with the smallest fraction >= `acceptance` of the known photos at novelty <= t
+    (half-way between the last accepted photo and the next)."""
     if not 0.0 < acceptance <= 1.0:
         raise MineralNetError(f"acceptance {acceptance} must be in (0, 1], e.g. 0.95")
     s = np.sort(np.asarray(known_novelty, np.float64))
     if not len(s):
         raise MineralNetError("no known photos to set the novelty threshold on")
-    return float(s[max(1, math.ceil(acceptance * len(s) - 1e-9)) - 1])
+    return _between(s, max(1, math.ceil(acceptance * len(s) - 1e-9)))
 
 
 def auroc(known: np.ndarray, unknown: np.ndarray) -> float:
@@ -190,17 +199,18 @@ def conformal_scores(probs: np.ndarray, labels: np.ndarray, lam: float = 0.0, k_
 
 
 def conformal_quantile(scores: np.ndarray, coverage: float) -> float:
-    """The ceil((n + 1) * coverage)-th smallest calibration score (inf when n is too small)."""
+    """The ceil((n + 1) * coverage)-th smallest calibration score (inf when n is too small), moved
+    half-way to the next score (the same sets on the calibration photos; robust to float noise)."""
     if not 0.0 < coverage < 1.0:
         raise MineralNetError(f"--coverage {coverage} must be between 0 and 1, e.g. 0.9")
     s = np.sort(np.asarray(scores, np.float64))
     k = math.ceil((len(s) + 1) * coverage - 1e-9)
-    return float("inf") if k > len(s) else float(s[k - 1])
+    return float("inf") if k > len(s) else _between(s, k)
 
 
 def conformal_sets(probs: np.ndarray, qhat: float, lam: float = 0.0, k_reg: int = 0) -> list[list[int]]:
     """Per photo, the classes whose score is at most qhat (best first); the top-1 class is always in."""
     order, score = _ranked(probs, lam, k_reg)
-    keep = score <= qhat + 1e-9
+    keep = score <= qhat
     keep[:, 0] = True
     return [[int(c) for c, k in zip(o, m) if k] for o, m in zip(order, keep)]

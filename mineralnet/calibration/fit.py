@@ -139,6 +139,46 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, classes: list[str
     return rep
 
 
+def eval_calibration(run, targets: np.ndarray, probs: np.ndarray, classes: list[str], out_dir,
+                     coverage: float = 0.9) -> dict:
+    """`mineralnet eval`: calibration_report from the softmax probabilities of a run's evaluation (the
+    log-probabilities are the logits up to a per-photo constant, which softmax and temperature ignore)."""
+    logits = np.log(np.maximum(np.asarray(probs, np.float64), 1e-30))
+    return calibration_report(logits, targets, classes, Calibration.load(run), out_dir, coverage)
+
+
+def format_calibration(rep: dict) -> str:
+    """One or two lines for the eval printout."""
+    if "ece_after" not in rep:
+        return f"ECE {rep['ece_before']:.3f} ({rep['note']})"
+    line = (f"ECE {rep['ece_before']:.3f} -> {rep['ece_after']:.3f} after temperature {rep['temperature']:.3f}; "
+            f"candidate sets at {rep['coverage_target']:.0%}: coverage {rep['coverage']:.1%}, "
+            f"mean size {rep['mean_set_size']:.2f}")
+    if "known_flagged_unknown" in rep:
+        line += f"; flagged unknown {rep['known_flagged_unknown']:.1%}"
+    return line
+
+
+def openset_report(cal: Calibration, known: dict, unknown: dict) -> dict:
+    """Every detector on known photos (of the trained minerals) against photos of other minerals:
+    AUROC, and the fractions of each accepted as known at the calibration's thresholds.
+
+    Args:
+        known, unknown: {"logits", "embedding"} of the photos (known also "labels" for its Top1).
+    """
+    out = {"known_photos": int(len(known["logits"])), "unknown_photos": int(len(unknown["logits"])),
+           "acceptance_target": cal.acceptance, "detectors": {}}
+    if "labels" in known:
+        out["known_top1"] = float((np.argmax(known["logits"], 1) == known["labels"]).mean())
+    for name in core.DETECTORS:
+        k = cal.novelty(known["logits"], known["embedding"], name)
+        u = cal.novelty(unknown["logits"], unknown["embedding"], name)
+        thr = cal.thresholds[name]
+        out["detectors"][name] = {"auroc": core.auroc(k, u), "known_accepted": float((k <= thr).mean()),
+                                  "unknown_accepted": float((u <= thr).mean())}
+    return out
+
+
 def plot_reliability(before: np.ndarray, after: np.ndarray | None, labels: np.ndarray, path, bins: int = 15) -> None:
     """Reliability diagram: accuracy against confidence per bin, before (and after) temperature."""
     import matplotlib
