@@ -92,6 +92,9 @@ def calibrate_run(run_dir, *, detector: str = DEFAULT_DETECTOR, acceptance: floa
     from mineralnet.runs import load_model
 
     model, meta = load_model(run_dir)
+    if not (Path(run_dir) / "split.json").is_file():
+        raise MineralNetError(f"{str(run_dir)!r} has no split.json: calibration fits on the run's own training and "
+                              f"validation photos; calibrate a run made by `mineralnet train`")
     parts = {}
     for which in ("train", "val"):
         index = split_samples(run_dir, which)

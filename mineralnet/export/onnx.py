@@ -425,10 +425,12 @@ def float_tail_nodes(proto) -> list[str]:
 
 
 def quantized_coverage(proto) -> tuple[int, int]:
-    """(quantized, total) Conv/Gemm/MatMul nodes: quantized = both data and weight inputs come
-    from DequantizeLinear, so ONNX Runtime / TensorRT run them as int8 kernels."""
+    """(quantized, total) Conv/Gemm/MatMul nodes of the backbone (the float tail after the pooling is
+    float by design): quantized = both data and weight inputs come from DequantizeLinear, so ONNX
+    Runtime / TensorRT run them as int8 kernels."""
     producer = {o: n.op_type for n in proto.graph.node for o in n.output}
-    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    tail = set(float_tail_nodes(proto))
+    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in tail]
     done = sum(all(producer.get(i) == "DequantizeLinear" for i in n.input[:2]) for n in compute)
     return done, len(compute)
 
