@@ -5,9 +5,12 @@ No PyTorch and no MineralNet install needed: copy this file and a `model.onnx` /
 `model.int8.onnx` written by `mineralnet-export`, then
 
     pip install numpy pillow onnxruntime
-    python edge_predict.py model.int8.onnx photo1.jpg photos/ --topk 3 [--json]
+    python edge_predict.py model.int8.onnx photo1.jpg photos/ --topk 3 [--json] [--coverage 0.9]
 
-Class names and preprocessing are read from the model's own metadata. The preprocessing
+Class names and preprocessing are read from the model's own metadata; a model exported from a
+calibrated run (`mineralnet calibrate RUN`) also carries its temperature, its "unknown mineral"
+threshold on the graph's `novelty` output and its conformal scores, so each photo gets calibrated
+probabilities, `unknown`, `novelty` and, with --coverage, a candidate set (as `mineralnet predict`). The preprocessing
 reimplements MineralNet's evaluation transform (EXIF-upright RGB; integer block-average shrink
 of photos >= 2x `resize`, shorter side resized to `resize` bilinearly, centre crop, x/255,
 (x - mean)/std) with numpy in OpenCV's own fixed-point arithmetic: pixels are identical except
@@ -158,43 +161,78 @@ class EdgeModel:
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
         meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()
-                if k in ("classes", "image_size", "resize", "mean", "std", "precision")}
+                if k in ("classes", "image_size", "resize", "mean", "std", "precision", "calibration")}
         missing = {"classes", "image_size", "resize", "mean", "std"} - set(meta)
         if missing:
             raise ValueError(f"{path} lacks metadata {sorted(missing)}; export it with mineralnet-export")
         self.classes, self.precision = meta["classes"], meta.get("precision", "?")
+        self.calibration = meta.get("calibration")  # None: plain softmax, unknown null
         self.preprocess = Preprocess(meta["image_size"], meta["resize"], meta["mean"], meta["std"])
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """(N, 3, S, S) float32 -> (N, num_classes) probabilities."""
+    def outputs(self, images: np.ndarray) -> dict:
+        """(N, 3, S, S) float32 -> {output name: (N, ...) array}, in chunks of the model's batch."""
         step = self.batch or 16
-        parts = []
+        parts = {}
         for start in range(0, len(images), step):
             x = images[start:start + step]
             n = len(x)
             if self.batch and n < self.batch:
                 x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
-            out = dict(zip(self.output_names, self.session.run(None, {self.input_name: x})))
-            if "probs" in out:
-                p = out["probs"]
-            else:
-                z = out["logits"].astype(np.float64)
-                e = np.exp(z - z.max(axis=1, keepdims=True))
-                p = e / e.sum(axis=1, keepdims=True)
-            parts.append(p[:n].astype(np.float32))
-        return np.concatenate(parts)
+            for name, value in zip(self.output_names, self.session.run(None, {self.input_name: x})):
+                parts.setdefault(name, []).append(value[:n])
+        return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def predict(self, paths, topk: int = 3):
+    def probabilities(self, images: np.ndarray, out: dict | None = None) -> np.ndarray:
+        """(N, 3, S, S) float32 -> (N, num_classes) probabilities (temperature-scaled when calibrated)."""
+        out = self.outputs(images) if out is None else out
+        t = float(self.calibration["temperature"]) if self.calibration else 1.0
+        if "logits" in out:
+            z = out["logits"].astype(np.float64) / t
+        elif self.calibration:
+            z = np.log(np.maximum(out["probs"].astype(np.float64), 1e-30)) / t
+        else:
+            return out["probs"].astype(np.float32)
+        e = np.exp(z - z.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    def candidate_sets(self, probs: np.ndarray, coverage: float) -> list:
+        """Split-conformal APS/RAPS sets: classes in descending probability while the cumulative
+        mass (+ lam per rank past k_reg) is at most the calibration quantile; the top-1 always."""
+        c = self.calibration["conformal"]
+        scores = np.sort(np.asarray(c["scores"], np.float64))
+        k = int(np.ceil((len(scores) + 1) * coverage - 1e-9))
+        qhat = np.inf
+        if k <= len(scores):  # the k-th score, half-way to the next distinct one (as MineralNet does)
+            above = scores[k:][scores[k:] > scores[k - 1]]
+            qhat = (scores[k - 1] + above[0]) / 2 if len(above) else scores[k - 1] + 1e-6 * max(1.0, abs(scores[k - 1]))
+        order = np.argsort(-probs, axis=1, kind="stable")
+        cum = np.cumsum(np.take_along_axis(probs, order, axis=1), axis=1)
+        cum = cum + float(c["lam"]) * np.maximum(0, np.arange(1, probs.shape[1] + 1) - int(c["k_reg"]))[None, :]
+        keep = cum <= qhat
+        keep[:, 0] = True
+        return [[self.classes[i] for i, m in zip(o, row) if m] for o, row in zip(order, keep)]
+
+    def predict(self, paths, topk: int = 3, coverage: float | None = None):
         x = np.stack([self.preprocess(load_rgb(p, self.preprocess.resize)) for p in paths])
-        probs = self.probabilities(x)
+        out = self.outputs(x)
+        probs = self.probabilities(x, out)
+        novelty = out.get("novelty") if self.calibration else None
+        sets = self.candidate_sets(probs, coverage) if coverage is not None else None
         k = max(1, min(topk, len(self.classes)))
-        return [{"image": p, "top": [{"class": self.classes[i], "prob": round(float(row[i]), 6)}
-                                     for i in np.argsort(-row, kind="stable")[:k]]}
-                for p, row in zip(paths, probs)]
+        records = []
+        for n, (p, row) in enumerate(zip(paths, probs)):
+            r = {"file": p, "top": [{"label": self.classes[i], "prob": round(float(row[i]), 6)}
+                                    for i in np.argsort(-row, kind="stable")[:k]],
+                 "unknown": None if novelty is None else bool(novelty[n] > self.calibration["threshold"]),
+                 "novelty": None if novelty is None else round(float(novelty[n]), 6)}
+            if sets is not None:
+                r["set"] = sets[n]
+            records.append(r)
+        return records
 
 
 def expand(paths):
@@ -219,19 +257,29 @@ def main(argv=None) -> int:
     parser.add_argument("--topk", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--coverage", type=float, default=None,
+                        help="also print the candidate set holding the true mineral with this probability (e.g. 0.9)")
     args = parser.parse_args(argv)
     try:
         images = expand(args.images)
         model = EdgeModel(args.model, threads=args.threads)
-        results = model.predict(images, args.topk)
+        if args.coverage is not None and not (model.calibration and 0 < args.coverage < 1):
+            raise ValueError(f"--coverage {args.coverage} needs a coverage in (0, 1) and a model exported from a "
+                             f"calibrated run (`mineralnet calibrate RUN`, then export again)")
+        results = model.predict(images, args.topk, args.coverage)
     except Exception as e:  # one line, not a traceback, on a device without a developer at hand
         print(f"edge_predict: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"model": args.model, "precision": model.precision, "predictions": results}, indent=2))
+        doc = {"model": args.model, "precision": model.precision, "calibrated": bool(model.calibration)}
+        if not model.calibration:
+            doc["note"] = "the model has no calibration: `unknown` is null; calibrate the run and export again"
+        print(json.dumps({**doc, "predictions": results}, indent=2))
     else:
         for r in results:
-            print(f"{r['image']}  " + "  ".join(f"{t['class']} {t['prob']:6.1%}" for t in r["top"]))
+            flag = "" if r["unknown"] is None else ("  UNKNOWN?" if r["unknown"] else "  known")
+            cands = f"  set {{{', '.join(r['set'])}}}" if "set" in r else ""
+            print(f"{r['file']}  " + "  ".join(f"{t['label']} {t['prob']:6.1%}" for t in r["top"]) + flag + cands)
     return 0
 
 

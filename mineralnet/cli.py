@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
     "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
     "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),
+    "calibrate": ("mineralnet.calibration.fit", "fit unknown-mineral detection, temperature and candidate sets for a run"),
     "predict": ("mineralnet.predict", "name the minerals in photos with a run, ONNX file or engine"),
     "bench": ("mineralnet.bench", "latency/throughput benchmark of models across runtimes"),
     "data": ("mineralnet.data.cli", "inspect a photo collection (`mineralnet data check DIR`)"),

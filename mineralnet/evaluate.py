@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
     parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    parser.add_argument("--coverage", type=float, default=0.9,
+                        help="conformal candidate-set coverage to check on a calibrated run (default 0.9)")
 
 
 def split_samples(run, which: str = "val"):
@@ -88,12 +90,18 @@ def run(args) -> int:
                                                                      args.workers, split=split)
     out_dir = Path(args.out) if args.out else Path(args.run) / EVAL_DIR
     if accelerator.is_main_process:
+        from mineralnet.calibration.fit import eval_calibration, format_calibration
+
         source = {"split": split} if split else {"data": str(args.data)}
+        calibration = eval_calibration(args.run, targets, probs, meta["classes"], out_dir, args.coverage)
         metrics = write_eval_report(out_dir, targets, preds, probs, meta["classes"],
-                                    extra={"run": str(args.run), **source, "skipped_unreadable": len(index.bad)})
+                                    extra={"run": str(args.run), **source, "skipped_unreadable": len(index.bad),
+                                           "calibration": calibration})
         if index.bad:
             print(f"skipped {len(index.bad)} unreadable image(s), e.g. {index.bad[0]}")
         print(format_table(metrics))
-        print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_class.csv'}, {out_dir / 'confusion.png'}")
+        print(format_calibration(calibration))
+        print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_class.csv'}, {out_dir / 'confusion.png'}, "
+              f"{out_dir / 'reliability.png'}")
     accelerator.end_training()
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -138,15 +139,35 @@ def open_backend(path, *, device: str | None = None, providers: Sequence[str] | 
 
 
 # ----------------------------------------------------------------------------- predictor
+NO_CALIBRATION_NOTE = ("the model has no calibration: `unknown` is null and probabilities are the plain softmax; "
+                       "run `mineralnet calibrate RUN` (and export again for ONNX/TensorRT)")
+
+
 @dataclass
 class Prediction:
     image: str
-    top: list[tuple[str, float]]  # (class name, probability), best first
+    top: list[tuple[str, float]]  # (class name, probability), best first; calibrated when the model is
     probs: np.ndarray  # (num_classes,)
+    novelty: float | None = None  # higher = less like the training minerals; None without calibration
+    unknown: bool | None = None  # novelty above the run's threshold; None without calibration
+    set: list[str] | None = None  # conformal candidate set (with a coverage), best first
 
     def to_dict(self) -> dict:
-        return {"image": self.image,
-                "top": [{"class": name, "prob": round(float(p), 6)} for name, p in self.top]}
+        d = {"file": self.image, "top": [{"label": name, "prob": round(float(p), 6)} for name, p in self.top],
+             "unknown": self.unknown, "novelty": None if self.novelty is None else round(float(self.novelty), 6)}
+        if self.set is not None:
+            d["set"] = list(self.set)
+        return d
+
+
+def _calibration(backend, path):
+    """The Calibration of a run directory, or the public part carried by an exported model, or None."""
+    from mineralnet.calibration import Calibration
+
+    if isinstance(backend, TorchBackend):
+        return Calibration.load(Path(path))
+    public = backend.meta.get("calibration")
+    return Calibration.from_public(public) if isinstance(public, dict) else None
 
 
 class Predictor:
@@ -157,6 +178,10 @@ class Predictor:
             engine (.engine/.plan, with its .json sidecar).
         device: PyTorch device for run directories (default CUDA when available).
         providers: ONNX Runtime execution providers (default CUDA when installed, then CPU).
+
+    With a calibration (`mineralnet calibrate RUN`; exported models carry it) probabilities are
+    temperature-scaled and every prediction has `novelty`, `unknown` and, given a coverage, a
+    conformal candidate `set`; without one, `unknown`/`novelty` are None and `note` says why.
     """
 
     def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
@@ -166,6 +191,8 @@ class Predictor:
         self.meta = self.backend.meta
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocess = Preprocessor(self.meta)
+        self.calibration = _calibration(self.backend, model)
+        self.note = None if self.calibration is not None else NO_CALIBRATION_NOTE
 
     @property
     def kind(self) -> str:
@@ -176,27 +203,42 @@ class Predictor:
         x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.preprocess.batch(images)
         return self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
 
-    def probabilities(self, images: Sequence) -> np.ndarray:
-        """(N, num_classes) class probabilities."""
+    def answers(self, images: Sequence, coverage: float | None = None) -> dict:
+        """{"probs" (N, C), "novelty" (N,) or None, "unknown" (N,) or None, "sets" (with a coverage)}."""
         out = self.outputs(images)
+        if self.calibration is not None:
+            return self.calibration.answer(out, coverage=coverage)
+        if coverage is not None:
+            raise MineralNetError(f"--coverage needs a calibrated model; {NO_CALIBRATION_NOTE}")
         if "probs" in out:
-            return out["probs"].astype(np.float32)
-        if "logits" in out:
-            return softmax(out["logits"])
-        raise MineralNetError(f"model {self.path!r} has only the outputs {', '.join(out)}; class probabilities "
-                              f"need logits or probs: re-export with --outputs logits,probs")
+            probs = out["probs"].astype(np.float32)
+        elif "logits" in out:
+            probs = softmax(out["logits"])
+        else:
+            raise MineralNetError(f"model {self.path!r} has only the outputs {', '.join(out)}; class probabilities "
+                                  f"need logits or probs: re-export with --outputs logits,probs")
+        return {"probs": probs, "novelty": None, "unknown": None}
 
-    def predict(self, images: Sequence, topk: int = 3, batch_size: int = 32) -> list[Prediction]:
-        """Top-k (class name, probability) for each photo."""
+    def probabilities(self, images: Sequence) -> np.ndarray:
+        """(N, num_classes) class probabilities (temperature-scaled when the model is calibrated)."""
+        return np.asarray(self.answers(images)["probs"], np.float32)
+
+    def predict(self, images: Sequence, topk: int = 3, batch_size: int = 32, coverage: float | None = None
+                ) -> list[Prediction]:
+        """Top-k (class name, probability), novelty, unknown and (with `coverage`) the candidate set."""
         topk = max(1, min(int(topk), len(self.classes)))
         results = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
-            probs = self.probabilities(chunk)
-            for image, p in zip(chunk, probs):
+            ans = self.answers(chunk, coverage)
+            for i, (image, p) in enumerate(zip(chunk, ans["probs"])):
                 order = np.argsort(-p, kind="stable")[:topk]
                 name = os.fspath(image) if isinstance(image, (str, os.PathLike)) else "<array>"
-                results.append(Prediction(name, [(self.classes[i], float(p[i])) for i in order], p))
+                results.append(Prediction(
+                    name, [(self.classes[j], float(p[j])) for j in order], np.asarray(p, np.float32),
+                    novelty=None if ans["novelty"] is None else float(ans["novelty"][i]),
+                    unknown=None if ans["unknown"] is None else bool(ans["unknown"][i]),
+                    set=[self.classes[j] for j in ans["sets"][i]] if "sets" in ans else None))
         return results
 
 
@@ -227,6 +269,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.add_argument("--batch-size", type=int, default=32, help="photos per forward pass (default 32)")
     parser.add_argument("--device", default=None, help="PyTorch device for run directories (default cuda if present)")
+    parser.add_argument("--coverage", type=float, default=None,
+                        help="also give the smallest candidate set that holds the true mineral with this "
+                             "probability (e.g. 0.9; needs a calibrated model)")
 
 
 def run(args) -> int:
@@ -234,15 +279,25 @@ def run(args) -> int:
         raise MineralNetError(f"--topk {args.topk} must be at least 1")
     if args.batch_size < 1:
         raise MineralNetError(f"--batch-size {args.batch_size} must be at least 1")
+    if args.coverage is not None and not 0.0 < args.coverage < 1.0:
+        raise MineralNetError(f"--coverage {args.coverage} must be between 0 and 1, e.g. 0.9")
     images = expand_images(args.images)
     predictor = Predictor(args.model, device=args.device)
-    results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size)
+    results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size, coverage=args.coverage)
     if args.json:
-        print(json.dumps({"model": predictor.path, "runtime": predictor.kind,
-                          "predictions": [r.to_dict() for r in results]}, indent=2))
+        doc = {"model": predictor.path, "runtime": predictor.kind, "calibrated": predictor.calibration is not None}
+        if predictor.note:
+            doc["note"] = predictor.note
+        if args.coverage is not None:
+            doc["coverage"] = args.coverage
+        print(json.dumps({**doc, "predictions": [r.to_dict() for r in results]}, indent=2))
         return 0
+    if predictor.note:
+        print(f"note: {predictor.note}", file=sys.stderr)
     width = min(60, max(len(r.image) for r in results))
     for r in results:
         tops = "  ".join(f"{name} {p:6.1%}" for name, p in r.top)
-        print(f"{r.image:<{width}}  {tops}")
+        flag = "" if r.unknown is None else ("  UNKNOWN?" if r.unknown else "  known") + f" (novelty {r.novelty:.3g})"
+        cands = "" if r.set is None else f"  set {{{', '.join(r.set)}}}"
+        print(f"{r.image:<{width}}  {tops}{flag}{cands}")
     return 0

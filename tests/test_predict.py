@@ -88,10 +88,10 @@ def test_predict_command_prints_names_and_json(run_dir, photos, onnx_b2, capsys)
         assert len(words) == 4 and words[0] in CLASSES and words[2] in CLASSES and words[1].endswith("%")
     assert main(["predict", str(run_dir), *photos[:2], "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["runtime"] == "pytorch" and [r["image"] for r in doc["predictions"]] == photos[:2]
+    assert doc["runtime"] == "pytorch" and [r["file"] for r in doc["predictions"]] == photos[:2]
     want = _manual_probs(run_dir, photos[:2])
     for r, row in zip(doc["predictions"], want):
-        assert len(r["top"]) == 3 and r["top"][0]["class"] == CLASSES[row.argmax()]
+        assert len(r["top"]) == 3 and r["top"][0]["label"] == CLASSES[row.argmax()]
         assert r["top"][0]["prob"] == pytest.approx(row.max(), abs=1e-5)
 
 

@@ -124,10 +124,26 @@ class ExportContext:
         self.out_dir = Path(os.path.expanduser(os.fspath(out)))
         self.preprocess = Preprocessor(self.meta)
         self.files: dict[str, Path] = {}  # precision -> written ONNX file
+        self.novelty = self._calibration()
         self._check: tuple[np.ndarray, str] | None = None
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
+
+    def _calibration(self):
+        """A calibrated run exports its detector as a `novelty` output and its temperature, threshold
+        and conformal scores in the metadata; returns the detector module (or None)."""
+        from mineralnet.calibration import Calibration
+
+        cal = Calibration.load(self.run)
+        if cal is None:
+            if "novelty" in self.options.outputs:
+                raise MineralNetError(f"--outputs novelty needs a calibrated run; run `mineralnet calibrate "
+                                      f"{self.run}` first")
+            return None
+        self.meta = {**self.meta, "calibration": cal.public()}
+        self.options.outputs = xonnx.parse_outputs((*self.options.outputs, "novelty"))
+        return cal.graph_module()
 
     def check_images(self) -> tuple[np.ndarray, str]:
         """(N, 3, S, S) images for the parity gate, and where they came from."""
@@ -214,13 +230,14 @@ def _onnx_float(ctx: ExportContext, precision: str) -> Artifact:
     name = "model.onnx" if precision == "fp32" else "model.fp16.onnx"
     proto = xonnx.onnx_proto(ctx.model, image_size=ctx.meta["image_size"], outputs=o.outputs,
                              batch=o.profile.max, dynamic=o.profile.dynamic, opset=o.opset,
-                             half=precision == "fp16")
+                             half=precision == "fp16", novelty=ctx.novelty)
     xonnx.set_metadata(proto, xonnx.metadata_props(ctx.meta, precision=precision, outputs=o.outputs,
                                                    batch=ctx.batch_info()))
     xonnx.check_proto(proto)
     data = proto.SerializeToString()
     images, source = ctx.check_images()
-    report = xonnx.parity_gate(ctx.model, data, images, o.outputs, precision=precision, source=source)
+    report = xonnx.parity_gate(ctx.model, data, images, o.outputs, precision=precision, source=source,
+                               novelty=ctx.novelty)
     art = ctx.write(name, data, {"format": "onnx", "precision": precision, "opset": o.opset,
                                  "input": {"name": xonnx.INPUT_NAME, "shape": _input_shape(ctx)},
                                  "outputs": list(o.outputs), "batch": ctx.batch_info(),
@@ -405,6 +422,8 @@ def export_trt(ctx: ExportContext, precisions: Sequence[str]) -> list[Artifact]:
                                    onnx_sha256=_sha256(source_bytes), device=device, outputs=o.outputs,
                                    workspace_mib=o.workspace_mib)
         side["build_seconds"] = round(build_s, 1)
+        if "calibration" in ctx.meta:  # temperature, threshold, conformal scores for `mineralnet predict`
+            side["calibration"] = ctx.meta["calibration"]
         from mineralnet.runs import atomic_write_json
 
         # sidecar first: an engine without its sidecar would be unusable by `mineralnet predict`

@@ -29,7 +29,7 @@ from mineralnet import __version__
 from mineralnet.errors import MineralNetError
 
 INPUT_NAME = "images"
-OUTPUT_NAMES = ("logits", "probs", "embedding")
+OUTPUT_NAMES = ("logits", "probs", "embedding", "novelty")  # novelty: runs with a calibration
 DEFAULT_OUTPUTS = ("logits", "probs")
 MIN_OPSET = 18
 DEFAULT_OPSET = 18
@@ -44,16 +44,19 @@ METADATA_KEYS = ("classes", "num_classes", "image_size", "resize", "mean", "std"
 
 
 class ExportHead(nn.Module):
-    """FusionNet -> the named outputs, in order: logits (B, C), probs (B, C), embedding (B, D).
+    """FusionNet -> the named outputs, in order: logits (B, C), probs (B, C), embedding (B, D),
+    novelty (B,) (the run's calibrated detector, `novelty(fused, logits)`, computed in float32).
 
     With ``half=True`` the network runs in fp16 between a cast of the fp32 input and casts of the
     outputs back to fp32, so callers feed and read float32 whatever the precision; the softmax is
     taken in fp32.
     """
 
-    def __init__(self, model: nn.Module, outputs: Sequence[str] = DEFAULT_OUTPUTS, half: bool = False):
+    def __init__(self, model: nn.Module, outputs: Sequence[str] = DEFAULT_OUTPUTS, half: bool = False,
+                 novelty: nn.Module | None = None):
         super().__init__()
         self.model = model.half() if half else model
+        self.novelty = novelty
         self.outputs = tuple(outputs)
         self.half = half
 
@@ -64,6 +67,8 @@ class ExportHead(nn.Module):
         values = {"logits": logits, "embedding": fused.float()}
         if "probs" in self.outputs:
             values["probs"] = torch.softmax(logits, dim=1)
+        if "novelty" in self.outputs:
+            values["novelty"] = self.novelty(fused.float(), logits)
         return tuple(values[name] for name in self.outputs)
 
 
@@ -79,7 +84,8 @@ def parse_outputs(text: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def onnx_proto(model: nn.Module, *, image_size: int, outputs: Sequence[str] = DEFAULT_OUTPUTS,
-               batch: int = 1, dynamic: bool = False, opset: int = DEFAULT_OPSET, half: bool = False):
+               batch: int = 1, dynamic: bool = False, opset: int = DEFAULT_OPSET, half: bool = False,
+               novelty: nn.Module | None = None):
     """Export `model` (a FusionNet) to an in-memory, self-contained onnx.ModelProto.
 
     The input is ``images`` (B, 3, S, S) float32, normalised RGB; B is the symbol ``batch`` when
@@ -91,7 +97,7 @@ def onnx_proto(model: nn.Module, *, image_size: int, outputs: Sequence[str] = DE
         raise MineralNetError(f"--opset {opset}: the torch.export-based exporter writes opset {MIN_OPSET} or "
                               f"newer (read by ONNX Runtime >= 1.14 and TensorRT >= 8.6); use --opset {MIN_OPSET}")
     model = copy.deepcopy(model).float().eval().cpu()  # .half() below must not touch the caller's model
-    head = ExportHead(model, outputs, half=half).eval()
+    head = ExportHead(model, outputs, half=half, novelty=novelty).eval()
     example = torch.zeros(2 if dynamic else batch, 3, image_size, image_size)
     kwargs = {}
     if dynamic:
@@ -126,7 +132,10 @@ def metadata_props(meta: dict, *, precision: str, outputs: Sequence[str], batch:
                                 "x / 255 -> (x - mean) / std"},
         "batch": batch, "mineralnet_version": __version__,
     }
-    return {k: json.dumps(values[k]) for k in METADATA_KEYS}
+    props = {k: json.dumps(values[k]) for k in METADATA_KEYS}
+    if meta.get("calibration"):  # temperature, threshold, conformal scores (mineralnet.calibration)
+        props["calibration"] = json.dumps(meta["calibration"])
+    return props
 
 
 def set_metadata(proto, props: dict[str, str]) -> None:
@@ -236,8 +245,8 @@ def run_session(session, images: np.ndarray, batch: int | None = None) -> dict[s
 
 
 @torch.inference_mode()
-def torch_outputs(model: nn.Module, images: np.ndarray, outputs: Sequence[str], batch: int = 16
-                  ) -> dict[str, np.ndarray]:
+def torch_outputs(model: nn.Module, images: np.ndarray, outputs: Sequence[str], batch: int = 16,
+                  novelty: nn.Module | None = None) -> dict[str, np.ndarray]:
     """The reference numbers: FusionNet in fp32 eager mode on CPU."""
     model = model.float().eval().cpu()
     parts: dict[str, list] = {n: [] for n in outputs}
@@ -246,6 +255,8 @@ def torch_outputs(model: nn.Module, images: np.ndarray, outputs: Sequence[str], 
         fused = model.embed(x)
         logits = model.forward_head(fused)
         values = {"logits": logits, "probs": torch.softmax(logits, 1), "embedding": fused}
+        if "novelty" in outputs:
+            values["novelty"] = novelty(fused, logits)
         for n in outputs:
             parts[n].append(values[n].numpy())
     return {n: np.concatenate(v) for n, v in parts.items()}
@@ -293,7 +304,7 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
         if precision == "fp16":
             tol = FP16_RTOL * scale
         else:
-            tol = FP32_ATOL * (scale if name == "embedding" else 1.0)
+            tol = FP32_ATOL * (scale if name in ("embedding", "novelty") else 1.0)
         diff = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
         if not math.isfinite(diff):
             diff = float("inf")
@@ -314,11 +325,11 @@ def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], 
 
 
 def parity_gate(model: nn.Module, onnx_bytes: bytes, images: np.ndarray, outputs: Sequence[str], *,
-                precision: str, source: str) -> ParityReport:
+                precision: str, source: str, novelty: nn.Module | None = None) -> ParityReport:
     """Run the ONNX bytes in ONNX Runtime (CPU) and PyTorch on `images`; raise if they disagree."""
     session = ort_session(onnx_bytes)
     candidate = run_session(session, images)
-    reference = torch_outputs(model, images, outputs)
+    reference = torch_outputs(model, images, outputs, novelty=novelty)
     report = compare(reference, candidate, precision=precision, source=source)
     if not report.passed:
         raise MineralNetError(f"parity gate FAILED, nothing written: {report.summary()}; the ONNX graph does "
@@ -407,6 +418,9 @@ def quantize_int8(fp32_path, calib_images: np.ndarray, *, activations: str = "ui
     with tempfile.TemporaryDirectory(prefix="mineralnet-int8-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(os.fspath(fp32_path), os.fspath(pre))
+        import onnx
+
+        keep_float = float_tail_nodes(onnx.load(os.fspath(pre)))
         extra = {"WeightSymmetric": True, "ActivationSymmetric": activations == "int8",
                  # Feed the calibrator one batch per collect_data call: ranges (MinMax) and
                  # histograms (percentile/entropy) are merged call by call, so memory stays at one
@@ -423,7 +437,7 @@ def quantize_int8(fp32_path, calib_images: np.ndarray, *, activations: str = "ui
             kwargs["op_types_to_quantize"] = list(TRT_QUANTIZED_OPS)
         quantize_static(
             os.fspath(pre), os.fspath(out), _Batches(calib_images, batch), quant_format=QuantFormat.QDQ,
-            per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8,
+            per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=keep_float,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                               "entropy": CalibrationMethod.Entropy}[method],
@@ -481,11 +495,35 @@ def _drop_cast_round_trips(graph) -> None:
             graph.node.remove(first)
 
 
+def float_tail_nodes(proto) -> list[str]:
+    """Names of the global pooling nodes and everything after them (fusion, head, softmax, novelty):
+    int8 quantizes the backbone only, so logits, probabilities and novelty stay float (a quantized
+    softmax would make every probability a multiple of 1/255)."""
+    consumers: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    todo = [n for n in proto.graph.node if n.op_type in ("ReduceMean", "GlobalAveragePool")]
+    seen: dict[str, object] = {}
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen[node.name] = node
+        for out in node.output:
+            todo += consumers.get(out, [])
+    if "" in seen:
+        raise MineralNetError("the ONNX graph has unnamed nodes after the pooling; int8 cannot keep them float")
+    return sorted(seen)
+
+
 def quantized_coverage(proto) -> tuple[int, int]:
-    """(quantized, total) Conv/Gemm/MatMul nodes: quantized = both data and weight inputs come
-    from DequantizeLinear, so ONNX Runtime / TensorRT run them as int8 kernels."""
+    """(quantized, total) Conv/Gemm/MatMul nodes of the backbone (the float tail after the pooling is
+    float by design): quantized = both data and weight inputs come from DequantizeLinear, so ONNX
+    Runtime / TensorRT run them as int8 kernels."""
     producer = {o: n.op_type for n in proto.graph.node for o in n.output}
-    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul")]
+    tail = set(float_tail_nodes(proto))
+    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.name not in tail]
     done = sum(all(producer.get(i) == "DequantizeLinear" for i in n.input[:2]) for n in compute)
     return done, len(compute)
 
