@@ -18,6 +18,7 @@ import numpy as np
 
 from torch.utils.data import DataLoader
 
+from mineralnet.calibration.fit import eval_calibration, format_calibration
 from mineralnet.data import DatasetIndex, PhotoDataset, build_transforms, scan_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
@@ -90,8 +91,6 @@ def run(args) -> int:
                                                                      args.workers, split=split)
     out_dir = Path(args.out) if args.out else Path(args.run) / EVAL_DIR
     if accelerator.is_main_process:
-        from mineralnet.calibration.fit import eval_calibration, format_calibration
-
         source = {"split": split} if split else {"data": str(args.data)}
         calibration = eval_calibration(args.run, targets, probs, meta["classes"], out_dir, args.coverage)
         metrics = write_eval_report(out_dir, targets, preds, probs, meta["classes"],

@@ -13,9 +13,15 @@ from typing import Callable
 
 import numpy as np
 
+import torch
+from torch.utils.data import DataLoader
+
 from mineralnet.calibration import core
 from mineralnet.calibration.store import Calibration
+from mineralnet.data import PhotoDataset, build_transforms
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import SPLIT_FILE, load_model, read_split
+from mineralnet.train.loop import evaluate, fresh_accelerator
 
 # Best AUROC on the minet7 leave-classes-out protocol (docs/RESULTS.md, "Unknown minerals").
 DEFAULT_DETECTOR = "mahalanobis"
@@ -25,24 +31,24 @@ DEFAULT_ACCEPTANCE = 0.95
 def extract(model, samples, meta: dict, batch_size: int = 64, workers: int = 0, device: str | None = None
             ) -> dict[str, np.ndarray]:
     """Logits (N, C), fused features (N, D) and labels (N,) of [(path, label)] photos through the
-    run's evaluation preprocessing."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from mineralnet.data import ImageDataset, build_transforms
-
+    run's evaluation preprocessing and the one prediction loop (mineralnet.train.loop.evaluate)."""
     transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False, resize=meta["resize"])
-    loader = DataLoader(ImageDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
+    loader = DataLoader(PhotoDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
-    out = {"logits": [], "embedding": [], "labels": []}
-    with torch.inference_mode():
-        for x, y in loader:
-            fused = model.embed(x.to(dev))
-            out["logits"].append(model.forward_head(fused).float().cpu().numpy())
-            out["embedding"].append(fused.float().cpu().numpy())
-            out["labels"].append(np.asarray(y))
-    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+    out = evaluate(model, _OnDevice(loader, dev), fresh_accelerator(cpu=dev.type == "cpu"), embeddings=True)
+    return {"logits": out["logits"], "embedding": out["features"], "labels": out["targets"]}
+
+
+class _OnDevice:
+    """A loader whose batches are moved to `device` (the loop gets them as a prepared loader would)."""
+
+    def __init__(self, loader, device):
+        self.loader, self.device = loader, device
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.to(self.device), y.to(self.device)
 
 
 def calibrate_arrays(train: dict, val: dict, num_classes: int, *, detector: str = DEFAULT_DETECTOR,
@@ -88,20 +94,22 @@ def calibrate_run(run_dir, *, detector: str = DEFAULT_DETECTOR, acceptance: floa
 
     Training calls this on the main process after the final model.safetensors is written.
     """
-    from mineralnet.evaluate import split_samples
-    from mineralnet.runs import load_model
-
     model, meta = load_model(run_dir)
-    if not (Path(run_dir) / "split.json").is_file():
-        raise MineralNetError(f"{str(run_dir)!r} has no split.json: calibration fits on the run's own training and "
+    if not (Path(run_dir) / SPLIT_FILE).is_file():
+        raise MineralNetError(f"{str(run_dir)!r} has no {SPLIT_FILE}: calibration fits on the run's own training and "
                               f"validation photos; calibrate a run made by `mineralnet train`")
+    split = read_split(run_dir)
+    if split["classes"] != list(meta["classes"]):
+        raise MineralNetError(f"the split of {str(run_dir)!r} lists classes {split['classes']} but its model has "
+                              f"{meta['classes']}; the run is inconsistent")
     parts = {}
     for which in ("train", "val"):
-        index = split_samples(run_dir, which)
-        if index.classes != list(meta["classes"]):
-            raise MineralNetError(f"the split of {str(run_dir)!r} lists classes {index.classes} but its model has "
-                                  f"{meta['classes']}; the run is inconsistent")
-        parts[which] = extract(model, index.samples, meta, batch_size, workers, device)
+        samples = split["splits"][which]
+        missing = [p for p, _ in samples if not Path(p).is_file()]
+        if missing:
+            raise MineralNetError(f"{len(missing)} {which} photos of {str(run_dir)!r} are missing, e.g. "
+                                  f"{missing[0]!r}; calibration needs the run's own photos where training saw them")
+        parts[which] = extract(model, samples, meta, batch_size, workers, device)
     cal = calibrate_arrays(parts["train"], parts["val"], int(meta["num_classes"]), detector=detector,
                            acceptance=acceptance, lam=lam, k_reg=k_reg, knn_k=knn_k)
     js, arr = cal.save(run_dir)

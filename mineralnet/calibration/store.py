@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from mineralnet.calibration import core
+from mineralnet.calibration.graph import NoveltyHead
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import atomic_write_bytes, atomic_write_json
 
 JSON_FILE = "calibration.json"
 ARRAYS_FILE = "calibration.safetensors"
@@ -105,7 +107,6 @@ class Calibration:
     def save(self, run_dir) -> tuple[Path, Path]:
         from safetensors.numpy import save
 
-        from mineralnet.runs import atomic_write_bytes, atomic_write_json
 
         run_dir = Path(run_dir)
         arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()}
@@ -144,7 +145,6 @@ class Calibration:
 
     def graph_module(self):
         """The chosen detector as a torch module for export (`NoveltyHead(fused, logits)`)."""
-        from mineralnet.calibration.graph import NoveltyHead
 
         params = self.detector_params() if self.detector in core.FEATURE_DETECTORS else None
         return NoveltyHead(self.detector, self.temperature, params, self.knn_k).eval()
