@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from mineralnet import data as mdata
+from mineralnet.calibration.fit import calibrate_run
 from mineralnet.config import TrainConfig
 from mineralnet.errors import MineralNetError
 from mineralnet.losses import build_loss
@@ -155,9 +156,22 @@ def fit(cfg: TrainConfig) -> dict:
         _check_setup(cfg, accelerator)
         run = open_run(cfg, accelerator)
         parts = setup(cfg, accelerator, run)
-        return _fit(parts, accelerator)
+        result = _fit(parts, accelerator)
+        main = accelerator.is_main_process
     finally:
         accelerator.end_training()
+    if main and result["status"] != "interrupted" and result["best"].get("epoch", -1) > 0:
+        calibrate(run)
+    return result
+
+
+def calibrate(run: RunDir) -> None:
+    """Fit the "unknown mineral" detector, temperature and conformal scores on the run's own photos
+    (after the processes have finished: it is one pass over the photos on the main process)."""
+    try:
+        calibrate_run(run.path)
+    except MineralNetError as e:  # e.g. too few validation photos: the run stays usable, without `unknown`
+        print(f"calibration skipped ({e}); predictions will have unknown: null")
 
 
 def _fit(parts: TrainParts, accelerator) -> dict:
