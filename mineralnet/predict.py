@@ -3,9 +3,10 @@
     Predictor("runs/exp1")                      # run directory (PyTorch)
     Predictor("runs/exp1/export/model.onnx")    # ONNX Runtime (fp32, fp16 or int8)
     Predictor("runs/exp1/export/model.engine")  # TensorRT engine (+ model.engine.json beside it)
+    Predictor("runs/exp1/export/model.xml")     # OpenVINO IR (+ model.bin beside it), fp32 or int8
 
 The preprocessing always comes from the model's own metadata (model.json, the ONNX
-metadata_props, or the engine's JSON sidecar) and is the evaluation transform of
+metadata_props, the engine's JSON sidecar, or the IR's rt_info) and is the evaluation transform of
 `mineralnet.data`, so a photo gets the same numbers here as in `mineralnet eval`.
 """
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from mineralnet.errors import MineralNetError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+KINDS = "a run directory, an .onnx file from mineralnet-export, a TensorRT engine (.engine/.plan/.trt) or an " \
+        "OpenVINO IR (.xml + .bin)"
 
 
 class Preprocessor:
@@ -120,22 +123,44 @@ class TensorRTBackend:
         return self.runner.run(x)
 
 
+class OpenVinoBackend:
+    """An OpenVINO IR (.xml + .bin) written by mineralnet-export, on the CPU.
+
+    `precision` is OpenVINO's inference precision hint: fp32 (the default: the numbers the export
+    gates checked), or bf16/fp16 where the CPU has those instructions.
+    """
+
+    kind = "openvino"
+
+    def __init__(self, path, precision: str | None = None, threads: int | None = None):
+        from mineralnet.export.openvino import IRRunner
+
+        self.runner = IRRunner(path, precision=precision or "fp32", threads=threads)
+        self.meta = self.runner.meta
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner.run(x)
+
+
 def open_backend(path, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
-    """The backend for a run directory / .safetensors / model.json, an .onnx file or an engine."""
+                 threads: int | None = None, precision: str | None = None):
+    """The backend for a run directory / .safetensors / model.json, an .onnx file, an engine or an IR."""
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.exists():
-        raise MineralNetError(f"model {str(p)!r} does not exist; pass a run directory, an .onnx file from "
-                              f"mineralnet-export, or a TensorRT engine ({'/'.join(ENGINE_SUFFIXES)})")
+        raise MineralNetError(f"model {str(p)!r} does not exist; pass {KINDS}")
     suffix = p.suffix.lower()
+    if precision is not None and suffix != ".xml":
+        raise MineralNetError(f"--precision {precision} is OpenVINO's runtime hint; {str(p)!r} is not an "
+                              f"OpenVINO IR (.xml): drop --precision, or pass the IR")
     if suffix == ".onnx":
         return OnnxBackend(p, providers=providers, threads=threads)
     if suffix in ENGINE_SUFFIXES:
         return TensorRTBackend(p)
+    if suffix == ".xml":
+        return OpenVinoBackend(p, precision=precision, threads=threads)
     if p.is_dir() or suffix in (".safetensors", ".json"):
         return TorchBackend(p, device=device)
-    raise MineralNetError(f"model {str(p)!r}: unknown kind; pass a run directory (model.safetensors + "
-                          f"model.json), an .onnx file or a TensorRT engine ({'/'.join(ENGINE_SUFFIXES)})")
+    raise MineralNetError(f"model {str(p)!r}: unknown kind; pass {KINDS}")
 
 
 # ----------------------------------------------------------------------------- predictor
@@ -174,10 +199,11 @@ class Predictor:
     """One interface to a model in any of its forms.
 
     Args:
-        model: run directory (or its model.safetensors / model.json), .onnx file, or TensorRT
-            engine (.engine/.plan, with its .json sidecar).
+        model: run directory (or its model.safetensors / model.json), .onnx file, TensorRT
+            engine (.engine/.plan, with its .json sidecar) or OpenVINO IR (.xml, with its .bin).
         device: PyTorch device for run directories (default CUDA when available).
         providers: ONNX Runtime execution providers (default CUDA when installed, then CPU).
+        precision: OpenVINO inference precision hint for an IR: fp32 (default), bf16 or fp16.
 
     With a calibration (`mineralnet calibrate RUN`; exported models carry it) probabilities are
     temperature-scaled and every prediction has `novelty`, `unknown` and, given a coverage, a
@@ -185,9 +211,10 @@ class Predictor:
     """
 
     def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, precision: str | None = None):
         self.path = os.fspath(model)
-        self.backend = open_backend(model, device=device, providers=providers, threads=threads)
+        self.backend = open_backend(model, device=device, providers=providers, threads=threads,
+                                    precision=precision)
         self.meta = self.backend.meta
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocess = Preprocessor(self.meta)
@@ -242,6 +269,52 @@ class Predictor:
         return results
 
 
+def labelled_photos(data, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """[(path, label)] from a class-folder tree / CSV manifest (labels mapped onto `classes`), a
+    DatasetIndex, or a list of (path, label) pairs."""
+    if isinstance(data, (str, os.PathLike)):
+        from mineralnet.data import scan_dataset
+
+        return list(scan_dataset(data, verify=True, classes=list(classes)).samples)
+    return list(getattr(data, "samples", data))
+
+
+def score_photos(model, data, *, reference=None, batch_size: int = 32, **backend) -> dict:
+    """Accuracy of a model in any form on labelled photos, and its top-1 agreement with a reference.
+
+    Args:
+        model: a Predictor, or what Predictor accepts (run dir, .onnx, engine, .xml), opened with
+            `backend` (device, providers, threads, precision).
+        data: labelled photos (see `labelled_photos`); photos that do not decode are skipped when
+            a folder is scanned, as `mineralnet eval` does.
+        reference: the reference's predictions on the same photos ((N,) class indices, e.g. the
+            `preds` of this function for the PyTorch fp32 run dir), for the agreement.
+    Returns:
+        {"images", "top1", "mean_class_acc" (the paper's mAP, computed as `mineralnet eval` does),
+        "agreement" (None without reference), "preds" (N,), "targets" (N,)}.
+    """
+    from mineralnet.metrics import compute_metrics
+
+    predictor = model if isinstance(model, Predictor) else Predictor(model, **backend)
+    samples = labelled_photos(data, predictor.classes)
+    if not samples:
+        raise MineralNetError(f"no readable labelled photos in {data!r}; pass a folder with one sub-folder "
+                              f"per mineral named as the model's classes ({', '.join(predictor.classes)})")
+    preds = np.concatenate([predictor.probabilities([p for p, _ in samples[i:i + batch_size]]).argmax(1)
+                            for i in range(0, len(samples), batch_size)])
+    targets = np.array([label for _, label in samples])
+    metrics = compute_metrics(targets, preds, classes=predictor.classes)
+    agreement = None
+    if reference is not None:
+        reference = np.asarray(reference).reshape(-1)
+        if len(reference) != len(preds):
+            raise MineralNetError(f"the reference has {len(reference)} predictions for {len(preds)} photos; "
+                                  f"score the reference on the same photos")
+        agreement = float((reference == preds).mean())
+    return {"images": len(samples), "top1": float(metrics["top1"]), "mean_class_acc": float(metrics["mean_class_acc"]),
+            "agreement": agreement, "preds": preds, "targets": targets}
+
+
 # ----------------------------------------------------------------------------- command line
 def expand_images(paths: Sequence[str]) -> list[str]:
     """Files as given; folders expand to the image files under them (sorted)."""
@@ -263,7 +336,8 @@ def expand_images(paths: Sequence[str]) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, or TensorRT engine")
+    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, TensorRT engine, or "
+                                      "OpenVINO IR (.xml + .bin)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="photo files or folders of photos")
     parser.add_argument("--topk", type=int, default=3, help="how many minerals to list per photo (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
@@ -272,6 +346,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--coverage", type=float, default=None,
                         help="also give the smallest candidate set that holds the true mineral with this "
                              "probability (e.g. 0.9; needs a calibrated model)")
+    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="OpenVINO inference precision for an IR (default fp32; bf16/fp16 run faster on CPUs "
+                             "that have them, with slightly different numbers)")
 
 
 def run(args) -> int:
@@ -282,7 +359,7 @@ def run(args) -> int:
     if args.coverage is not None and not 0.0 < args.coverage < 1.0:
         raise MineralNetError(f"--coverage {args.coverage} must be between 0 and 1, e.g. 0.9")
     images = expand_images(args.images)
-    predictor = Predictor(args.model, device=args.device)
+    predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None))
     results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size, coverage=args.coverage)
     if args.json:
         doc = {"model": predictor.path, "runtime": predictor.kind, "calibrated": predictor.calibration is not None}

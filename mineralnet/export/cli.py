@@ -9,6 +9,8 @@ examples:
   mineralnet-export runs/exp1 --int8 --calib-data photos/train --val-data photos/val
   mineralnet-export runs/exp1 --fp16 --trt --dynamic --max-batch 32   # on the GPU machine (TensorRT 10 or 11)
   mineralnet-export runs/exp1 --int8 --trt --calib-data photos/train   # int8 Q/DQ + fp16 ONNX -> int8 engine
+  mineralnet-export runs/exp1 --openvino --int8 --calib-data photos/train   # OpenVINO IR fp32 + int8 for CPUs
+  mineralnet-export runs/exp1 --dynamic --triton triton_models          # Triton model repository
 
 TensorRT engines are strongly typed: each is built from the ONNX file of its precision
 (model.onnx, model.fp16.onnx, model.int8.onnx) with no precision flags, on TensorRT 10 and 11 alike.
@@ -26,7 +28,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("run", help="run directory (model.safetensors + model.json) or its model.safetensors")
     fmt = parser.add_argument_group("formats (fp32 ONNX is always written)")
     for name, f in FORMATS.items():
-        fmt.add_argument(f"--{name}", action="store_true", help=f"{f.files}: {f.help}")
+        if f.metavar:
+            fmt.add_argument(f"--{name}", default=None, metavar=f.metavar, help=f"{f.files}: {f.help}")
+        else:
+            fmt.add_argument(f"--{name}", action="store_true", help=f"{f.files}: {f.help}")
     shape = parser.add_argument_group("batch (default: fixed batch 1)")
     shape.add_argument("--batch", type=int, default=None, help="fixed batch size N")
     shape.add_argument("--dynamic", action="store_true", help="dynamic batch; TensorRT profile from the next three")
@@ -56,6 +61,12 @@ def add_arguments(parser) -> None:
     t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MIB",
                    help=f"builder workspace limit in MiB (default {DEFAULT_WORKSPACE_MIB})")
     t.add_argument("--timing-cache", default=None, metavar="FILE", help="timing cache file (default OUT/timing.cache)")
+    v = parser.add_argument_group("OpenVINO and Triton")
+    v.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
+                   help="int8 IR from model.int8.onnx (qdq, default) or by NNCF on the calibration photos (nncf)")
+    v.add_argument("--triton-instances", type=int, default=1, help="instances per model in config.pbtxt (default 1)")
+    v.add_argument("--triton-kind", choices=("gpu", "cpu"), default="gpu",
+                   help="where Triton runs the ONNX models (default gpu; TensorRT engines always run on the GPU)")
 
 
 def profile_from_args(args):
@@ -88,7 +99,9 @@ def options_from_args(args):
                          opset=args.opset, calib_data=args.calib_data, calib_size=args.calib_size,
                          calib_method=args.calib_method, int8_activations=args.int8_activations,
                          min_agreement=args.min_agreement, val_data=args.val_data, workspace_mib=args.workspace,
-                         timing_cache=args.timing_cache)
+                         timing_cache=args.timing_cache, openvino_int8=args.openvino_int8,
+                         triton_dir=args.triton, triton_instances=args.triton_instances,
+                         triton_kind=args.triton_kind)
 
 
 def formats_from_args(args) -> list[str]:

@@ -10,6 +10,7 @@ writes into RUN/export/ (or `out_dir`):
                         TensorRT flavour (symmetric int8 Q/DQ, float parts in fp16, opset 19)
     model[.fp16|.int8].engine (+ .engine.json)   strongly typed TensorRT plans from the file of
                         their precision, built on the NVIDIA device
+    model[.int8].xml + .bin   OpenVINO IR from the ONNX files, gated like them (--openvino)
     model.json          the run's metadata plus one record per exported file
 
 Every file is checked before it gets its final name: a failed gate leaves nothing behind.
@@ -31,7 +32,9 @@ from mineralnet import __version__
 from mineralnet.data import list_images
 from mineralnet.errors import MineralNetError
 from mineralnet.export import onnx as xonnx
+from mineralnet.export import openvino as xov
 from mineralnet.export import tensorrt as xtrt
+from mineralnet.export import triton as xtriton
 from mineralnet.export.tensorrt import BatchProfile
 
 MANIFEST = "model.json"
@@ -54,6 +57,10 @@ class ExportOptions:
     val_data: str | os.PathLike | None = None
     workspace_mib: int = xtrt.DEFAULT_WORKSPACE_MIB
     timing_cache: str | os.PathLike | None = None  # default: OUT/timing.cache
+    openvino_int8: str = "qdq"  # int8 IR from model.int8.onnx ("qdq") or NNCF on the calibration photos
+    triton_dir: str | os.PathLike | None = None  # --triton DIR: the model repository
+    triton_instances: int = 1  # instances per model in config.pbtxt
+    triton_kind: str = "gpu"  # instance kind of the ONNX models (engines always run on the GPU)
 
 
 @dataclass
@@ -172,6 +179,14 @@ class ExportContext:
         if not arrays:
             return np.zeros((0, 3, self.meta["image_size"], self.meta["image_size"]), np.float32), skipped
         return np.stack(arrays), skipped
+
+    def calibration_images(self) -> np.ndarray:
+        """(N, 3, S, S): --calib-size photos spread over --calib-data, through the eval preprocessing."""
+        o = self.options
+        images, _ = self._load(_spread(_existing_images(o.calib_data, "--calib-data"), o.calib_size))
+        if not len(images):
+            raise MineralNetError(f"--calib-data {os.fspath(o.calib_data)!r}: none of its images could be decoded")
+        return images
 
     def batch_info(self) -> dict:
         p = self.options.profile
@@ -446,6 +461,7 @@ class Format:
     files: str
     help: str
     write: Callable[..., object]
+    metavar: str | None = None  # the flag takes a value (e.g. --triton DIR) instead of being a switch
 
 
 FORMATS: dict[str, Format] = {
@@ -456,6 +472,12 @@ FORMATS: dict[str, Format] = {
                                               "also an int8 engine", export_int8),
     "trt": Format("trt", "model[.fp16|.int8].engine", "strongly typed TensorRT 10/11 engine(s) for the precisions "
                                                        "asked, each from the ONNX file of its precision", export_trt),
+    "openvino": Format("openvino", "model[.int8].xml + .bin", "OpenVINO IR for CPUs (fp32; with --int8 also "
+                                                             "int8), gated like the ONNX files", xov.export_openvino),
+    "triton": Format("triton", "DIR/mineralnet_*/", "Triton model repository: every ONNX file written and the "
+                                                   "TensorRT engines in the output folder, with config.pbtxt",
+                     lambda ctx: [Artifact(path, record) for path, record in xtriton.export_triton(ctx)],
+                     metavar="DIR"),
 }
 
 
@@ -468,6 +490,10 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
     """
     options = options or ExportOptions()
     formats = list(dict.fromkeys(["onnx", *formats]))
+    if options.triton_dir:  # --triton DIR
+        formats = list(dict.fromkeys([*formats, "triton"]))
+    if "triton" in formats and not options.triton_dir:
+        raise MineralNetError("the triton format needs a repository folder: --triton DIR (ExportOptions.triton_dir)")
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise MineralNetError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
@@ -492,6 +518,15 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
     if "trt" in formats:
         precisions = [p for p in ("fp16", "int8") if p in formats] or ["fp32"]
         for art in FORMATS["trt"].write(ctx, precisions):
+            artifacts.append(art)
+            log(art.line())
+    if "openvino" in formats:
+        for art in FORMATS["openvino"].write(ctx, ["fp32", *(["int8"] if "int8" in formats else [])],
+                                             options.openvino_int8):
+            artifacts.append(art)
+            log(art.line())
+    if "triton" in formats:
+        for art in FORMATS["triton"].write(ctx):
             artifacts.append(art)
             log(art.line())
     return artifacts
