@@ -21,7 +21,6 @@ import torch
 from safetensors.torch import load_file
 
 from mineralnet import data as mdata
-from mineralnet.calibration.fit import calibrate_run
 from mineralnet.config import TrainConfig
 from mineralnet.errors import MineralNetError
 from mineralnet.losses import build_loss
@@ -168,6 +167,10 @@ def fit(cfg: TrainConfig) -> dict:
 def calibrate(run: RunDir) -> None:
     """Fit the "unknown mineral" detector, temperature and conformal scores on the run's own photos
     (after the processes have finished: it is one pass over the photos on the main process)."""
+    # imported here: calibration runs the prediction loop of this package (train.loop), so importing it
+    # at the top would make the train package and the calibration package wait on each other
+    from mineralnet.calibration.fit import calibrate_run
+
     try:
         calibrate_run(run.path)
     except MineralNetError as e:  # e.g. too few validation photos: the run stays usable, without `unknown`
