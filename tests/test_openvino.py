@@ -1,0 +1,159 @@
+"""OpenVINO IR export and runtime: parity with PyTorch, int8 agreement, metadata in rt_info,
+Predictor over the IR equals Predictor over ONNX, and score_photos equals `mineralnet eval`."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_export import CLASSES, MEAN, RESIZE, SIZE, STD, _photos, _probe_model  # noqa: E402
+
+from mineralnet.data import make_demo_dataset  # noqa: E402
+from mineralnet.errors import MineralNetError  # noqa: E402
+from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
+from mineralnet.export import onnx as xonnx  # noqa: E402
+from mineralnet.export import openvino as xov  # noqa: E402
+from mineralnet.predict import Predictor, score_photos  # noqa: E402
+from mineralnet.runs import model_meta, save_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "set", classes=3, per_class=10, size=96)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, photos):
+    run = tmp_path_factory.mktemp("run")
+    model = _probe_model(_photos(photos))
+    save_model(run, model, model_meta(model, classes=CLASSES, image_size=SIZE, mean=MEAN, std=STD, resize=RESIZE))
+    return run
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, photos):
+    """fp32 + int8 ONNX and IR, fixed batch 2 (the last chunk of an odd count is padded)."""
+    opts = ExportOptions(calib_data=photos, calib_size=24, profile=BatchProfile.static(2), val_data=photos)
+    arts = export(run_dir, ["int8", "openvino"], opts)
+    return {a.path.name: a for a in arts}
+
+
+def _torch_logits(run_dir, x):
+    import torch
+
+    from mineralnet.runs import load_model
+
+    model, _ = load_model(run_dir)
+    with torch.no_grad():
+        return model(torch.from_numpy(x)).numpy()
+
+
+def test_fp32_ir_equals_pytorch_within_the_onnx_tolerance(exported, run_dir):
+    out = run_dir / "export"
+    assert {"model.xml", "model.bin", "model.int8.xml", "model.int8.bin"} <= {p.name for p in out.iterdir()}
+    runner = xov.IRRunner(out / "model.xml")
+    assert runner.batch == 2
+    x = np.random.default_rng(0).normal(size=(5, 3, SIZE, SIZE)).astype(np.float32)
+    got = runner.run(x)
+    ref = _torch_logits(run_dir, x)
+    assert got["logits"].shape == (5, 3)
+    assert np.abs(got["logits"] - ref).max() <= xonnx.FP32_ATOL
+    np.testing.assert_allclose(got["probs"], xonnx.torch_outputs(runner_model(run_dir), x, ["probs"])["probs"],
+                               atol=1e-5)
+    record = json.loads((out / "model.json").read_text())["exports"]["model.xml"]
+    assert record["parity"]["passed"] and record["parity"]["max_abs_diff"]["logits"] <= xonnx.FP32_ATOL
+    assert record["weights"]["file"] == "model.bin"
+
+
+def runner_model(run_dir):
+    from mineralnet.runs import load_model
+
+    return load_model(run_dir)[0]
+
+
+def test_ir_carries_the_metadata_and_fp32_weights(exported, run_dir):
+    import openvino as ov
+
+    out = run_dir / "export"
+    model = ov.Core().read_model(str(out / "model.xml"))
+    meta = xov.read_metadata(model, "model.xml")
+    run_meta = json.loads((run_dir / "model.json").read_text())
+    for key in ("classes", "image_size", "resize", "mean", "std", "backbone", "stages"):
+        assert meta[key] == run_meta[key], key
+    assert meta["precision"] == "fp32"
+    assert xov.read_metadata(ov.Core().read_model(str(out / "model.int8.xml")), "x")["precision"] == "int8"
+    # fp32 weights (save_model's default would halve them): the .bin is about the ONNX file's size
+    assert (out / "model.bin").stat().st_size > 0.9 * (out / "model.onnx").stat().st_size
+
+
+def test_int8_ir_passes_the_agreement_gate_and_records_accuracy(exported, run_dir, photos):
+    record = json.loads((run_dir / "export" / "model.json").read_text())["exports"]["model.int8.xml"]
+    agree = record["int8"]["agreement"]
+    assert agree["source"] == "--val-data photos" and agree["images"] == 30 and agree["top1"] >= 0.9
+    fp32 = score_photos(run_dir, photos, device="cpu")
+    int8 = score_photos(run_dir / "export" / "model.int8.xml", photos, reference=fp32["preds"])
+    assert int8["agreement"] == pytest.approx(agree["top1"])
+    assert record["int8"]["accuracy"]["int8"] == pytest.approx(int8["top1"])
+    assert record["quantization"] == {"method": "qdq", "from": "model.int8.onnx"}
+
+
+def test_predictor_over_ir_equals_predictor_over_onnx(exported, run_dir, photos):
+    paths = _photos(photos)[:7]
+    ir, onnx_ = Predictor(run_dir / "export" / "model.xml"), Predictor(run_dir / "export" / "model.onnx")
+    assert ir.kind == "openvino" and ir.classes == CLASSES
+    np.testing.assert_allclose(ir.probabilities(paths), onnx_.probabilities(paths), atol=1e-5)
+    assert [p.top for p in ir.predict(paths, topk=1)][0][0][0] == onnx_.predict(paths, topk=1)[0].top[0][0]
+
+
+def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
+    pytest.importorskip("nncf")
+    opts = ExportOptions(calib_data=photos, calib_size=16, out_dir=tmp_path, openvino_int8="nncf")
+    arts = {a.path.name: a for a in export(run_dir, ["int8", "openvino"], opts)}
+    record = arts["model.int8.xml"].record
+    assert record["quantization"]["method"] == "nncf" and record["quantization"]["calib_images"] == 16
+    assert record["int8"]["agreement"]["top1"] >= 0.9
+    x = np.random.default_rng(1).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
+    assert xov.IRRunner(tmp_path / "model.int8.xml").run(x)["logits"].shape == (2, 3)
+
+
+def test_score_photos_torch_row_equals_mineralnet_eval(run_dir, photos):
+    from mineralnet.evaluate import predict_folder
+    from mineralnet.metrics import compute_metrics
+
+    targets, preds, probs, meta, index, acc = predict_folder(run_dir, photos, batch_size=8, workers=0)
+    acc.end_training()
+    expected = compute_metrics(targets, preds, probs, classes=meta["classes"])
+    got = score_photos(run_dir, photos, reference=preds, device="cpu")
+    assert got["images"] == len(targets)
+    assert got["top1"] == pytest.approx(expected["top1"])
+    assert got["mean_class_acc"] == pytest.approx(expected["mean_class_acc"])
+    assert got["agreement"] == 1.0
+    # an independent count: mean over classes of the per-class hit rate
+    per_class = [np.mean(got["preds"][got["targets"] == c] == c) for c in range(len(CLASSES))]
+    assert got["mean_class_acc"] == pytest.approx(float(np.mean(per_class)))
+
+
+def test_timing_runtime_and_precision_hints(exported, run_dir):
+    rt = xov.timing_runtime(run_dir / "export" / "model.xml", precision="bf16", threads=1)
+    (x,) = rt.make_inputs(2, 1)
+    result = rt.fn(x)
+    assert len(result) == 2 and rt.precision == "bf16"
+    with pytest.raises(MineralNetError, match="fixed batch of 2"):
+        rt.make_inputs(8, 1)
+    with pytest.raises(MineralNetError, match="choose one of fp32"):
+        xov.compile_ir(run_dir / "export" / "model.xml", precision="int4")
+
+
+def test_bad_ir_inputs_are_one_clear_line(exported, run_dir, tmp_path):
+    xml = tmp_path / "model.xml"
+    xml.write_bytes((run_dir / "export" / "model.xml").read_bytes())
+    with pytest.raises(MineralNetError, match="model.bin beside it"):
+        Predictor(xml)
+    with pytest.raises(MineralNetError, match="OpenVINO's runtime hint"):
+        Predictor(run_dir / "export" / "model.onnx", precision="bf16")
