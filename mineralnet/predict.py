@@ -133,7 +133,7 @@ class OpenVinoBackend:
     kind = "openvino"
 
     def __init__(self, path, precision: str | None = None, threads: int | None = None):
-        from mineralnet.export.openvino import IRRunner
+        from mineralnet.export.ir import IRRunner
 
         self.runner = IRRunner(path, precision=precision or "fp32", threads=threads)
         self.meta = self.runner.meta

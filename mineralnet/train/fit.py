@@ -31,6 +31,7 @@ from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, re
 from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
 from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
+from mineralnet.weights import resolve_pretrained
 
 
 @dataclass
@@ -93,9 +94,8 @@ def open_run(cfg: TrainConfig, accelerator) -> RunDir:
     return run
 
 
-def _build_model(cfg: TrainConfig, split: DataSplit, run: RunDir):
-    model = FusionNet(cfg.backbone, cfg.stages, len(split.classes), pretrained=cfg.pretrained_value,
-                      drop_rate=cfg.drop_rate)
+def _build_model(cfg: TrainConfig, split: DataSplit, run: RunDir, pretrained):
+    model = FusionNet(cfg.backbone, cfg.stages, len(split.classes), pretrained=pretrained, drop_rate=cfg.drop_rate)
     if cfg.resume is not None:
         run.check_resume_compatible(split.classes, model.config())
     if cfg.sync_bn:
@@ -115,9 +115,11 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
     set_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    # the weights first: a missing weights package or an unreachable hub fails before the photo scan
+    pretrained = resolve_pretrained(cfg.pretrained_value, cfg.backbone) if cfg.resume is None else False
     split = prepare_data(cfg, run)
     train_loader, val_loader = build_loaders(cfg, split)
-    model, loss_fn = _build_model(cfg, split, run)
+    model, loss_fn = _build_model(cfg, split, run, pretrained)
     optimizer = build_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))
     if cfg.compile:
         model = torch.compile(model)

@@ -1,0 +1,219 @@
+"""The OpenVINO runtime side: IR conversion, saving, reading (with MineralNet's metadata in rt_info),
+compiling with a precision hint, and the runner `Predictor` and the benchmarks use. The export and its gates
+are in export/openvino.py.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from mineralnet.errors import MineralNetError
+IR_NAMES = {"fp32": "model.xml", "int8": "model.int8.xml"}
+RT_INFO_KEY = "mineralnet"
+PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # runtime hint -> OpenVINO's name
+INT8_METHODS = ("qdq", "nncf")
+INSTALL = "pip install 'mineralnet[openvino]'"
+
+
+def openvino_missing() -> str | None:
+    """Why OpenVINO cannot be used here, or None."""
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return f"the openvino package is not installed ({INSTALL})"
+    return None
+
+
+def _ov():
+    missing = openvino_missing()
+    if missing:
+        raise MineralNetError(f"OpenVINO IR export and inference need OpenVINO: {missing}")
+    import openvino
+
+    return openvino
+
+
+def bin_path(xml_path) -> Path:
+    return Path(xml_path).with_suffix(".bin")
+
+
+# ----------------------------------------------------------------------------- metadata
+def set_metadata(model, props: dict[str, str]) -> None:
+    """Store `props` (str -> JSON str, as in the ONNX metadata_props) in the IR's rt_info."""
+    for key, value in props.items():
+        model.set_rt_info(value, [RT_INFO_KEY, key])
+
+
+def read_metadata(model, where: str) -> dict:
+    """The model meta dict (classes, mean, std, ...) from an ov.Model's rt_info."""
+    from mineralnet.export.onnx import parse_metadata
+
+    if not model.has_rt_info([RT_INFO_KEY]):
+        raise MineralNetError(f"OpenVINO IR {where!r} carries no MineralNet metadata (rt_info `{RT_INFO_KEY}`): "
+                              f"it was not written by mineralnet-export; export it with "
+                              f"`mineralnet-export RUN --openvino`")
+    keys = model.get_rt_info()[RT_INFO_KEY]
+    return parse_metadata({k: model.get_rt_info([RT_INFO_KEY, k]).astype(str) for k in keys})
+
+
+# ----------------------------------------------------------------------------- conversion
+def convert(onnx_path, props: dict[str, str]):
+    """ONNX file -> ov.Model with `props` in its rt_info."""
+    ov = _ov()
+    try:
+        model = ov.convert_model(os.fspath(onnx_path))
+    except Exception as e:
+        raise MineralNetError(f"OpenVINO cannot convert {os.fspath(onnx_path)!r} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); report it with the "
+                              f"OpenVINO version ({ov.__version__})") from None
+    set_metadata(model, props)
+    return model
+
+
+def quantize_nncf(model, calib_images: np.ndarray, batch: int | None):
+    """NNCF post-training int8 quantization of an fp32 ov.Model on preprocessed (N, 3, S, S) images.
+
+    Symmetric int8 weights and activations (NNCF's `performance` preset), the MinMax ranges NNCF
+    picks per layer, and its fast bias correction. `batch` is the model's fixed batch (None: dynamic).
+    """
+    try:
+        import nncf
+    except ImportError:
+        raise MineralNetError("--openvino-int8 nncf needs NNCF (pip install nncf); or use the default "
+                              "--openvino-int8 qdq") from None
+    step = batch or 1
+    items = []
+    for start in range(0, len(calib_images), step):
+        x = calib_images[start:start + step]
+        if batch and len(x) < batch:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
+        items.append(np.ascontiguousarray(x, dtype=np.float32))
+    rt = {k: model.get_rt_info([RT_INFO_KEY, k]).astype(str) for k in model.get_rt_info()[RT_INFO_KEY]}
+    quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=True)
+    set_metadata(quantized, rt)
+    return quantized
+
+
+def save_ir(model, folder, name: str) -> Path:
+    """Write `model` as folder/name (.xml) + .bin with fp32 weights; returns the .xml path."""
+    ov = _ov()
+    xml = Path(folder) / name
+    ov.save_model(model, os.fspath(xml), compress_to_fp16=False)
+    return xml
+
+
+# ----------------------------------------------------------------------------- runtime
+def compile_ir(model_or_path, *, precision: str = "fp32", threads: int | None = None,
+               latency: bool = True):
+    """An ov.CompiledModel on the CPU with an explicit inference precision hint.
+
+    Args:
+        precision: fp32 (exact), bf16 or fp16 (faster where the CPU has the instructions).
+        threads: inference threads (default: OpenVINO's, all physical cores).
+        latency: one stream, for the per-call latency of synchronous requests (the benchmark's and
+            `Predictor`'s way of calling); False lets OpenVINO pick streams for throughput.
+    """
+    ov = _ov()
+    if precision not in PRECISION_HINTS:
+        raise MineralNetError(f"OpenVINO precision {precision!r}: choose one of {', '.join(PRECISION_HINTS)}")
+    core = ov.Core()
+    model = model_or_path
+    if isinstance(model_or_path, (str, os.PathLike)):
+        model = read_ir(core, model_or_path)
+    config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
+              "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    try:
+        return core.compile_model(model, "CPU", config)
+    except Exception as e:
+        raise MineralNetError(f"OpenVINO cannot compile the model for the CPU with precision {precision} "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+                              f"try --precision fp32") from None
+
+
+def read_ir(core, path):
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if not p.is_file() or not bin_path(p).is_file():
+        raise MineralNetError(f"OpenVINO IR {str(p)!r} needs both the .xml and its {bin_path(p).name} beside it; "
+                              f"copy both files, or export again with `mineralnet-export RUN --openvino`")
+    try:
+        return core.read_model(os.fspath(p))
+    except Exception as e:
+        raise MineralNetError(f"OpenVINO cannot read {str(p)!r} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); the file is damaged or from "
+                              f"a newer OpenVINO: export it again with `mineralnet-export RUN --openvino`") from None
+
+
+class IRRunner:
+    """An OpenVINO IR on the CPU: images (N, 3, S, S) float32 -> {output name: (N, ...)}.
+
+    A fixed-batch IR gets its last chunk padded by repeating the last image, as ONNX files are.
+    """
+
+    def __init__(self, model_or_path, *, precision: str = "fp32", threads: int | None = None):
+        model = model_or_path
+        if isinstance(model_or_path, (str, os.PathLike)):
+            model = read_ir(_ov().Core(), model_or_path)
+        where = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else "the IR"
+        self.meta = read_metadata(model, where)  # rt_info: the compiled model does not keep it
+        self.compiled = compile_ir(model, precision=precision, threads=threads)
+        self.request = self.compiled.create_infer_request()
+        self.input = self.compiled.input(0)
+        shape = self.input.get_partial_shape()
+        self.batch = shape[0].get_length() if shape[0].is_static else None
+        self.names = [o.get_any_name() for o in self.compiled.outputs]
+        self.precision = precision
+
+    def infer(self, x: np.ndarray):
+        """One request on a batch the model accepts; the results stay in OpenVINO's buffers."""
+        return self.request.infer({self.input: x})
+
+    def run(self, images: np.ndarray, batch: int | None = None) -> dict[str, np.ndarray]:
+        step = self.batch or batch or 16
+        chunks: dict[str, list] = {n: [] for n in self.names}
+        for start in range(0, len(images), step):
+            x = np.ascontiguousarray(images[start:start + step], dtype=np.float32)
+            n = len(x)
+            if self.batch and n < self.batch:
+                x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
+            result = self.infer(x)
+            for name, out in zip(self.names, self.compiled.outputs):
+                chunks[name].append(np.array(result[out][:n], dtype=np.float32))
+        return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in chunks.items()}
+
+
+@dataclass
+class TimingRuntime:
+    """What a benchmark needs to time an IR: `fn(x)` runs one batch, `make_inputs(batch, n)` gives inputs."""
+
+    fn: Callable
+    make_inputs: Callable
+    precision: str
+    label: str
+
+
+def timing_runtime(path, precision: str = "fp32", threads: int | None = None) -> TimingRuntime:
+    """A compiled IR (fp32 or int8 file) and its synchronous infer call, for the benchmark tables.
+
+    `precision` is the runtime hint for the layers that are not int8: fp32, bf16 or fp16. A
+    fixed-batch IR accepts only its own batch (make_inputs raises for another one).
+    """
+    runner = IRRunner(path, precision=precision, threads=threads)
+    size = int(runner.input.get_partial_shape()[-1].get_length())
+
+    def make_inputs(batch: int, n: int) -> list[np.ndarray]:
+        if runner.batch and batch != runner.batch:
+            raise MineralNetError(f"{os.fspath(path)!r} has a fixed batch of {runner.batch}, not {batch}; "
+                                  f"export with --dynamic to time other batch sizes")
+        rng = np.random.default_rng(batch)
+        return [rng.standard_normal((batch, 3, size, size)).astype(np.float32) for _ in range(n)]
+
+    return TimingRuntime(runner.infer, make_inputs, precision, f"OpenVINO CPU ({precision} hint)")
+
+
+# ----------------------------------------------------------------------------- the export format
