@@ -67,7 +67,6 @@ def test_measure_sleep_latency_and_percentile_order():
     lat = stats["latency_ms"]
     assert stats["runs"] >= 6 and len(stats["samples_ms"]) == stats["runs"]
     assert lat["min"] >= 19.9  # a sleep never returns early
-    assert lat["p50"] <= 20 * 1.5 + 10  # generous: a loaded machine wakes sleepers late
     assert lat["min"] <= lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     assert stats["warmup_runs"] >= 1
     assert set(seen) == {"a", "b", "c"}  # inputs rotate among every buffer

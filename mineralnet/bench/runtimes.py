@@ -434,6 +434,7 @@ def _build_torch(variant: str):
                 raise Skip(f"torch.compile unavailable: {_short_error(e)}") from None
             torch._dynamo.reset()  # a fresh cache per row set: no recompile limit carried over
         model, _ = load_model(bm.path, map_location=device)
+        model = model.to(device)  # load_model maps the weights; the module must follow (as predict.py does)
         channels_last = variant == "channels_last"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -484,10 +485,10 @@ def _build_ort(which: str):
         if which == "trt":
             cache = Path(bm.path).with_suffix(".ort-trt-cache")
             cache.mkdir(exist_ok=True)
-            # An int8 file is QDQ (explicit quantisation): TensorRT reads its scales, no calibration table;
-            # fp16 lets the layers that stay in float run in half precision.
-            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                       "trt_fp16_enable": precision in ("fp16", "int8")}
+            # Strongly typed: no precision flags (trt_fp16_enable is weak typing, gone in TensorRT 11); the
+            # precision comes from the ONNX file given (fp16 model, or the QDQ int8 model). With TensorRT 11
+            # this provider needs onnxruntime-gpu 1.27+.
+            options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)}
             providers = [(provider, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
         elif which == "cuda":
             providers = [provider, "CPUExecutionProvider"]
