@@ -229,3 +229,21 @@ def test_read_config_rejects_a_field_triton_does_not_have(tmp_path):
     bad.write_text('name: "m"\nmax_batch_sizes: 4\n')
     with pytest.raises(MineralNetError, match="max_batch_sizes"):
         xtriton.read_config(bad)
+
+
+def test_cli_writes_the_repository_and_refuses_an_engine_from_batch_2_in_one_line(tmp_path, run, capsys):
+    from mineralnet.cli import export_main
+
+    out, repo = tmp_path / "export", tmp_path / "repo"
+    assert export_main([str(run.dir), "--out", str(out), "--dynamic", "--max-batch", "4", "--triton", str(repo),
+                        "--triton-kind", "cpu"]) == 0
+    cfg = xtriton.read_config(repo / "mineralnet_onnx_fp32" / "config.pbtxt")
+    assert int(cfg["max_batch_size"]) == 4 and cfg["instance_group"][0]["kind"] == "KIND_CPU"
+    _check_io(cfg, repo / "mineralnet_onnx_fp32" / "1" / "model.onnx", BatchProfile.range(1, 4, 4))
+    capsys.readouterr()
+    _fake_engine(out, run.meta, BatchProfile.range(2, 4, 4))
+    assert export_main([str(run.dir), "--out", str(out), "--dynamic", "--max-batch", "4",
+                        "--triton", str(repo)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--min-batch 1" in err and "model.fp16.engine" in err
+    assert not (repo / "mineralnet_trt_fp16").exists()
