@@ -81,8 +81,8 @@ def engine_io(sidecar: dict) -> ModelIO:
     dynamic = bool(profile["dynamic"])
     batch = None if dynamic else int(profile["max"])
     dims = {"logits": [int(sidecar["num_classes"])], "probs": [int(sidecar["num_classes"])],
-            "embedding": [int(sidecar.get("feature_dim") or 0)]}
-    unknown = [o for o in sidecar["outputs"] if o not in dims or not dims[o][0]]
+            "embedding": [int(sidecar.get("feature_dim") or 0)], "novelty": []}  # novelty: one score (B,)
+    unknown = [o for o in sidecar["outputs"] if o not in dims or 0 in dims[o]]
     if unknown:
         raise MineralNetError(f"engine sidecar lists output(s) {unknown} without a known size; rebuild the "
                               f"engine with `mineralnet-export RUN --trt`")
@@ -106,16 +106,18 @@ def config_text(name: str, backend: str, io: ModelIO, *, profile: dict, kind: st
 
     def dims(t: Tensor) -> str:
         shape = t.shape[1:] if io.dynamic else t.shape
+        if not shape:  # one value per image, e.g. novelty (B,): Triton needs dims, so [1] reshaped to a scalar
+            return "[ 1 ]\n    reshape: { shape: [ ] }"
         return "[ " + ", ".join(str(int(d)) for d in shape) + " ]"
 
-    def block(kind_: str, t: Tensor) -> str:
+    def block(t: Tensor) -> str:
         label = f'\n    label_filename: "{LABELS}"' if labels and t.name in ("logits", "probs") else ""
         return f'  {{\n    name: "{t.name}"\n    data_type: {t.dtype}\n    dims: {dims(t)}{label}\n  }}'
 
     lines = [f'name: "{name}"', f'backend: "{backend}"', f'platform: "{platform}"',
              f'default_model_filename: "{filename}"', f"max_batch_size: {max_batch}",
-             "input [\n" + ",\n".join(block("input", t) for t in io.inputs) + "\n]",
-             "output [\n" + ",\n".join(block("output", t) for t in io.outputs) + "\n]"]
+             "input [\n" + ",\n".join(block(t) for t in io.inputs) + "\n]",
+             "output [\n" + ",\n".join(block(t) for t in io.outputs) + "\n]"]
     if io.dynamic:
         preferred = sorted({b for b in (int(profile["opt"]), int(profile["max"])) if b > 1})
         pref = f"\n  preferred_batch_size: [ {', '.join(map(str, preferred))} ]" if preferred else ""
@@ -186,5 +188,9 @@ def read_config(path) -> dict:
         from tritonclient.grpc import model_config_pb2
     except ImportError:
         raise MineralNetError("reading config.pbtxt needs tritonclient (pip install tritonclient)") from None
-    msg = text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    try:
+        msg = text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
+    except text_format.ParseError as e:
+        raise MineralNetError(f"{os.fspath(path)!r} is not a Triton model config ({e}); rewrite it with "
+                              f"mineralnet-export RUN --triton DIR") from None
     return json.loads(json_format.MessageToJson(msg, preserving_proto_field_name=True))
