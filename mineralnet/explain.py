@@ -15,6 +15,8 @@ is exactly that stage's share of the logit (global-average pooling + linear head
 the image and summed over stages; ReLU, then divided by the image's maximum. The "F4 term" is the same map from stage 4 alone (the
 highest fused stage when 4 is not fused): how this model's deepest features alone would look.
 """
+# Over 500 lines: the three figures (Grad-CAM grid, t-SNE, gallery) and report.md belong to one command and
+# share its data; the Grad-CAM maths is ~100 lines of it. Split the figures out if it grows further.
 from __future__ import annotations
 
 import argparse

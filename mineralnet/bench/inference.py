@@ -11,25 +11,9 @@ from mineralnet.bench.environment import _loadavg
 from mineralnet.bench.runtimes import RUNTIMES, Skip, _row_precisions, _torch_device, open_model
 
 # ============================================================================ inference benchmark
-def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str]] = None,
-                  precisions: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
-                  image_size: Optional[int] = None, warmup_s: float = 1.0, duration_s: float = 3.0,
-                  min_runs: int = 5, buffers: int = 4, threads: Optional[int] = None, device: str = "auto",
-                  peak_gflops: Optional[float] = None, interleave: bool = True,
-                  log: Callable[[str], None] = print) -> list[dict]:
-    """Every (model, runtime, precision, batch) row; runtimes that cannot run here become skipped rows.
-
-    With `interleave` (default) all runtimes of one batch size are timed in round-robin rounds, one
-    call each per round, so a change in machine load hits them alike and their ratios stay fair;
-    otherwise each row is timed on its own, one after the other.
-    """
-    dev = _torch_device(device)
-    precisions = list(precisions or (["fp32", "bf16", "fp16"] if dev == "cuda" else ["fp32", "bf16"]))
-    names = list(runtimes or RUNTIMES)
-    unknown = [r for r in names if r not in RUNTIMES]
-    if unknown:
-        raise MineralNetError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
-    models = [open_model(p, image_size) for p in model_paths]
+def _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_gflops, interleave, log):
+    """Build every (model, runtime, precision) -> (entries: [(common row fields, Prepared or None)],
+    fixed: {(entry index, batch): skipped/error row} for those that cannot run here)."""
     fixed: dict[tuple, dict] = {}   # (entry index, batch) -> skipped/error row
     entries = []                    # (common row fields, Prepared or None)
     for bm in models:
@@ -60,6 +44,30 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
                         fixed[(len(entries), b)] = result_row(batch=b, device="cuda" if gpu_only else dev,
                                                               status=status, reason=reason, **common)
                 entries.append((common, prepared))
+    return entries, fixed
+
+
+def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str]] = None,
+                  precisions: Optional[Sequence[str]] = None, batch_sizes: Sequence[int] = (1, 8, 32),
+                  image_size: Optional[int] = None, warmup_s: float = 1.0, duration_s: float = 3.0,
+                  min_runs: int = 5, buffers: int = 4, threads: Optional[int] = None, device: str = "auto",
+                  peak_gflops: Optional[float] = None, interleave: bool = True,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """Every (model, runtime, precision, batch) row; runtimes that cannot run here become skipped rows.
+
+    With `interleave` (default) all runtimes of one batch size are timed in round-robin rounds, one
+    call each per round, so a change in machine load hits them alike and their ratios stay fair;
+    otherwise each row is timed on its own, one after the other.
+    """
+    dev = _torch_device(device)
+    precisions = list(precisions or (["fp32", "bf16", "fp16"] if dev == "cuda" else ["fp32", "bf16"]))
+    names = list(runtimes or RUNTIMES)
+    unknown = [r for r in names if r not in RUNTIMES]
+    if unknown:
+        raise MineralNetError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
+    models = [open_model(p, image_size) for p in model_paths]
+    entries, fixed = _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_gflops,
+                                      interleave, log)
     live = [i for i, (_, p) in enumerate(entries) if p is not None]
     rows_by: dict[tuple, dict] = dict(fixed)
     for b in batch_sizes:
