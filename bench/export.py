@@ -15,8 +15,8 @@ prepare: a random-init ResNet-50 F2+F4 FusionNet (7 classes, 224 px; speed does 
 weights) exported by the library call behind `mineralnet-export RUN --int8 --calib-data minet7
 --dynamic --max-batch 8` (parity gate included), plus int8 variants: symmetric int8 activations
 (the TensorRT-ready model) and uint8 with reduce_range.
-latency: every variant in the same interleaved rounds (each runs once untimed, then once timed,
-per round), so load changes hit all of them alike; median and p90; ratios against PyTorch eager
+latency: every variant in the same interleaved rounds of the library harness (ORT threads do not
+spin between calls), so load changes hit all of them alike; median and p90; ratios against PyTorch eager
 fp32; once with 2 threads (the machine) and once with 1 thread per runtime.
 agreement: int8 vs fp32 top-1 on the minet7 photos not used for calibration, for a run trained
 on minet7 (its own head) and for the random-init model (own head, and a linear probe fitted on
@@ -46,7 +46,8 @@ FILES = {FP32: "model.onnx", INT8: "model.int8.onnx", SYM: "model.int8sym.onnx",
 def session(path, level="all", threads=None):
     from mineralnet.export.onnx import ort_session
 
-    return ort_session(path, optimization=level, threads=threads)
+    # no idle-thread spinning: the variants are interleaved, and a spinning pool would slow the next one
+    return ort_session(path, optimization=level, threads=threads, spinning=False)
 
 
 def export_with_variants(run, out: Path, data, calib_size: int, variants: bool) -> dict:
@@ -87,21 +88,21 @@ def step_prepare(args, work: Path, results: dict) -> None:
 
 
 def interleaved(variants: dict, batch: int, size: int, rounds: int, warmup: int) -> dict:
-    """{name: [ms, ...]}: each round calls every variant twice on the same input and times the
-    second call; the first lets the previous variant's worker threads (ORT and OpenMP spin after
-    a call) go idle, so no variant pays for its predecessor."""
+    """{name: latency percentiles}: the library harness (mineralnet.bench.measure_interleaved) times every
+    variant in the same round-robin rounds, `rounds` timed calls each after about `warmup` untimed ones.
+    ORT sessions are made with spinning off (session()), so no variant pays for its predecessor's threads."""
+    from mineralnet import bench
+
     x = np.random.default_rng(batch).standard_normal((batch, 3, size, size)).astype(np.float32)
     xt = torch.from_numpy(x)
-    times = {name: [] for name in variants}
-    for r in range(warmup + rounds):
-        for name, fn in variants.items():
-            arg = xt if name == EAGER else x
-            fn(arg)
-            t0 = time.perf_counter()
-            fn(arg)
-            if r >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+    calls = {name: (fn, [xt if name == EAGER else x], None) for name, fn in variants.items()}
+    stats = bench.measure_interleaved(calls, warmup_s=0.0, duration_s=0.0, min_runs=rounds + warmup)
+    out = {}
+    for name, st in stats.items():
+        if isinstance(st, BaseException):
+            raise st
+        out[name] = bench.percentiles(st["samples_ms"][warmup:] or st["samples_ms"])
+    return out
 
 
 def step_latency(args, work: Path, results: dict) -> None:
@@ -123,8 +124,7 @@ def step_latency(args, work: Path, results: dict) -> None:
         variants = {EAGER: eager}
         variants.update({n: (lambda s: lambda x: s.run(["logits"], {"images": x}))(s) for n, s in sessions.items()})
         t0 = time.time()
-        times = interleaved(variants, args.batch, meta["image_size"], args.rounds, args.warmup)
-        row = {n: bench.percentiles(v) for n, v in times.items()}
+        row = interleaved(variants, args.batch, meta["image_size"], args.rounds, args.warmup)
         out[f"{threads}t_b{args.batch}"] = {"threads": threads, "batch": args.batch, "rounds": args.rounds,
                                             "warmup": args.warmup, "stats": row,
                                             "load_average": bench.environment()["load_average"]}

@@ -28,6 +28,7 @@ import torch
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.harness import _short_error
 from mineralnet.bench.environment import _arch_flops, _version
+from mineralnet.export.onnx import ort_session
 from mineralnet.export.tensorrt import TRTRunner
 from mineralnet.model import FusionNet
 from mineralnet.runs import load_model, read_meta
@@ -206,18 +207,16 @@ def _build_torch(variant: str):
 
 
 def _ort_session(bm: BenchModel, providers: list, threads: Optional[int], spinning: bool = True):
+    """The toolkit's own ONNX Runtime session (it follows the file's optimisation metadata); a file ONNX
+    Runtime cannot load becomes an error row, not the end of the benchmark."""
     try:
         import onnxruntime as ort
     except ImportError:
         raise Skip("onnxruntime is not installed (pip install onnxruntime)") from None
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    if not spinning:  # idle pool threads would spin on the cores that the next runtime needs
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(bm.path, sess_options=opts, providers=providers), ort
+    try:
+        return ort_session(bm.path, providers=providers, threads=threads, spinning=spinning), ort
+    except MineralNetError as e:
+        raise RuntimeError(str(e)) from None
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}

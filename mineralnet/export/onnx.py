@@ -182,23 +182,25 @@ def check_proto(proto) -> None:
 
 
 def ort_session(path_or_bytes, *, providers: Sequence[str] | None = None, threads: int | None = None,
-                optimization: str = "auto"):
+                optimization: str = "auto", spinning: bool = True):
     """An onnxruntime.InferenceSession on CPU (or the given providers), with a clear error.
 
     optimization "auto" follows the file's own metadata: the int8 model exported for TensorRT says
     `"onnxruntime_optimization": "disable"` (ONNX Runtime's optimiser miscomputes its fp16 Q/DQ graph),
-    everything else runs fully optimised.
+    everything else runs fully optimised. `spinning=False` stops idle pool threads from spinning on the
+    cores (benchmarks that interleave runtimes need that).
     """
-    session = _ort_session(path_or_bytes, providers, threads, "all" if optimization == "auto" else optimization)
+    first = "all" if optimization == "auto" else optimization
+    session = _ort_session(path_or_bytes, providers, threads, first, spinning)
     if optimization == "auto":
         quant = json.loads(session.get_modelmeta().custom_metadata_map.get("quantization", "{}") or "{}")
         wanted = quant.get("onnxruntime_optimization", "all")
         if wanted != "all":
-            session = _ort_session(path_or_bytes, providers, threads, wanted)
+            session = _ort_session(path_or_bytes, providers, threads, wanted, spinning)
     return session
 
 
-def _ort_session(path_or_bytes, providers, threads, optimization: str):
+def _ort_session(path_or_bytes, providers, threads, optimization: str, spinning: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -208,6 +210,8 @@ def _ort_session(path_or_bytes, providers, threads, optimization: str):
     }[optimization]
     if threads:
         opts.intra_op_num_threads = int(threads)
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: no optimizer chatter on stderr
     data = os.fspath(path_or_bytes) if isinstance(path_or_bytes, (str, os.PathLike)) else path_or_bytes
     try:
