@@ -23,6 +23,9 @@ from pathlib import Path
 
 import yaml
 
+from mineralnet.errors import MineralNetError
+from mineralnet.runs import read_metrics, read_split
+
 IGNORED = {"out", "resume", "log_every", "workers", "data"}
 
 
@@ -33,9 +36,11 @@ def load_run(path: Path) -> dict:
                          f"metrics.jsonl); pass run directories made by `mineralnet train`")
     # fields added to TrainConfig after a run was made take their defaults (what that run trained with)
     cfg = {**_defaults(), **yaml.safe_load((path / "config.yaml").read_text())}
-    lines = [json.loads(l) for l in (path / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    split = json.loads((path / "split.json").read_text()) if (path / "split.json").is_file() else {}
-    return {"name": path.name, "cfg": cfg, "lines": lines, "val": tuple(split.get("val", []))}
+    try:
+        val = tuple(sorted(p for p, _ in read_split(path)["splits"]["val"]))
+    except MineralNetError:  # no split file: the run cannot be compared on its photos
+        val = ()
+    return {"name": path.name, "cfg": cfg, "lines": read_metrics(path), "val": val}
 
 
 def _fmt(v) -> str:
