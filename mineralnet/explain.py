@@ -34,7 +34,7 @@ from mineralnet.errors import MineralNetError
 from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
 from mineralnet.report import abbreviate, write_eval_report
 from mineralnet.runs import atomic_write_text, load_model, read_split
-from mineralnet.train.loop import evaluate, fresh_accelerator
+from mineralnet.train.loop import evaluate
 
 EXPLAIN_DIR = "explain"
 
@@ -105,7 +105,7 @@ def predict_dataset(model, dataset, batch_size: int = 32, workers: int = 0) -> d
     """Logits, probabilities and fused embeddings (`features`) of every image of `dataset` (eval mode),
     through the same prediction loop as training and `eval`."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
-    return evaluate(model, loader, fresh_accelerator(cpu=True), embeddings=True)
+    return evaluate(model, loader, None, embeddings=True)
 
 
 def sample_per_class(labels, per_class: int, seed: int = 0) -> list[int]:

@@ -21,7 +21,7 @@ from mineralnet.calibration.store import Calibration
 from mineralnet.data import PhotoDataset, build_transforms
 from mineralnet.errors import MineralNetError
 from mineralnet.runs import SPLIT_FILE, load_model, read_split
-from mineralnet.train.loop import evaluate, fresh_accelerator
+from mineralnet.train.loop import evaluate
 
 # Best mean AUROC (0.61, all five within 0.06) on the minet7 leave-classes-out protocol with short
 # from-scratch runs (docs/RESULTS.md, "Unknown minerals"); re-measure with better models.
@@ -37,7 +37,8 @@ def extract(model, samples, meta: dict, batch_size: int = 64, workers: int = 0, 
     loader = DataLoader(PhotoDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
-    out = evaluate(model, _OnDevice(loader, dev), fresh_accelerator(cpu=dev.type == "cpu"), embeddings=True)
+    # no Accelerator: calibration runs in one process, also right after a distributed training has ended
+    out = evaluate(model, _OnDevice(loader, dev), None, embeddings=True)
     return {"logits": out["logits"], "embedding": out["features"], "labels": out["targets"]}
 
 

@@ -6,6 +6,7 @@ check runs only every `log_every` steps and at the end of the epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -96,22 +97,25 @@ def any_process(accelerator, flag: bool) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, *, embeddings: bool = False) -> dict:
+def evaluate(model, loader, accelerator=None, *, embeddings: bool = False) -> dict:
     """Predictions over a prepared loader; every image counted exactly once whatever the process count.
+    With `accelerator=None`: this process alone, no autocast (batches must already be on the model's device).
 
     Returns numpy `targets` (N,), `preds` (N,), `probs` (N, C), `logits` (N, C), the mean
     cross-entropy `loss` and, with `embeddings=True`, the fused features `features` (N, D).
     """
     model.eval()
     all_logits, all_targets, all_feats = [], [], []
+    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
+    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda t: t)
     for x, y in loader:
-        with accelerator.autocast():
+        with autocast():
             logits, feats = model(x, return_features=True)
         if embeddings:
-            logits, y, feats = accelerator.gather_for_metrics((logits.float().contiguous(), y, feats.float()))
+            logits, y, feats = gather((logits.float().contiguous(), y, feats.float()))
             all_feats.append(feats.cpu())
         else:
-            logits, y = accelerator.gather_for_metrics((logits.float().contiguous(), y))
+            logits, y = gather((logits.float().contiguous(), y))
         all_logits.append(logits.cpu())
         all_targets.append(y.cpu())
     logits = torch.cat(all_logits) if all_logits else torch.zeros(0, 1)
