@@ -39,14 +39,38 @@ def _create_backbone(name: str, out_indices: Sequence[int] | None, pretrained: P
     if not os.path.isfile(path):
         raise MineralNetError(f"pretrained weights file {path!r} does not exist; pass an existing "
                               f".safetensors/.pth file, true (timm hub) or false")
+    state_dict = read_weights_file(path)
     try:
-        # timm loads a local file through the pretrained config, filtering the classifier as
-        # it does for hub weights, so the same file works for features_only.
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **kwargs)
+        # timm takes the state dict through the pretrained config, filtering the classifier as it does for
+        # hub weights, so the same file works for features_only; we read the file ourselves (no pickle).
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict,
+                                 file=None, source=""), **kwargs)
     except Exception as e:
         raise MineralNetError(f"pretrained weights {path!r} do not fit backbone {name!r} "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass weights of "
                               f"the same timm architecture") from None
+
+
+def read_weights_file(path: str) -> dict:
+    """A --pretrained file's state dict, without unpickling arbitrary objects: safetensors, or a torch file
+    read with weights_only=True whatever the installed torch/timm default."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- unreadable or needs full unpickling
+        raise MineralNetError(f"cannot read pretrained weights {path!r} as tensors only ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); MineralNet loads no "
+                              f"pickled objects: pass a .safetensors file or a plain state-dict .pth") from None
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    if not isinstance(sd, dict):
+        raise MineralNetError(f"pretrained weights {path!r} hold no state dict; pass a timm/torchvision weights file")
+    return {k[7:] if k.startswith("module.") else k: v for k, v in sd.items()}
 
 
 @functools.lru_cache(maxsize=None)

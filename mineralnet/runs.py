@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -299,10 +300,54 @@ class RunDir:
         if not path.is_file():
             raise MineralNetError(f"{str(state)!r} has no {PROGRESS_FILE}: it was saved by an older MineralNet; "
                                   f"start the run again without --resume")
+        check_state_files(state)
+        if getattr(accelerator, "_custom_objects", None):
+            raise MineralNetError("internal: objects registered for checkpointing would be unpickled on resume; "
+                                  "MineralNet saves its counters as JSON")
         accelerator.load_state(str(state))
         if ema is not None:
             ema.load(state)
+        return _read_json(path)
+
+
+# Accelerate's own RNG file is a pickle but is read with weights_only=True (plain tensors and numpy state).
+_ACCELERATE_RNG = re.compile(r"random_states_\d+\.pkl")
+
+
+def check_state_files(state) -> None:
+    """Refuse a state/ that could run code when loaded, and name the first damaged file in one line.
+
+    MineralNet never writes custom pickles (Accelerate's `custom_checkpoint_N.pkl` is loaded with full
+    unpickling); a state/ that holds one, or any other *.pkl, came from elsewhere."""
+    from accelerate.utils import load as torch_load_safe
+    from safetensors.torch import load_file
+
+    state = Path(state)
+    files = sorted(p for p in state.iterdir() if p.is_file())
+    for f in files:
+        if f.name.startswith("custom_checkpoint_") or (f.suffix == ".pkl" and not _ACCELERATE_RNG.fullmatch(f.name)):
+            raise MineralNetError(f"{str(f)!r} is a pickle that MineralNet never writes and will not load (loading "
+                                  f"it could run code); resume only runs you trust, or start fresh without --resume")
+    fix = "resume from a copy of the run's previous state (state.old/) or start fresh without --resume"
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                load_file(str(f))
+            elif f.suffix in (".bin", ".pt", ".pkl"):
+                torch_load_safe(str(f), map_location="cpu", weights_only=True)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged file
+            msg = str(e).splitlines()[0][:160] if str(e) else ""
+            raise MineralNetError(f"checkpoint file {str(f)!r} is damaged ({type(e).__name__}: {msg}); "
+                                  f"{fix}") from None
+
+
+def _read_json(path: Path):
+    try:
         return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MineralNetError(f"{str(path)!r} is damaged ({e}); start the run again without --resume") from None
 
 
 def default_run_path(backbone: str, stages, loss: str) -> Path:
