@@ -89,3 +89,79 @@ def test_pretrained_file_is_read_without_unpickling_objects(tmp_path):
         m = FusionNet("resnet18", (2, 4), 3, pretrained=str(tmp_path / f))
         got = m.backbone.state_dict()
         assert all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+# ----------------------------------------------------------------------------- photos from elsewhere
+def _photo_dir(tmp_path, n=3):
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "photos"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((40, 40, 3), 60 * i, np.uint8)).save(root / c / f"ok{i}.jpg")
+    return root
+
+
+def _data_check(root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys; from mineralnet.cli import main; sys.exit(main(['data', 'check', sys.argv[1]]))"
+    return subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=tmp_path)
+
+
+def test_fifo_and_device_photos_are_reported_not_read(tmp_path):
+    import os
+
+    root = _photo_dir(tmp_path)
+    os.mkfifo(root / "a" / "pipe.jpg")
+    os.symlink("/dev/zero", root / "b" / "zero.jpg")
+    p = _data_check(root, tmp_path)  # would hang (FIFO) or exhaust memory (/dev/zero) if opened and read
+    assert p.returncode == 1, p.stderr[-2000:]
+    lines = [l for l in p.stdout.splitlines() if "not a regular file" in l]
+    assert len(lines) == 2 and any("pipe.jpg" in l for l in lines) and any("zero.jpg" in l for l in lines)
+
+
+def test_strip_eps_and_unsupported_formats_are_refused_with_reasons(tmp_path, monkeypatch):
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from mineralnet.data import decode
+    from mineralnet.data.scan import scan_dataset
+
+    root = _photo_dir(tmp_path)
+    Image.fromarray(np.zeros((1, 4000, 3), np.uint8)).save(root / "a" / "strip.png")
+    Image.fromarray(np.zeros((210, 10, 3), np.uint8)).save(root / "a" / "tall.png")  # 21:1
+    Image.fromarray(np.zeros((200, 10, 3), np.uint8)).save(root / "a" / "edge.png")  # 20:1 is allowed
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(root / "b" / "first.gif")  # GIF: first frame is read
+    (root / "b" / "eps.jpg").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\nshowpage\n")
+    (root / "b" / "phone.heic").write_bytes(b"\0\0\0\x18ftypheic" + bytes(40))
+    calls = []
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: calls.append(a) or (_ for _ in ()).throw(OSError))
+    index = scan_dataset(root)
+    bad = {Path(p).name: r for p, r in index.bad}
+    assert set(bad) == {"strip.png", "tall.png", "eps.jpg", "phone.heic"}, bad
+    assert "20x" in bad["strip.png"] and "20x" in bad["tall.png"]
+    assert "EPS" in bad["eps.jpg"] and "JPEG, PNG" in bad["eps.jpg"]
+    assert ".heic" in bad["phone.heic"] and "convert" in bad["phone.heic"]
+    assert not calls  # no external program (Ghostscript) was started
+    names = {Path(p).name for p, _ in index.samples}
+    assert {"edge.png", "first.gif"} <= names
+    assert decode.load_image(root / "b" / "first.gif").shape == (40, 40, 3)
+
+
+def test_photo_size_cap(tmp_path, monkeypatch):
+    from mineralnet.data import decode
+
+    root = _photo_dir(tmp_path)
+    f = root / "a" / "ok0.jpg"
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", f.stat().st_size - 1)
+    assert "MB limit" in decode.verify_image(f)
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", f.stat().st_size)
+    assert decode.verify_image(f) is None
