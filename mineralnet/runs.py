@@ -360,14 +360,15 @@ def _run_root(run) -> Path:
     return p.parent if p.is_file() else p
 
 
-def read_split(run):
+def read_split(run, root=None):
     """The split of a run dir (or of the run a model file sits in) -> `data.load_splits`'s dict
-    (root, classes, splits: {"train", "val"} -> [(path, label)], info). Raises when there is none."""
+    (root, classes, splits: {"train", "val"} -> [(path, label)], info), paths resolved against `root`
+    (default: the collection's saved location). Raises when there is none."""
     path = _run_root(run) / SPLIT_FILE
     if not path.is_file():
         raise MineralNetError(f"{str(path)!r} not found: the run was not trained with a held-out split "
                               f"written by this version; pass labelled photos with --data DIR instead")
-    return load_splits(path, check_files=False)
+    return load_splits(path, root=root, check_files=False)
 
 
 def read_metrics(run) -> list[dict]:

@@ -165,3 +165,39 @@ def test_photo_size_cap(tmp_path, monkeypatch):
     assert "MB limit" in decode.verify_image(f)
     monkeypatch.setattr(decode, "MAX_FILE_BYTES", f.stat().st_size)
     assert decode.verify_image(f) is None
+
+
+def test_duplicate_manifest_rows_are_used_once_or_refused(tmp_path):
+    from mineralnet.data.scan import scan_dataset
+
+    root = _photo_dir(tmp_path)
+    csv = root / "m.csv"
+    csv.write_text("path,label\na/ok0.jpg,a\nb/ok0.jpg,b\n./a/ok0.jpg,a\nb/ok1.jpg,b\n")
+    with pytest.warns(UserWarning, match="1 duplicate row"):
+        index = scan_dataset(csv)
+    assert sorted(Path(p).parent.name + "/" + Path(p).name for p, _ in index.samples) == \
+        ["a/ok0.jpg", "b/ok0.jpg", "b/ok1.jpg"]
+    csv.write_text("path,label\na/ok0.jpg,a\nb/ok0.jpg,b\na/ok0.jpg,b\n")
+    with pytest.raises(MineralNetError, match="line 4.*labelled 'b'.*line 2"):
+        scan_dataset(csv)
+
+
+def test_resume_keeps_the_saved_split_and_reports_added_and_removed_photos(tmp_path, capsys):
+    import json
+
+    data = Path(mdata.make_demo_dataset(tmp_path / "d", classes=3, per_class=8, size=40, seed=2))
+    run = tmp_path / "run"
+    assert cli_main(["train", "--data", str(data), "--out", str(run), "--epochs", "1", *TINY]) == 0
+    before = (run / "split.json").read_text()
+    doc = json.loads(before)
+    val0 = doc["splits"]["val"][0][0]
+    (data / val0).unlink()  # one validation photo removed, two photos added
+    for i, f in enumerate(sorted(data.glob("*/*.jpg"))[:2]):
+        shutil.copy(f, f.with_name(f"new{i}.jpg"))
+    capsys.readouterr()
+    assert cli_main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 photo(s)" in out and "new since" in out and "1 photo(s) of the run's split are missing" in out
+    assert (run / "split.json").read_text() == before  # never re-split
+    n_train, n_val = len(doc["splits"]["train"]), len(doc["splits"]["val"]) - 1
+    assert f"on {n_train} photos, validating on {n_val}" in out

@@ -162,7 +162,30 @@ def _scan_csv(csv_path: Path, classes: list[str] | None):
         if not full.is_file():
             raise MineralNetError(f"{csv_path} line {line}: file {full} does not exist; fix the path "
                                   f"(relative paths are read from {base})")
+    rows = _dedupe_rows(csv_path, rows)
     seen = {label for _, _, label in rows}
     names = _class_list(seen, classes, csv_path)
     files = [(os.path.abspath(base / os.path.expanduser(rel)), names.index(label)) for _, rel, label in rows]
     return names, files, seen
+
+
+def _dedupe_rows(csv_path: Path, rows):
+    """A photo listed twice would land in training and validation at once: keep its first row (reported in
+    one line); the same photo under two labels is refused."""
+    import warnings
+
+    first: dict[str, tuple[int, str]] = {}
+    kept, dropped = [], 0
+    for line, rel, label in rows:
+        key = os.path.abspath(csv_path.parent / os.path.expanduser(rel))
+        if key in first:
+            if first[key][1] != label:
+                raise MineralNetError(f"{csv_path} line {line}: {rel} is labelled {label!r} but line {first[key][0]} "
+                                      f"labels it {first[key][1]!r}; keep one row per photo")
+            dropped += 1
+            continue
+        first[key] = (line, label)
+        kept.append((line, rel, label))
+    if dropped:
+        warnings.warn(f"{csv_path}: {dropped} duplicate row(s) ignored (each photo is used once)", stacklevel=3)
+    return kept
