@@ -188,6 +188,17 @@ def load_model(path, map_location: str | torch.device = "cpu"):
 # ----------------------------------------------------------------------------- the run directory
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE = "config.yaml", "split.json", "metrics.jsonl", "result.json"
 RESUME_FILE, STATE_DIR, PROGRESS_FILE = "resume.json", "state", "progress.json"
+LOCK_FILE = ".lock"
+# What training itself writes into a run folder; anything else in a folder without config.yaml is not ours.
+RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, "state.tmp", "state.old",
+             LOCK_FILE, "unreadable.txt", "tb", "eval", MODEL_FILE, META_FILE)
+
+
+def _entries(path: Path) -> list[str]:
+    """Names in a folder, skipping our own atomic-write temporaries; [] when it does not exist."""
+    if not path.is_dir():
+        return [path.name] if path.exists() else []
+    return [n for n in os.listdir(path) if not (n.startswith(".") and n.endswith(".tmp"))]
 
 
 class RunDir:
@@ -199,6 +210,7 @@ class RunDir:
 
     def __init__(self, path, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
+        self._lock = None  # open file of RUN/.lock while this process owns the run
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -208,11 +220,42 @@ class RunDir:
         """Create the folder of a new run, or check the folder of a run being resumed."""
         run = cls(path, is_main)
         if is_main:
-            if run.path.exists() and any(run.path.iterdir()) and not resuming and (run / CONFIG_FILE).exists():
+            foreign = sorted(set(_entries(run.path)) - set(RUN_NAMES))
+            if foreign and not (run / CONFIG_FILE).exists():
+                raise MineralNetError(f"--out {str(run.path)!r} is a non-empty folder that is not a run (it holds "
+                                      f"{foreign[0]!r}); choose a new or empty --out")
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.lock()
+            if not resuming and (run / CONFIG_FILE).exists():
+                run.release()
                 raise MineralNetError(f"run directory {str(run.path)!r} already holds a run; pass --resume "
                                       f"{run.path} to continue it or choose another --out")
-            run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def lock(self) -> None:
+        """Own the run for the life of this process (advisory flock on RUN/.lock, our PID written in it);
+        a second owner fails at once with one line naming the holder."""
+        import fcntl
+
+        f = open(self / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise MineralNetError(f"run directory {str(self.path)!r} is in use by process {holder} (a training or "
+                                  f"cv into the same --out); wait for it to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     # -- configuration and the data the run was made from
     def write_config(self, cfg) -> None:

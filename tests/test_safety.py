@@ -201,3 +201,40 @@ def test_resume_keeps_the_saved_split_and_reports_added_and_removed_photos(tmp_p
     assert (run / "split.json").read_text() == before  # never re-split
     n_train, n_val = len(doc["splits"]["train"]), len(doc["splits"]["val"]) - 1
     assert f"on {n_train} photos, validating on {n_val}" in out
+
+
+HOLD = "import sys, time; from mineralnet.runs import RunDir; r = RunDir.open(sys.argv[1], resuming=False, " \
+       "is_main=True); print('held', flush=True); time.sleep(600)"
+
+
+def test_one_owner_per_run_folder(tiny_data, tmp_path, capsys):
+    import os
+    import subprocess
+    import sys
+
+    from mineralnet.crossval import cross_validate
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _err(capsys, ["train", "--data", tiny_data, "--out", str(run), "--epochs", "1", *TINY])
+        assert f"in use by process {holder.pid}" in line
+        with pytest.raises(MineralNetError, match=f"in use by process {holder.pid}"):
+            cross_validate({"data": tiny_data, "out": str(run)}, folds=2)
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock dies with its holder; then a run starts normally into that folder
+    assert cli_main(["train", "--data", tiny_data, "--out", str(run), "--epochs", "1", *TINY]) == 0
+    assert (run / ".lock").read_text().strip() == str(os.getpid())
+
+
+def test_non_empty_folder_that_is_not_a_run_is_refused(tiny_data, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    (mine / "state").mkdir(parents=True)
+    (mine / "notes.txt").write_text("my own files")
+    line = _err(capsys, ["train", "--data", tiny_data, "--out", str(mine), "--epochs", "1", *TINY])
+    assert "not a run" in line and "notes.txt" in line
+    assert (mine / "notes.txt").is_file() and (mine / "state").is_dir()

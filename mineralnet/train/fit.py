@@ -151,12 +151,15 @@ def fit(cfg: TrainConfig) -> dict:
     """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
     cfg.validate()
     accelerator = make_accelerator(cfg)
+    run = None
     try:
         _check_setup(cfg, accelerator)
         run = open_run(cfg, accelerator)
         parts = setup(cfg, accelerator, run)
         return _fit(parts, accelerator)
     finally:
+        if run is not None:
+            run.release()
         accelerator.end_training()
 
 
