@@ -48,6 +48,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def fsync_dir(path) -> None:
+    """Make renames in a folder durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder) -> None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -321,6 +346,7 @@ class RunDir:
             atomic_write_json(tmp / PROGRESS_FILE, counters)
             if ema is not None:
                 ema.save(tmp)
+        _fsync_tree(tmp)  # Accelerate does not fsync what it writes; each process its own files
         accelerator.wait_for_everyone()
         if self.is_main:
             if final.exists():
@@ -328,6 +354,7 @@ class RunDir:
                     shutil.rmtree(old)
                 os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(self.path)  # the rename itself is durable before the previous state goes
             if old.exists():
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
@@ -419,7 +446,17 @@ def read_metrics(run) -> list[dict]:
     path = _run_root(run) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    out = []
+    for i, l in enumerate(lines):
+        try:
+            out.append(json.loads(l))
+        except ValueError:
+            if i == len(lines) - 1:  # torn by a kill during the append: that epoch is re-run on resume
+                break
+            raise MineralNetError(f"{str(path)!r} line {i + 1} is not JSON; the file is damaged: delete that line "
+                                  f"(or the file) and resume") from None
+    return out
 
 
 def read_result(run) -> dict | None:

@@ -238,3 +238,20 @@ def test_non_empty_folder_that_is_not_a_run_is_refused(tiny_data, tmp_path, caps
     line = _err(capsys, ["train", "--data", tiny_data, "--out", str(mine), "--epochs", "1", *TINY])
     assert "not a run" in line and "notes.txt" in line
     assert (mine / "notes.txt").is_file() and (mine / "state").is_dir()
+
+
+def test_torn_metrics_line_is_tolerated_and_repaired_on_resume(trained_run, tmp_path, capsys):
+    import json
+
+    from mineralnet.runs import read_metrics
+
+    run = _copy(trained_run, tmp_path)
+    good = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(good + '{"epoch": 2, "lr": 0.0')  # a kill during the append
+    assert read_metrics(run) == [json.loads(good)]
+    assert cli_main(["train", "--resume", str(run), "--epochs", "2"]) == 0
+    assert [m["epoch"] for m in read_metrics(run)] == [1, 2]
+    assert all(json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines())
+    (run / "metrics.jsonl").write_text('{"epoch": 1\n' + good)  # damage in the middle is not guessed at
+    with pytest.raises(MineralNetError, match="line 1 is not JSON"):
+        read_metrics(run)
