@@ -255,3 +255,32 @@ def test_torn_metrics_line_is_tolerated_and_repaired_on_resume(trained_run, tmp_
     (run / "metrics.jsonl").write_text('{"epoch": 1\n' + good)  # damage in the middle is not guessed at
     with pytest.raises(MineralNetError, match="line 1 is not JSON"):
         read_metrics(run)
+
+
+@pytest.mark.slow
+def test_signal_to_the_whole_process_group_with_workers_saves_state(tmp_path):
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    # enough photos that the workers are alive for most of an epoch (they are not kept between epochs)
+    data = mdata.make_demo_dataset(tmp_path / "d", classes=3, per_class=60, size=40, seed=1)
+    out = tmp_path / "run"
+    args = [sys.executable, str(root / "launch" / "train.py"), "--data", str(data), "--out", str(out),
+            "--epochs", "200", *TINY, "--workers", "2"]
+    p = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not (out / "metrics.jsonl").exists():
+        time.sleep(0.5)
+    assert (out / "metrics.jsonl").exists(), p.communicate()[1][-2000:]
+    time.sleep(2.0)
+    os.killpg(p.pid, signal.SIGTERM)  # every process of the group: main and its DataLoader workers
+    stdout, stderr = p.communicate(timeout=180)
+    assert p.returncode == 0, stderr[-2000:]
+    assert "state saved" in stdout
+    assert json.loads((out / "result.json").read_text())["status"] == "interrupted"

@@ -94,6 +94,16 @@ def _resumed_split(cfg: TrainConfig, run: RunDir, index, val_data_samples):
     return ([s for s in train if s[0] in now], [s for s in val if s[0] in now], saved["info"])
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process: a signal to the whole process group
+    (Slurm, `timeout`, Ctrl-C) then stops training between steps with its state saved, instead of killing
+    the workers under the main process's feet."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loaders(cfg: TrainConfig, split: DataSplit):
     """(train loader, validation loader): global batches, the sampler's order a function of (seed, epoch)."""
     import cv2
@@ -111,7 +121,8 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
     sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+                  persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+                  worker_init_fn=ignore_stop_signals if cfg.workers else None)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
