@@ -194,6 +194,11 @@ def load_model(path, map_location: str | torch.device = "cpu"):
 
     weights, _ = _resolve(path)
     meta = read_meta(path)
+    backbone = str(meta["backbone"])
+    if backbone.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir"):
+        raise MineralNetError(f"model metadata of {str(path)!r} names backbone {backbone!r}, which timm builds from "
+                              f"the network or another folder; saved models load offline from plain timm names "
+                              f"only: retrain with a timm architecture name (e.g. resnet50)")
     model = FusionNet(meta["backbone"], meta["stages"], meta["num_classes"], pretrained=False,
                       drop_rate=meta.get("drop_rate", 0.0))
     try:

@@ -284,3 +284,24 @@ def test_signal_to_the_whole_process_group_with_workers_saves_state(tmp_path):
     assert p.returncode == 0, stderr[-2000:]
     assert "state saved" in stdout
     assert json.loads((out / "result.json").read_text())["status"] == "interrupted"
+
+
+def test_loading_a_model_never_reaches_the_network(tmp_path, monkeypatch):
+    import json
+    import socket
+
+    from mineralnet.model import FusionNet
+    from mineralnet.runs import load_model, model_meta, save_model
+
+    def no_network(*a, **k):
+        raise AssertionError("network access while loading a model")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    m = FusionNet("resnet18", (2, 4), 3)
+    meta = model_meta(m, classes=["a", "b", "c"], image_size=32, mean=[.5] * 3, std=[.2] * 3, resize=37)
+    save_model(tmp_path, m, meta)
+    assert load_model(tmp_path)[1]["backbone"] == "resnet18"  # built with pretrained=False, offline
+    meta["backbone"] = "hf-hub:someone/resnet18"
+    (tmp_path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(MineralNetError, match="offline"):
+        load_model(tmp_path)
