@@ -305,3 +305,77 @@ def test_loading_a_model_never_reaches_the_network(tmp_path, monkeypatch):
     (tmp_path / "model.json").write_text(json.dumps(meta))
     with pytest.raises(MineralNetError, match="offline"):
         load_model(tmp_path)
+
+
+# ----------------------------------------------------------------------------- validation at the door
+@pytest.mark.parametrize("flags,expected", [
+    (["--log-every", "0"], "--log-every 0 must be at least 1"),
+    (["--seed", "-1"], "--seed -1 must be >= 0"),
+    (["--split-seed", "-2"], "--split-seed -2 must be >= 0"),
+    (["--backbone", "resnet5O"], "--backbone 'resnet5O' is not a timm architecture"),
+])
+def test_config_values_that_would_fail_later_are_refused_up_front(tiny_data, tmp_path, capsys, flags, expected):
+    args = ["train", "--data", tiny_data, "--out", str(tmp_path / "r"), "--epochs", "1", *TINY, *flags]
+    assert expected in _err(capsys, args)
+    assert not (tmp_path / "r").exists()
+
+
+def test_known_backbone_names_pass_validation():
+    from mineralnet.config import load_config
+
+    for name in ("resnet50", "resnet18.a1_in1k", "hf-hub:timm/resnet18.a1_in1k"):
+        load_config(None, backbone=name).validate()
+
+
+@pytest.fixture(scope="module")
+def small_export_run(tmp_path_factory):
+    from mineralnet.model import FusionNet
+    from mineralnet.runs import model_meta, save_model
+
+    root = tmp_path_factory.mktemp("export")
+    photos = mdata.make_demo_dataset(root / "photos", classes=3, per_class=4, size=40, seed=4)
+    torch.manual_seed(0)
+    m = FusionNet("resnet18", (2, 4), 3).eval()
+    meta = model_meta(m, classes=sorted(p.name for p in Path(photos).iterdir() if p.is_dir()), image_size=32,
+                      mean=[.5] * 3, std=[.25] * 3, resize=37)
+    save_model(root / "run", m, meta)
+    return root / "run", photos
+
+
+@pytest.mark.parametrize("flags,expected", [
+    (["--dynamic", "--max-batch", "0"], "--max-batch 0 must be at least 1"),
+    (["--dynamic", "--min-batch", "-1"], "--min-batch -1 must be at least 1"),
+    (["--batch", "0"], "--batch 0 must be at least 1"),
+    (["--min-agreement", "0.3"], "--allow-weak-gate"),
+    (["--max-acc-drop", "-1"], "--max-acc-drop -1.0 must be in 0..100"),
+])
+def test_export_gate_and_batch_flags_are_checked(small_export_run, tmp_path, capsys, flags, expected):
+    from mineralnet.cli import export_main
+
+    run, _ = small_export_run
+    assert export_main([str(run), "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_weak_gate_needs_its_flag_and_int8_accuracy_drop_is_gated(small_export_run, tmp_path):
+    import argparse
+
+    from mineralnet.export import ExportOptions, export
+    from mineralnet.export.cli import add_arguments, options_from_args
+
+    run, photos = small_export_run
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    o = options_from_args(parser.parse_args([str(run), "--min-agreement", "0.3", "--allow-weak-gate"]))
+    assert o.min_agreement == 0.3 and o.max_acc_drop == pytest.approx(0.02)
+    # a drop larger than allowed fails the gate and writes no int8 model (a negative bound: any drop fails)
+    opts = ExportOptions(out_dir=tmp_path / "o", calib_data=photos, calib_size=8, val_data=photos,
+                         min_agreement=0.0, max_acc_drop=-1.0)
+    with pytest.raises(MineralNetError, match="more than --max-acc-drop -100 points"):
+        export(run, ["int8"], opts)
+    assert not (tmp_path / "o" / "model.int8.onnx").exists()
+    opts.max_acc_drop, opts.out_dir = 1.0, tmp_path / "o2"  # 100 points: nothing can fail it
+    export(run, ["int8"], opts)
+    assert (tmp_path / "o2" / "model.int8.onnx").is_file()
