@@ -356,7 +356,7 @@ def test_trt_refuses_an_int8_model_tensorrt_cannot_build(exported, run_dir, phot
     from mineralnet.cli import export_main
 
     rc = export_main([str(run_dir), "--trt", "--int8", "--int8-activations", "uint8", "--calib-data", str(photos),
-                      "--calib-size", "8", "--min-agreement", "0", "--dynamic", "--max-batch", "4",
+                      "--calib-size", "8", "--min-agreement", "0", "--allow-weak-gate", "--dynamic", "--max-batch", "4",
                       "--outputs", "logits,probs,embedding", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
