@@ -61,7 +61,8 @@ def read_weights_file(path: str) -> dict:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 -- unreadable or needs full unpickling
-        raise MineralNetError(f"cannot read pretrained weights {path!r} as tensors only ({type(e).__name__}: "
+        raise MineralNetError(f"pretrained weights {path!r} do not fit: they cannot be read as tensors only "
+                              f"({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); MineralNet loads no "
                               f"pickled objects: pass a .safetensors file or a plain state-dict .pth") from None
     for key in ("state_dict", "model", "state_dict_ema"):
