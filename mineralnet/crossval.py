@@ -366,20 +366,11 @@ def write_results(out: Path, summary: dict) -> None:
 
 # ----------------------------------------------------------------------------- driver
 def cross_validate(base: dict, **kwargs) -> dict:
-    """`_cross_validate` while owning --out (RUN/.lock, as training does): a second cv into the same folder
-    fails at once naming the first one's PID."""
-    from mineralnet.runs import RunDir
+    """`_cross_validate` while owning --out (RUN/.lock, as training does): a second cv fails at once."""
+    from mineralnet.runs import owning
 
-    owner = None
-    if base.get("out"):
-        Path(base["out"]).mkdir(parents=True, exist_ok=True)
-        owner = RunDir(base["out"])
-        owner.lock()
-    try:
+    with owning(base.get("out")):
         return _cross_validate(base, **kwargs)
-    finally:
-        if owner is not None:
-            owner.release()
 
 
 def _cross_validate(base: dict, *, config: str | None = None, grid=None, variants=None, folds: int = DEFAULT_FOLDS,

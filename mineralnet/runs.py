@@ -6,6 +6,7 @@ The same JSON is also stored in the safetensors header under the key "mineralnet
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -423,6 +424,21 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise MineralNetError(f"{str(path)!r} is damaged ({e}); start the run again without --resume") from None
+
+
+@contextlib.contextmanager
+def owning(path):
+    """Hold RUN/.lock on `path` (created if needed) for the block; nothing when path is None."""
+    if not path:
+        yield None
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    owner = RunDir(path)
+    owner.lock()
+    try:
+        yield owner
+    finally:
+        owner.release()
 
 
 def default_run_path(backbone: str, stages, loss: str) -> Path:
