@@ -26,6 +26,16 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _known_backbone(name) -> bool:
+    """A timm architecture (tags like resnet50.a1_in1k allowed) or an explicit hf-hub:/local-dir: model."""
+    import timm
+
+    name = str(name)
+    if name.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir"):
+        return True
+    return timm.is_model(name.split(".", 1)[0])
+
+
 @dataclass
 class TrainConfig:
     # --- data ---
@@ -164,6 +174,11 @@ class TrainConfig:
         need(not ((self.mixup or self.cutmix) and self.loss == "center"),
              "--mixup/--cutmix make soft labels, which the center loss cannot use; use --loss ce or wtopk")
         need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
+        need(self.log_every >= 1, f"--log-every {self.log_every} must be at least 1 (steps)")
+        need(self.seed >= 0, f"--seed {self.seed} must be >= 0")
+        need(self.split_seed is None or self.split_seed >= 0, f"--split-seed {self.split_seed} must be >= 0")
+        need(_known_backbone(self.backbone), f"--backbone {self.backbone!r} is not a timm architecture; pick one "
+                                             f"of `python -c \"import timm; print(timm.list_models())\"`")
         if problems:
             raise MineralNetError("invalid configuration: " + "; ".join(problems))
         return self

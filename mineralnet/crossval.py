@@ -365,8 +365,16 @@ def write_results(out: Path, summary: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def cross_validate(base: dict, *, config: str | None = None, grid=None, variants=None, folds: int = DEFAULT_FOLDS,
-                   only_folds=None, launcher: str | None = None, command: str | None = None) -> dict:
+def cross_validate(base: dict, **kwargs) -> dict:
+    """`_cross_validate` while owning --out (RUN/.lock, as training does): a second cv fails at once."""
+    from mineralnet.runs import owning
+
+    with owning(base.get("out")):
+        return _cross_validate(base, **kwargs)
+
+
+def _cross_validate(base: dict, *, config: str | None = None, grid=None, variants=None, folds: int = DEFAULT_FOLDS,
+                    only_folds=None, launcher: str | None = None, command: str | None = None) -> dict:
     """Run (or resume) the cross-validation and write results.md/json. Returns the summary dict.
 
     Args:

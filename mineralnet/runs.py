@@ -6,9 +6,11 @@ The same JSON is also stored in the safetensors header under the key "mineralnet
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -45,6 +47,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def fsync_dir(path) -> None:
+    """Make renames in a folder durable (no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder) -> None:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fsync_dir(folder)
 
 
 def _umask() -> int:
@@ -168,6 +195,11 @@ def load_model(path, map_location: str | torch.device = "cpu"):
 
     weights, _ = _resolve(path)
     meta = read_meta(path)
+    backbone = str(meta["backbone"])
+    if backbone.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir"):
+        raise MineralNetError(f"model metadata of {str(path)!r} names backbone {backbone!r}, which timm builds from "
+                              f"the network or another folder; saved models load offline from plain timm names "
+                              f"only: retrain with a timm architecture name (e.g. resnet50)")
     model = FusionNet(meta["backbone"], meta["stages"], meta["num_classes"], pretrained=False,
                       drop_rate=meta.get("drop_rate", 0.0))
     try:
@@ -187,6 +219,17 @@ def load_model(path, map_location: str | torch.device = "cpu"):
 # ----------------------------------------------------------------------------- the run directory
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE = "config.yaml", "split.json", "metrics.jsonl", "result.json"
 RESUME_FILE, STATE_DIR, PROGRESS_FILE = "resume.json", "state", "progress.json"
+LOCK_FILE = ".lock"
+# What training itself writes into a run folder; anything else in a folder without config.yaml is not ours.
+RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, "state.tmp", "state.old",
+             LOCK_FILE, "unreadable.txt", "tb", "eval", MODEL_FILE, META_FILE)
+
+
+def _entries(path: Path) -> list[str]:
+    """Names in a folder, skipping our own atomic-write temporaries; [] when it does not exist."""
+    if not path.is_dir():
+        return [path.name] if path.exists() else []
+    return [n for n in os.listdir(path) if not (n.startswith(".") and n.endswith(".tmp"))]
 
 
 class RunDir:
@@ -198,6 +241,7 @@ class RunDir:
 
     def __init__(self, path, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
+        self._lock = None  # open file of RUN/.lock while this process owns the run
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -207,11 +251,42 @@ class RunDir:
         """Create the folder of a new run, or check the folder of a run being resumed."""
         run = cls(path, is_main)
         if is_main:
-            if run.path.exists() and any(run.path.iterdir()) and not resuming and (run / CONFIG_FILE).exists():
+            foreign = sorted(set(_entries(run.path)) - set(RUN_NAMES))
+            if foreign and not (run / CONFIG_FILE).exists():
+                raise MineralNetError(f"--out {str(run.path)!r} is a non-empty folder that is not a run (it holds "
+                                      f"{foreign[0]!r}); choose a new or empty --out")
+            run.path.mkdir(parents=True, exist_ok=True)
+            run.lock()
+            if not resuming and (run / CONFIG_FILE).exists():
+                run.release()
                 raise MineralNetError(f"run directory {str(run.path)!r} already holds a run; pass --resume "
                                       f"{run.path} to continue it or choose another --out")
-            run.path.mkdir(parents=True, exist_ok=True)
         return run
+
+    def lock(self) -> None:
+        """Own the run for the life of this process (advisory flock on RUN/.lock, our PID written in it);
+        a second owner fails at once with one line naming the holder."""
+        import fcntl
+
+        f = open(self / LOCK_FILE, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise MineralNetError(f"run directory {str(self.path)!r} is in use by process {holder} (a training or "
+                                  f"cv into the same --out); wait for it to finish or choose another --out") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._lock = f
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
 
     # -- configuration and the data the run was made from
     def write_config(self, cfg) -> None:
@@ -277,6 +352,7 @@ class RunDir:
             atomic_write_json(tmp / PROGRESS_FILE, counters)
             if ema is not None:
                 ema.save(tmp)
+        _fsync_tree(tmp)  # Accelerate does not fsync what it writes; each process its own files
         accelerator.wait_for_everyone()
         if self.is_main:
             if final.exists():
@@ -284,6 +360,7 @@ class RunDir:
                     shutil.rmtree(old)
                 os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(self.path)  # the rename itself is durable before the previous state goes
             if old.exists():
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
@@ -299,10 +376,69 @@ class RunDir:
         if not path.is_file():
             raise MineralNetError(f"{str(state)!r} has no {PROGRESS_FILE}: it was saved by an older MineralNet; "
                                   f"start the run again without --resume")
+        check_state_files(state)
+        if getattr(accelerator, "_custom_objects", None):
+            raise MineralNetError("internal: objects registered for checkpointing would be unpickled on resume; "
+                                  "MineralNet saves its counters as JSON")
         accelerator.load_state(str(state))
         if ema is not None:
             ema.load(state)
+        return _read_json(path)
+
+
+# Accelerate's own RNG file is a pickle but is read with weights_only=True (plain tensors and numpy state).
+_ACCELERATE_RNG = re.compile(r"random_states_\d+\.pkl")
+
+
+def check_state_files(state) -> None:
+    """Refuse a state/ that could run code when loaded, and name the first damaged file in one line.
+
+    MineralNet never writes custom pickles (Accelerate's `custom_checkpoint_N.pkl` is loaded with full
+    unpickling); a state/ that holds one, or any other *.pkl, came from elsewhere."""
+    from accelerate.utils import load as torch_load_safe
+    from safetensors.torch import load_file
+
+    state = Path(state)
+    files = sorted(p for p in state.iterdir() if p.is_file())
+    for f in files:
+        if f.name.startswith("custom_checkpoint_") or (f.suffix == ".pkl" and not _ACCELERATE_RNG.fullmatch(f.name)):
+            raise MineralNetError(f"{str(f)!r} is a pickle that MineralNet never writes and will not load (loading "
+                                  f"it could run code); resume only runs you trust, or start fresh without --resume")
+    fix = "resume from a copy of the run's previous state (state.old/) or start fresh without --resume"
+    for f in files:
+        try:
+            if f.suffix == ".safetensors":
+                load_file(str(f))
+            elif f.suffix in (".bin", ".pt", ".pkl"):
+                torch_load_safe(str(f), map_location="cpu", weights_only=True)
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged file
+            msg = str(e).splitlines()[0][:160] if str(e) else ""
+            raise MineralNetError(f"checkpoint file {str(f)!r} is damaged ({type(e).__name__}: {msg}); "
+                                  f"{fix}") from None
+
+
+def _read_json(path: Path):
+    try:
         return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MineralNetError(f"{str(path)!r} is damaged ({e}); start the run again without --resume") from None
+
+
+@contextlib.contextmanager
+def owning(path):
+    """Hold RUN/.lock on `path` (created if needed) for the block; nothing when path is None."""
+    if not path:
+        yield None
+        return
+    Path(path).mkdir(parents=True, exist_ok=True)
+    owner = RunDir(path)
+    owner.lock()
+    try:
+        yield owner
+    finally:
+        owner.release()
 
 
 def default_run_path(backbone: str, stages, loss: str) -> Path:
@@ -315,14 +451,15 @@ def _run_root(run) -> Path:
     return p.parent if p.is_file() else p
 
 
-def read_split(run):
+def read_split(run, root=None):
     """The split of a run dir (or of the run a model file sits in) -> `data.load_splits`'s dict
-    (root, classes, splits: {"train", "val"} -> [(path, label)], info). Raises when there is none."""
+    (root, classes, splits: {"train", "val"} -> [(path, label)], info), paths resolved against `root`
+    (default: the collection's saved location). Raises when there is none."""
     path = _run_root(run) / SPLIT_FILE
     if not path.is_file():
         raise MineralNetError(f"{str(path)!r} not found: the run was not trained with a held-out split "
                               f"written by this version; pass labelled photos with --data DIR instead")
-    return load_splits(path, check_files=False)
+    return load_splits(path, root=root, check_files=False)
 
 
 def read_metrics(run) -> list[dict]:
@@ -330,7 +467,17 @@ def read_metrics(run) -> list[dict]:
     path = _run_root(run) / METRICS_FILE
     if not path.is_file():
         return []
-    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+    lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
+    out = []
+    for i, l in enumerate(lines):
+        try:
+            out.append(json.loads(l))
+        except ValueError:
+            if i == len(lines) - 1:  # torn by a kill during the append: that epoch is re-run on resume
+                break
+            raise MineralNetError(f"{str(path)!r} line {i + 1} is not JSON; the file is damaged: delete that line "
+                                  f"(or the file) and resume") from None
+    return out
 
 
 def read_result(run) -> dict | None:

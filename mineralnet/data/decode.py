@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 
 import cv2
 import numpy as np
@@ -41,11 +42,7 @@ def load_image(path, *, min_size: int | None = None) -> np.ndarray:
             ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs).
     """
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise ImageDecodeError(path, e.strerror or str(e)) from None
+    data = read_photo_bytes(path)
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     if data[:3] == b"\xff\xd8\xff":
@@ -53,6 +50,34 @@ def load_image(path, *, min_size: int | None = None) -> np.ndarray:
         if img is not None:
             return img
     return _decode_pil(path, data)
+
+
+# Limits that bound what one accepted photo can cost to evaluate (the pixel cap is PIL.Image.MAX_IMAGE_PIXELS).
+MAX_FILE_BYTES = int(float(os.environ.get("MINERALNET_MAX_PHOTO_MB", "200")) * 2**20)
+MAX_ASPECT = 20  # longer side at most this many times the shorter one
+# Decoded by content; every other format (EPS, PSD, ICO, ...) is refused without touching its plugin.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+ACCEPTED = "JPEG, PNG, WEBP, BMP, TIFF or GIF"
+
+
+def read_photo_bytes(path: str) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES. A FIFO, device or socket is refused before
+    any read (opened non-blocking, checked with fstat), so it cannot hang or fill memory."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise ImageDecodeError(path, e.strerror or str(e)) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError(path, "not a regular file (a FIFO, device or socket)")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageDecodeError(path, f"file of {st.st_size / 2**20:.0f} MB exceeds the {MAX_FILE_BYTES / 2**20:.0f}"
+                                         f" MB limit per photo (MINERALNET_MAX_PHOTO_MB)")
+        try:
+            return f.read(MAX_FILE_BYTES + 1)[:MAX_FILE_BYTES]
+        except OSError as e:
+            raise ImageDecodeError(path, e.strerror or str(e)) from None
 
 
 def verify_image(path) -> str | None:
@@ -99,6 +124,9 @@ def _check_pixels(path: str, w: int, h: int) -> None:
     if limit and w * h > limit:
         raise ImageDecodeError(path, f"decompression bomb: {w}x{h} = {w * h} pixels exceeds the limit of "
                                      f"{limit} (PIL.Image.MAX_IMAGE_PIXELS)")
+    if max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        raise ImageDecodeError(path, f"{w}x{h} pixels: the longer side is more than {MAX_ASPECT}x the shorter "
+                                     f"(not a photo; resizing it would cost unbounded memory)")
 
 
 def _decode_jpeg_fast(path: str, data: bytes, min_size: int | None) -> np.ndarray | None:
@@ -157,9 +185,9 @@ def _decode_pil(path: str, data: bytes) -> np.ndarray:
     if size:  # refuse a bomb before Pillow merely warns about it
         _check_pixels(path, *size)
     try:
-        im = Image.open(io.BytesIO(data))
+        im = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
     except UnidentifiedImageError:
-        raise ImageDecodeError(path, "not an image (content is not a format Pillow can read)") from None
+        raise ImageDecodeError(path, f"{_sniff(data)}; only {ACCEPTED} photos are read (convert it)") from None
     except Image.DecompressionBombError:
         raise ImageDecodeError(path, "decompression bomb: more than twice PIL.Image.MAX_IMAGE_PIXELS") from None
     except Exception as e:  # a broken header can raise almost anything inside a Pillow plugin
@@ -180,6 +208,15 @@ def _decode_pil(path: str, data: bytes) -> np.ndarray:
     if orientation in _ORIENT:
         img = np.ascontiguousarray(_ORIENT[orientation](img))
     return img
+
+
+def _sniff(data: bytes) -> str:
+    """A short description of content that is not an accepted photo format."""
+    if data[:4] in (b"%!PS", b"\xc5\xd0\xd3\xc6"):
+        return "PostScript/EPS content (never rendered: it would run Ghostscript)"
+    if data[4:8] == b"ftyp":
+        return f"{data[8:12].decode('ascii', 'replace').strip()!r} (HEIC/AVIF-family) content"
+    return "not an image in an accepted format"
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

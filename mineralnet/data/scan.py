@@ -15,7 +15,11 @@ from typing import Sequence
 from mineralnet.data.decode import verify_image
 from mineralnet.errors import MineralNetError
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+# Photo-like names of formats MineralNet does not decode: reported by scans, never silently skipped.
+UNSUPPORTED_EXTENSIONS: tuple[str, ...] = (".heic", ".heif", ".avif", ".eps", ".ps", ".jp2", ".j2k", ".jxl",
+                                           ".psd", ".svg", ".ico", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                                           ".orf", ".rw2", ".raw", ".pcx", ".tga")
 
 _LAYOUT_HINT = "expected one sub-folder per mineral (DIR/quartz/*.jpg) or a CSV with columns path,label"
 
@@ -62,6 +66,21 @@ def list_images(folder) -> list[str]:
     return sorted(found)
 
 
+def list_unsupported(folder) -> list[tuple[str, str]]:
+    """(path, reason) for every file under `folder` whose name says photo in a format that is not read."""
+    root = os.fspath(Path(os.path.expanduser(os.fspath(folder))))
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in filenames:
+            ext = os.path.splitext(f)[1].lower()
+            if not f.startswith(".") and ext in UNSUPPORTED_EXTENSIONS:
+                found.append((os.path.abspath(os.path.join(dirpath, f)),
+                              f"{ext} photos are not read (JPEG, PNG, WEBP, BMP, TIFF, GIF are); convert it to "
+                              f"JPEG or PNG"))
+    return sorted(found)
+
+
 def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
                  allow_empty: bool = False) -> DatasetIndex:
     """Index a class-folder tree or a CSV manifest (header ``path,label``, label = class name).
@@ -89,6 +108,8 @@ def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
             reasons = list(pool.map(verify_image, paths, chunksize=16))
         bad = [(f, r) for f, r in zip(paths, reasons) if r is not None]
         files = [s for s, r in zip(files, reasons) if r is None]
+    if p.is_dir():
+        bad += list_unsupported(p)
     samples = sorted(files, key=lambda s: (s[1], s[0]))
     present = {names[label] for _, label in samples}
     empty = [c for c in names if c in seen and c not in present]
@@ -141,7 +162,30 @@ def _scan_csv(csv_path: Path, classes: list[str] | None):
         if not full.is_file():
             raise MineralNetError(f"{csv_path} line {line}: file {full} does not exist; fix the path "
                                   f"(relative paths are read from {base})")
+    rows = _dedupe_rows(csv_path, rows)
     seen = {label for _, _, label in rows}
     names = _class_list(seen, classes, csv_path)
     files = [(os.path.abspath(base / os.path.expanduser(rel)), names.index(label)) for _, rel, label in rows]
     return names, files, seen
+
+
+def _dedupe_rows(csv_path: Path, rows):
+    """A photo listed twice would land in training and validation at once: keep its first row (reported in
+    one line); the same photo under two labels is refused."""
+    import warnings
+
+    first: dict[str, tuple[int, str]] = {}
+    kept, dropped = [], 0
+    for line, rel, label in rows:
+        key = os.path.abspath(csv_path.parent / os.path.expanduser(rel))
+        if key in first:
+            if first[key][1] != label:
+                raise MineralNetError(f"{csv_path} line {line}: {rel} is labelled {label!r} but line {first[key][0]} "
+                                      f"labels it {first[key][1]!r}; keep one row per photo")
+            dropped += 1
+            continue
+        first[key] = (line, label)
+        kept.append((line, rel, label))
+    if dropped:
+        warnings.warn(f"{csv_path}: {dropped} duplicate row(s) ignored (each photo is used once)", stacklevel=3)
+    return kept

@@ -49,6 +49,10 @@ def add_arguments(parser) -> None:
                         "else uint8)")
     q.add_argument("--min-agreement", type=float, default=0.9,
                    help="fail if int8 top-1 agrees with fp32 on fewer photos than this (default 0.9)")
+    q.add_argument("--allow-weak-gate", action="store_true", help="accept --min-agreement below 0.5")
+    q.add_argument("--max-acc-drop", type=float, default=2.0, metavar="POINTS",
+                   help="with --val-data: fail if int8 top-1 accuracy is more than this many points below "
+                        "fp32's (default 2)")
     o = parser.add_argument_group("output")
     o.add_argument("--outputs", default="logits,probs",
                    help=f"model outputs, comma list of {', '.join(OUTPUT_NAMES)} (default logits,probs; "
@@ -75,6 +79,9 @@ def profile_from_args(args):
 
     range_flags = {k: getattr(args, k) for k in ("min_batch", "opt_batch", "max_batch")}
     given = [f"--{k.replace('_', '-')}" for k, v in range_flags.items() if v is not None]
+    for k, v in (*range_flags.items(), ("batch", args.batch)):
+        if v is not None and v < 1:
+            raise MineralNetError(f"--{k.replace('_', '-')} {v} must be at least 1")
     if args.dynamic:
         if args.batch is not None:
             raise MineralNetError("--batch N fixes the batch and --dynamic frees it; pass one of them "
@@ -93,12 +100,19 @@ def options_from_args(args):
 
     if not 0.0 <= args.min_agreement <= 1.0:
         raise MineralNetError(f"--min-agreement {args.min_agreement} must be a fraction in 0..1 (e.g. 0.98)")
+    if args.min_agreement < 0.5 and not getattr(args, "allow_weak_gate", False):
+        raise MineralNetError(f"--min-agreement {args.min_agreement} would let an int8 model that disagrees with "
+                              f"fp32 on most photos pass; add --allow-weak-gate if that is really meant")
+    max_drop = getattr(args, "max_acc_drop", 2.0)
+    if not 0.0 <= max_drop <= 100.0:
+        raise MineralNetError(f"--max-acc-drop {max_drop} must be in 0..100 (percentage points)")
     if args.workspace < 1:
         raise MineralNetError(f"--workspace {args.workspace} must be a positive number of MiB")
     return ExportOptions(out_dir=args.out, outputs=parse_outputs(args.outputs), profile=profile_from_args(args),
                          opset=args.opset, calib_data=args.calib_data, calib_size=args.calib_size,
                          calib_method=args.calib_method, int8_activations=args.int8_activations,
-                         min_agreement=args.min_agreement, val_data=args.val_data, workspace_mib=args.workspace,
+                         min_agreement=args.min_agreement, max_acc_drop=max_drop / 100.0,
+                         val_data=args.val_data, workspace_mib=args.workspace,
                          timing_cache=args.timing_cache, openvino_int8=args.openvino_int8,
                          triton_dir=args.triton, triton_instances=args.triton_instances,
                          triton_kind=args.triton_kind)

@@ -56,6 +56,7 @@ class ExportOptions:
     calib_method: str = "minmax"
     int8_activations: str | None = None  # None: int8 when a TensorRT engine is asked for, else uint8
     min_agreement: float = 0.9  # int8 top-1 agreement with fp32 below this is an error
+    max_acc_drop: float = 0.02  # with val_data: int8 top-1 accuracy below fp32's by more than this is an error
     val_data: str | os.PathLike | None = None
     workspace_mib: int = xtrt.DEFAULT_WORKSPACE_MIB
     timing_cache: str | os.PathLike | None = None  # default: OUT/timing.cache
@@ -347,6 +348,12 @@ def export_int8(ctx: ExportContext, activations: str = "uint8", for_tensorrt: bo
                               f"{record['agreement']['images']} {record['agreement']['source']} (minimum "
                               f"{o.min_agreement:.0%}); calibrate on more representative photos (--calib-data, "
                               f"--calib-size) or try --calib-method percentile")
+    if o.val_data and record["accuracy"]["fp32"] - record["accuracy"]["int8"] > o.max_acc_drop:
+        acc = record["accuracy"]
+        raise MineralNetError(f"int8 gate FAILED, nothing written: top-1 accuracy on {acc['images']} --val-data "
+                              f"photos drops from {acc['fp32']:.1%} (fp32) to {acc['int8']:.1%} (int8), more than "
+                              f"--max-acc-drop {100 * o.max_acc_drop:g} points; calibrate on more representative "
+                              f"photos (--calib-data, --calib-size) or try --calib-method percentile")
     opset = max(o.opset, xonnx.TRT_INT8_OPSET) if for_tensorrt else o.opset
     return ctx.write("model.int8.onnx", data, {"format": "onnx", "precision": "int8", "opset": opset,
                                                "input": {"name": xonnx.INPUT_NAME, "shape": _input_shape(ctx)},

@@ -153,6 +153,7 @@ def fit(cfg: TrainConfig) -> dict:
     """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
     cfg.validate()
     accelerator = make_accelerator(cfg)
+    run = None
     try:
         _check_setup(cfg, accelerator)
         run = open_run(cfg, accelerator)
@@ -160,6 +161,8 @@ def fit(cfg: TrainConfig) -> dict:
         result = _fit(parts, accelerator)
         main = accelerator.is_main_process
     finally:
+        if run is not None:
+            run.release()
         accelerator.end_training()
     if main and result["status"] != "interrupted" and result["best"].get("epoch", -1) > 0:
         calibrate(run)

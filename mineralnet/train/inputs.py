@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from mineralnet import data as mdata
 from mineralnet.config import TrainConfig
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import RunDir
+from mineralnet.runs import SPLIT_FILE, RunDir, read_split
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -50,6 +50,9 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
         raise MineralNetError(f"{cfg.data!r} has only {len(index.classes)} class folder(s) "
                               f"({', '.join(index.classes) or 'none'}); training needs at least 2 minerals")
     train, val, split_info, vbad = _split(cfg, index)
+    kept = _resumed_split(cfg, run, index, val if cfg.val_data else [])
+    if kept is not None:
+        train, val, split_info = kept
     bad = list(index.bad) + vbad
     if not val:
         raise MineralNetError(f"the validation split of {cfg.data!r} is empty; add photos or pass --val-data")
@@ -60,12 +63,45 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
         mean, std = mdata.channel_stats([p for p, _ in train], size=64, max_images=2000, seed=cfg.data_seed)
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    run.write_split(index, train, val, split_info)
+    if kept is None:  # a resumed run keeps its split.json as it was
+        run.write_split(index, train, val, split_info)
     run.write_unreadable(bad)
     if bad and run.is_main:
         warnings.warn(f"{len(bad)} unreadable photo(s) excluded from training; the list is in "
                       f"{run / 'unreadable.txt'} (`mineralnet data check` shows why)", stacklevel=2)
     return DataSplit(index.classes, train, val, [float(m) for m in mean], [float(s) for s in std], bad, split_info)
+
+
+def _resumed_split(cfg: TrainConfig, run: RunDir, index, val_data_samples):
+    """On --resume: (train, val, info) of the run's saved split, restricted to the photos that are still there
+    and readable; photos added or removed since are reported in one line each, never re-split. None when
+    not resuming (or the saved split is of other classes: the resume check then says so)."""
+    if cfg.resume is None or not (run / SPLIT_FILE).is_file():
+        return None
+    saved = read_split(run.path, root=index.base)
+    if saved["classes"] != index.classes:
+        return None
+    now = {p for p, _ in index.samples} | {p for p, _ in val_data_samples}
+    train, val = saved["splits"].get("train", []), saved["splits"].get("val", [])
+    was = {p for p, _ in train + val}
+    added, gone = len(now - was), len(was - now)
+    if run.is_main and added:
+        print(f"resume: {added} photo(s) in {cfg.data} are new since the run started and are not used (the run "
+              f"keeps its split in {run / SPLIT_FILE}); start a new run to train on them", flush=True)
+    if run.is_main and gone:
+        print(f"resume: {gone} photo(s) of the run's split are missing or unreadable now and are left out; "
+              f"restore them, or start a new run", flush=True)
+    return ([s for s in train if s[0] in now], [s for s in val if s[0] in now], saved["info"])
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGINT to the main process: a signal to the whole process group
+    (Slurm, `timeout`, Ctrl-C) then stops training between steps with its state saved, instead of killing
+    the workers under the main process's feet."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loaders(cfg: TrainConfig, split: DataSplit):
@@ -85,7 +121,8 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
     sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
-                  persistent_workers=False, prefetch_factor=4 if cfg.workers else None)
+                  persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
+                  worker_init_fn=ignore_stop_signals if cfg.workers else None)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
