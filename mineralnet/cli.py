@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from mineralnet import __version__
@@ -56,7 +57,9 @@ def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
     try:
         return int(_hook(module, name, "run")(args) or 0)
     except MineralNetError as e:
-        print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
+        # Under a multi-process launch every rank hits the same bad input: one line, from rank 0.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog.split()[0]}: interrupted", file=sys.stderr)
@@ -65,7 +68,10 @@ def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(_usage(), end="", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage(), end="")
         return 0
     if argv[0] == "--version":

@@ -28,7 +28,7 @@ def resolve_resume(cfg: TrainConfig, cli_overrides: dict | None = None) -> Train
 
 def add_arguments(parser) -> None:
     parser.description = ("Train FusionNet (stage-feature fusion + weighted top-k loss). Single process: "
-                          "`python launch/train.py ...`; several GPUs: `accelerate launch --multi_gpu "
+                          "`python launch/train.py ...`; several GPUs: `accelerate launch -q --multi_gpu "
                           "--num_processes N launch/train.py ...`. With no arguments: a short demo on a "
                           "synthetic photo set.")
     add_config_arguments(parser)
@@ -49,5 +49,5 @@ def run(args) -> int:
     if cfg.data is None or "demo-v1" in str(cfg.data):
         if result["status"] == "finished":
             print("this was the demo. Train on your own photos (one folder per mineral):\n"
-                  "  accelerate launch launch/train.py --config cpu --data /path/to/photos --out runs/mine")
+                  "  mineralnet train --config cpu --data /path/to/photos --out runs/mine")
     return 0  # an interrupted run saved its state: that is a clean exit too

@@ -1,0 +1,60 @@
+"""A newcomer's first commands, run through the real entry points as subprocesses (issue 19)."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), OMP_NUM_THREADS="1")
+    env.pop("RANK", None)
+    return env
+
+
+def _run(cmd, tmp_path, **kw):
+    return subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=300, **kw)
+
+
+def _error_lines(stderr):
+    return [ln for ln in stderr.splitlines() if ln.strip()]
+
+
+def test_train_script_bad_data_is_one_line_exit_2(tmp_path):
+    r = _run([sys.executable, "launch/train.py", "--data", str(tmp_path / "nonexistent")], tmp_path)
+    assert r.returncode == 2
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: data path"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_train_script_unknown_preset_is_one_line_exit_2(tmp_path):
+    r = _run([sys.executable, "launch/train.py", "--config", "nosuchpreset"], tmp_path)
+    assert r.returncode == 2
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and "nosuchpreset" in lines[0], r.stderr
+
+
+@pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's command not on PATH")
+def test_accelerate_launch_quiet_bad_data_is_one_line_no_traceback(tmp_path):
+    # The README's several-process form (`accelerate launch -q`), on one CPU process with every
+    # launcher default given so accelerate's "defaults used" warning stays away.
+    r = _run(["accelerate", "launch", "-q", "--cpu", "--num_processes", "1", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+              "launch/train.py", "--data", str(tmp_path / "nonexistent")], tmp_path)
+    assert r.returncode != 0  # accelerate's launcher turns every failure into 1
+    assert "Traceback" not in r.stderr and "CalledProcessError" not in r.stderr
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("train.py: error: data path"), r.stderr
+
+
+def test_bare_mineralnet_prints_usage_and_exits_2(tmp_path):
+    r = _run([sys.executable, "-m", "mineralnet.cli"], tmp_path)
+    assert r.returncode == 2
+    assert "usage: mineralnet <command>" in r.stderr and r.stdout == ""
+    r = _run([sys.executable, "-m", "mineralnet.cli", "--help"], tmp_path)
+    assert r.returncode == 0 and "usage: mineralnet <command>" in r.stdout
