@@ -30,6 +30,7 @@ def test_train_script_bad_data_is_one_line_exit_2(tmp_path):
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("train.py: error: data path"), r.stderr
     assert "Traceback" not in r.stderr
+    assert r.stdout.startswith("preset: ")  # no --config: the machine's preset is named first
 
 
 def test_train_script_unknown_preset_is_one_line_exit_2(tmp_path):
@@ -58,3 +59,21 @@ def test_bare_mineralnet_prints_usage_and_exits_2(tmp_path):
     assert "usage: mineralnet <command>" in r.stderr and r.stdout == ""
     r = _run([sys.executable, "-m", "mineralnet.cli", "--help"], tmp_path)
     assert r.returncode == 0 and "usage: mineralnet <command>" in r.stdout
+
+
+@pytest.mark.parametrize("gpu, weights, available, expected", [
+    (True, True, {"paper", "cpu", "cpu-pretrained"}, "paper"),
+    (True, False, {"paper", "cpu"}, "paper"),
+    (False, True, {"paper", "cpu", "cpu-pretrained"}, "cpu-pretrained"),
+    (False, True, {"paper", "cpu"}, "cpu"),  # weights installed but no such preset in this version
+    (False, False, {"paper", "cpu", "cpu-pretrained"}, "cpu"),
+])
+def test_default_preset_fits_the_machine(gpu, weights, available, expected):
+    from mineralnet.train.command import default_preset
+    assert default_preset(gpu, weights, available) == expected
+
+
+def test_presets_shown_to_readers_include_base():
+    from mineralnet.config import load_config
+    from mineralnet.config import TrainConfig
+    assert load_config("base") == TrainConfig().validate()

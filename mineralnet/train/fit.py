@@ -312,7 +312,7 @@ def next_commands(run_dir, data=None, photo=None) -> list[str]:
     q = shlex.quote
     run, data_arg = q(str(run_dir)), q(str(data)) if data else "<labelled photos>"
     return [f"mineralnet eval {run} --split val",
-            f"mineralnet explain {run} --data {data_arg}",
+            f"mineralnet explain {run} --val-only",
             f"mineralnet-export {run} --int8 --calib-data {data_arg}",
             f"mineralnet predict {run} {q(str(photo)) if photo else 'photo.jpg'}"]
 
