@@ -77,3 +77,28 @@ def test_presets_shown_to_readers_include_base():
     from mineralnet.config import load_config
     from mineralnet.config import TrainConfig
     assert load_config("base") == TrainConfig().validate()
+
+
+def test_train_help_is_grouped_with_choices_and_each_default_once(capsys):
+    from mineralnet.cli import main as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for section in ("data:", "model:", "augmentation:", "optimisation:", "loss:", "performance / distribution:",
+                    "run control:"):
+        assert f"\n{section}\n" in out, section
+    for flag in ("--loss {ce,topk,wtopk,center}", "--optimizer {sgd,adamw}", "--scheduler {plateau,cosine,none}",
+                 "--precision {fp32,bf16,fp16}", "--normalize {dataset,imagenet}", "--loss-scope {global,local}"):
+        assert flag in out, flag
+    assert "(default: None)" not in out
+    flat = " ".join(out.split())
+    assert flat.count("(default runs/") == 1 and "(default runs/<date>-<backbone>-s<stages>-<loss>) (default" not in flat
+    assert "a preset changes many" in flat
+
+
+def test_a_choice_field_rejects_other_values(capsys):
+    from mineralnet.cli import main as cli_main
+    with pytest.raises(SystemExit):
+        cli_main(["train", "--loss", "nosuch"])
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
