@@ -45,8 +45,35 @@ def _hook(module, name: str, kind: str):
     return specific or getattr(module, "run" if kind == "run" else "add_arguments")
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return None
+
+
+def fast_checks(name: str, argv: list[str]) -> None:
+    """Checks cheap enough to run before a command imports torch: a missing --data path (train, eval) is
+    reported at once instead of after seconds of imports. The full checks still run later."""
+    if name not in ("train", "eval", "explain") or "-h" in argv or "--help" in argv:
+        return
+    for flag in ("--data", "--val-data"):
+        value = _flag_value(argv, flag)
+        if value and not os.path.exists(os.path.expanduser(value)):
+            raise MineralNetError(f"data path {value} does not exist; expected one sub-folder per mineral "
+                                  f"(DIR/quartz/*.jpg) or a CSV with columns path,label")
+
+
 def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
     module_name, help_ = COMMANDS[name]
+    try:
+        fast_checks(name, argv)
+    except MineralNetError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{(prog or 'mineralnet').split()[0]}: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog=prog or f"mineralnet {name}", description=help_[0].upper() + help_[1:] + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -234,8 +234,8 @@ def run(args) -> int:
         raise MineralNetError(f"--topk {args.topk} must be at least 1")
     if args.batch_size < 1:
         raise MineralNetError(f"--batch-size {args.batch_size} must be at least 1")
+    predictor = Predictor(args.model, device=args.device)  # a wrong model first: it is the first argument
     images = expand_images(args.images)
-    predictor = Predictor(args.model, device=args.device)
     results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size)
     if args.json:
         print(json.dumps({"model": predictor.path, "runtime": predictor.kind,

@@ -30,7 +30,13 @@ def test_train_script_bad_data_is_one_line_exit_2(tmp_path):
     lines = _error_lines(r.stderr)
     assert len(lines) == 1 and lines[0].startswith("train.py: error: data path"), r.stderr
     assert "Traceback" not in r.stderr
-    assert r.stdout.startswith("preset: ")  # no --config: the machine's preset is named first
+
+
+def test_train_without_config_names_the_machines_preset(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _run([sys.executable, "launch/train.py", "--data", str(tmp_path / "empty")], tmp_path)
+    assert r.returncode == 2 and "no class folders" in r.stderr
+    assert r.stdout.startswith("preset: ") and "--config" in r.stdout.splitlines()[0]
 
 
 def test_train_script_unknown_preset_is_one_line_exit_2(tmp_path):
@@ -102,3 +108,29 @@ def test_a_choice_field_rejects_other_values(capsys):
     with pytest.raises(SystemExit):
         cli_main(["train", "--loss", "nosuch"])
     assert "invalid choice: 'nosuch'" in capsys.readouterr().err
+
+
+def test_predict_reports_a_missing_model_before_a_missing_image(tmp_path):
+    r = _run([sys.executable, "-m", "mineralnet.cli", "predict", str(tmp_path / "norun"), str(tmp_path / "no.jpg")],
+             tmp_path)
+    assert r.returncode == 2
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith(f"mineralnet: error: model {str(tmp_path / 'norun')!r}"), r.stderr
+
+
+def test_export_without_a_run_is_one_line_without_usage(tmp_path):
+    r = _run([sys.executable, "-c", "import sys; from mineralnet.cli import export_main; sys.exit(export_main())"],
+             tmp_path)
+    assert r.returncode == 2
+    lines = _error_lines(r.stderr)
+    assert len(lines) == 1 and lines[0].startswith("mineralnet-export: error: say which run"), r.stderr
+
+
+def test_fast_checks_report_a_missing_data_path_before_heavy_imports(tmp_path):
+    # In a fresh interpreter: the error comes out and torch was never imported.
+    code = ("import sys; from mineralnet.cli import run_command; "
+            "rc = run_command('train', ['--data', sys.argv[1]]); "
+            "print('torch' in sys.modules); sys.exit(rc)")
+    r = _run([sys.executable, "-c", code, str(tmp_path / "nope")], tmp_path)
+    assert r.returncode == 2 and r.stdout.strip() == "False"
+    assert "does not exist" in r.stderr

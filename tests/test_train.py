@@ -67,7 +67,10 @@ CONTRACT = ["config.yaml", "model.safetensors", "model.json", "metrics.jsonl", "
 
 def test_tiny_run_writes_the_run_directory_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
-    _run(["--data", tiny_data, "--out", str(out), "--epochs", "2", *TINY, "--loss", "wtopk"], tmp_path)
+    p = _run(["--data", tiny_data, "--out", str(out), "--epochs", "2", *TINY, "--loss", "wtopk"], tmp_path)
+    # not a terminal: no progress bar (no carriage returns in a log), one summary line per epoch
+    assert "\r" not in p.stderr and "it/s" not in p.stderr
+    assert "epoch   1/2  loss" in p.stdout and "epoch   2/2  loss" in p.stdout
     for name in CONTRACT:
         assert (out / name).exists(), name
     meta = json.loads((out / "model.json").read_text())
@@ -227,7 +230,7 @@ def test_no_argument_demo_produces_a_complete_run(tmp_path):
     assert json.loads((runs[0] / "model.json").read_text())["metrics"]["top1"] > 0.5  # it learned something
     # The printed next steps run exactly as printed (export's int8 calibration aside: test_export's job).
     lines = p.stdout.split("\nnext:\n", 1)[1].splitlines()
-    steps = [shlex.split(ln) for ln in lines if ln.startswith("  mineralnet")]
+    steps = [shlex.split(ln) for ln in lines[:4]]
     assert [s[:2] for s in steps] == [["mineralnet", "eval"], ["mineralnet", "explain"],
                                       ["mineralnet-export", runs[0].relative_to(tmp_path).as_posix()],
                                       ["mineralnet", "predict"]]

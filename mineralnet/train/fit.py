@@ -180,7 +180,8 @@ def _fit(parts: TrainParts, accelerator) -> dict:
             epoch = progress.epoch
             _set_epoch(parts, epoch)
             bar = tqdm(total=len(parts.train_loader), initial=progress.step_in_epoch,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, leave=False, dynamic_ncols=True)
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                       disable=None if main else True)  # None: a bar on a terminal only, never in a log file
             stats = train_one_epoch(parts, accelerator, stop, bar)
             bar.close()
             progress.train_seconds += stats["seconds"]
