@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from mineralnet import __version__
@@ -46,8 +47,35 @@ def _hook(module, name: str, kind: str):
     return specific or getattr(module, "run" if kind == "run" else "add_arguments")
 
 
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, a in enumerate(argv):
+        if a == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith(flag + "="):
+            return a[len(flag) + 1:]
+    return None
+
+
+def fast_checks(name: str, argv: list[str]) -> None:
+    """Checks cheap enough to run before a command imports torch: a missing --data path (train, eval) is
+    reported at once instead of after seconds of imports. The full checks still run later."""
+    if name not in ("train", "eval", "explain") or "-h" in argv or "--help" in argv:
+        return
+    for flag in ("--data", "--val-data"):
+        value = _flag_value(argv, flag)
+        if value and not os.path.exists(os.path.expanduser(value)):
+            raise MineralNetError(f"data path {value} does not exist; expected one sub-folder per mineral "
+                                  f"(DIR/quartz/*.jpg) or a CSV with columns path,label")
+
+
 def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
     module_name, help_ = COMMANDS[name]
+    try:
+        fast_checks(name, argv)
+    except MineralNetError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{(prog or 'mineralnet').split()[0]}: error: {e}", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(
         prog=prog or f"mineralnet {name}", description=help_[0].upper() + help_[1:] + ".",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -58,7 +86,9 @@ def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
     try:
         return int(_hook(module, name, "run")(args) or 0)
     except MineralNetError as e:
-        print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
+        # Under a multi-process launch every rank hits the same bad input: one line, from rank 0.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{parser.prog.split()[0]}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{parser.prog.split()[0]}: interrupted", file=sys.stderr)
@@ -67,7 +97,10 @@ def run_command(name: str, argv: list[str], prog: str | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
+        print(_usage(), end="", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_usage(), end="")
         return 0
     if argv[0] == "--version":

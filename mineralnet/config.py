@@ -84,31 +84,33 @@ class TrainConfig:
     cutmix: float = _f(0.0, "CutMix alpha: paste a box from a partner photo, labels mixed by area, e.g. 1.0 "
                             "(0 = off); with --mixup too, each batch uses one of the two")
     mix_prob: float = _f(1.0, "probability that a batch is mixed when --mixup/--cutmix are on")
-    normalize: str = _f("dataset", "'dataset' = mean/std of the training split (the paper), 'imagenet'")
+    normalize: str = _f("dataset", "'dataset' = mean/std of the training split (the paper), 'imagenet'",
+                        choices=("dataset", "imagenet"))
     # --- optimisation ---
     epochs: int = _f(100, "training epochs")
     batch_size: int = _f(50, "GLOBAL batch size, split evenly over the processes")
-    optimizer: str = _f("sgd", "sgd or adamw")
+    optimizer: str = _f("sgd", "sgd or adamw", choices=("sgd", "adamw"))
     lr: float = _f(1e-3, "peak learning rate")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay (decoupled for adamw)")
-    scheduler: str = _f("plateau", "plateau (halve lr when val Top1 stalls, the paper), cosine, or none")
+    scheduler: str = _f("plateau", "plateau (halve lr when val Top1 stalls, the paper), cosine, or none",
+                        choices=("plateau", "cosine", "none"))
     plateau_patience: int = _f(5, "epochs without a new best val Top1 before the plateau scheduler cuts lr")
     plateau_factor: float = _f(0.5, "lr multiplier of the plateau scheduler")
     warmup_epochs: float = _f(0.0, "linear lr warm-up (epochs, may be fractional)")
     # --- loss ---
     loss: str = _f("wtopk", "ce (cross-entropy), topk (alpha=0), wtopk (weighted top-k, the paper), "
-                            "center (CE + center loss)")
+                            "center (CE + center loss)", choices=("ce", "topk", "wtopk", "center"))
     k: float = _f(0.5, "hard-sample fraction of the weighted top-k loss, in (0, 1]")
     alpha: float = _f(0.2, "weight of the easy samples in the weighted top-k loss, in [0, 1]")
     loss_scope: str = _f("global", "hard-sample mining over the 'global' batch (all processes) or each "
-                                   "process's 'local' share")
+                                   "process's 'local' share", choices=("global", "local"))
     center_weight: float = _f(0.01, "lambda of the center loss")
     label_smoothing: float = _f(0.0, "label smoothing for ce/center")
     ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.998; "
                                "0 = off); it is what gets validated, kept as the best model and exported")
     # --- performance / distribution ---
-    precision: str = _f("fp32", "fp32, bf16 or fp16 (autocast via Accelerate)")
+    precision: str = _f("fp32", "fp32, bf16 or fp16 (autocast via Accelerate)", choices=("fp32", "bf16", "fp16"))
     channels_last: bool = _f(True, "NHWC memory format (faster convolutions)")
     compile: bool = _f(False, "torch.compile the model")
     freeze_bn: bool = _f(False, "keep BatchNorm statistics fixed (eval mode) while training: for fine-tuning "
@@ -291,22 +293,41 @@ def load_config(config: str | None = None, **overrides) -> TrainConfig:
     return cfg.validate()
 
 
+# `--help` groups: the first field of each section of TrainConfig -> the section's title.
+HELP_SECTIONS = {"data": "data", "backbone": "model", "scale_min": "augmentation", "epochs": "optimisation",
+                 "loss": "loss", "precision": "performance / distribution", "seed": "run control"}
+
+
+def _flag_help(f) -> str:
+    """The field's help with its default said once (not when the text already states it, nor None)."""
+    text, default = f.metadata["help"], f.default
+    if "default" in text or default is None:
+        return text
+    shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    return f"{text} (default: {shown})"
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field (kebab-case) plus --config; unset flags keep preset values."""
+    """One flag per TrainConfig field (kebab-case) plus --config, grouped by section; unset flags keep
+    preset values. Choice fields list their choices."""
+    presets = ", ".join(sorted(q.stem for q in PRESET_DIR.glob("*.yaml")))
     parser.add_argument("--config", default=None,
-                        help="YAML preset file or name (paper, cpu, demo); flags override it")
-    groups: dict[str, argparse._ArgumentGroup] = {}
+                        help=f"YAML preset file or name ({presets}); flags override it. Without it: paper on a "
+                             f"GPU, else cpu. The defaults shown below are the base ones; a preset changes many")
+    group = parser
     for f in fields(TrainConfig):
+        if f.name in HELP_SECTIONS:
+            group = parser.add_argument_group(HELP_SECTIONS[f.name])
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {shown})")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_flag_help(f))
         typ = f.type if isinstance(f.type, str) else str(f.type)
         if "bool" in typ:
             kw["action"] = argparse.BooleanOptionalAction
+        elif "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
         else:
             kw["metavar"] = f.name.upper()
-        parser.add_argument(flag, **kw)
+        group.add_argument(flag, **kw)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -4,7 +4,8 @@
 a `--folds K --fold I` fold, a `--val-split` fraction or the default 10%), with the same preprocessing, so
 it reproduces the validation numbers of training from the files.
 
-Writes RUN/eval/ (or --out): metrics.json (Top1, mean class accuracy = the paper's "mAP", Top3,
+Writes RUN/eval/ for --split val, RUN/eval-<data folder name>/ for --data (the training-time evaluation in
+RUN/eval/ stays), or --out; warns when the photos include the run's training photos. The files: metrics.json (Top1, mean class accuracy = the paper's "mAP", Top3,
 per-class accuracy/precision/recall/F1, confusion matrix in counts and row-normalised %),
 per_class.csv and confusion.png, and prints the per-class table. Training calls
 `write_eval_report` at its end to produce the same files for its validation set.
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from mineralnet.calibration.fit import eval_calibration, format_calibration
 from mineralnet.data import DatasetIndex, PhotoDataset, build_transforms, scan_dataset
+from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
 from mineralnet.report import EVAL_DIR, write_eval_report
@@ -29,14 +31,16 @@ from mineralnet.train.loop import evaluate, fresh_accelerator
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json)")
-    src = parser.add_mutually_exclusive_group(required=True)
+    src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", help="labelled folder: one sub-folder per mineral, named as in the run's classes")
     src.add_argument("--split", choices=("val", "train"),
                      help="the run's own held-out photos (val) or training photos (train), as listed in its "
                           "split.json: re-scores a fold of a cross-validation run from the files")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
     parser.add_argument("--workers", type=int, default=2, help="data-loading processes (default 2)")
-    parser.add_argument("--out", default=None, help="output folder (default RUN/eval)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: RUN/eval for --split val, RUN/eval-<data folder name> for --data "
+                             "so the training-time evaluation in RUN/eval stays)")
     parser.add_argument("--coverage", type=float, default=0.9,
                         help="conformal candidate-set coverage to check on a calibrated run (default 0.9)")
 
@@ -71,6 +75,7 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
             raise MineralNetError(f"the split of {str(run)!r} lists classes {index.classes} but its model has "
                                   f"{meta['classes']}; the run is inconsistent, evaluate with --data DIR")
     else:
+        check_class_root(data, list(meta["classes"]))
         index = scan_dataset(data, verify=True, classes=list(meta["classes"]))
     if not index.samples:
         raise MineralNetError(f"no readable images under {str(data)!r}; put photos in one sub-folder per "
@@ -85,12 +90,48 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
     return np.asarray(out["targets"]), np.asarray(out["preds"]), np.asarray(out["probs"]), meta, index, accelerator
 
 
+def training_overlap(run, paths) -> tuple[int, int]:
+    """(photos among `paths` that the run trained on, len(paths)); (0, n) when the run has no split file."""
+    try:
+        train = {str(Path(p).resolve()) for p, _ in read_split(run)["splits"]["train"]}
+    except MineralNetError:
+        return 0, len(paths)
+    return sum(str(Path(p).resolve()) in train for p in paths), len(paths)
+
+
+def warn_training_overlap(run, paths, what: str = "scores") -> int:
+    """Print a console warning when photos in `paths` were training photos of `run`; returns the count."""
+    n, total = training_overlap(run, paths)
+    if n:
+        print(f"warning: {n} of the {total} photos ({n / total:.0%}) are training photos of this run; these "
+              f"{what} overstate accuracy on new photos (use --split val for the held-out ones)")
+    return n
+
+
+def default_out_dir(run, data=None, split: str | None = None) -> Path:
+    """RUN/eval for the run's own held-out photos (what training wrote), RUN/eval-train for its training
+    photos, RUN/eval-<folder or CSV name> for other data: training's evaluation is never replaced silently."""
+    if split:
+        return Path(run) / (EVAL_DIR if split == "val" else f"{EVAL_DIR}-{split}")
+    p = Path(str(data).rstrip("/") or "/").resolve()
+    raw = p.name if p.is_dir() else p.stem
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw) or "data"
+    return Path(run) / f"{EVAL_DIR}-{name}"
+
+
 def run(args) -> int:
     split = getattr(args, "split", None)
+    if not split and not args.data:
+        raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
+                              "or --split val (the run's own held-out photos)")
     targets, preds, probs, meta, index, accelerator = predict_folder(args.run, args.data, args.batch_size,
                                                                      args.workers, split=split)
-    out_dir = Path(args.out) if args.out else Path(args.run) / EVAL_DIR
+    out_dir = Path(args.out) if args.out else default_out_dir(args.run, args.data, split)
     if accelerator.is_main_process:
+        if split != "train":
+            warn_training_overlap(args.run, [p for p, _ in index.samples])
+        if (out_dir / "metrics.json").is_file():
+            print(f"replacing the previous evaluation in {out_dir}")
         source = {"split": split} if split else {"data": str(args.data)}
         calibration = eval_calibration(args.run, targets, probs, meta["classes"], out_dir, args.coverage)
         metrics = write_eval_report(out_dir, targets, preds, probs, meta["classes"],

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from mineralnet.data import PhotoDataset, build_transforms, load_image, scan_dataset
+from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
 from mineralnet.report import abbreviate, write_eval_report
@@ -384,8 +385,16 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     model, meta = load_model(run)
     model.eval()
     classes = list(meta["classes"])
-    index = scan_dataset(data, verify=True, classes=classes)
-    samples = _val_only_samples(run, index) if val_only else list(index.samples)
+    if data is None:
+        if not val_only:
+            raise MineralNetError("say which photos to explain: --data DIR (labelled photos) or --val-only "
+                                  "(the run's own held-out photos, from its split.json)")
+        split = read_split(run)
+        data, samples = split["root"], list(split["splits"]["val"])
+    else:
+        check_class_root(data, classes)
+        index = scan_dataset(data, verify=True, classes=classes)
+        samples = _val_only_samples(run, index) if val_only else list(index.samples)
     if not samples:
         raise MineralNetError(f"no readable photos under {str(data)!r}")
     out = Path(out) if out else run / EXPLAIN_DIR
@@ -395,6 +404,10 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     dataset = PhotoDataset(samples, transform)
     print(f"explaining {run} on {len(samples)} photos of {data}{' (its validation split)' if val_only else ''}",
           flush=True)
+    overlap = _train_overlap(run, samples)
+    if overlap:
+        print(f"warning: {overlap} of the {len(samples)} photos ({overlap / len(samples):.0%}) are training photos "
+              f"of this run; the results overstate accuracy on new photos (--val-only explains the held-out ones)")
 
     pred = predict_dataset(model, dataset, batch_size, workers)
     targets, preds, probs = pred["targets"], pred["preds"], pred["probs"]
@@ -423,7 +436,7 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
         plot_gallery(out / "misrecognised.png", items, classes)
 
     summary = {"run": str(run), "data": str(data), "images": len(samples), "val_only": val_only,
-               "misrecognised": int(len(wrong)), "train_overlap": _train_overlap(run, samples),
+               "misrecognised": int(len(wrong)), "train_overlap": overlap,
                "tsne_images": len(tsne_idx), "cam_images": len(cam_idx), "silhouette_cosine": silhouette,
                "comparison_stage": single, "stage_shares": shares_mean, "metrics": {k: metrics[k] for k in ("top1", "mean_class_acc", "top3")}}
     atomic_write_text(out / "report.md", report_markdown(meta, metrics, summary, items, tsne_note,
@@ -523,13 +536,15 @@ def report_markdown(meta, metrics, summary, items, tsne_note, per_class, has_cam
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory made by training (model.safetensors + model.json)")
-    parser.add_argument("--data", required=True, help="labelled photos: one sub-folder per mineral (the run's class names)")
+    parser.add_argument("--data", help="labelled photos: one sub-folder per mineral (the run's class names); "
+                                        "optional with --val-only")
     parser.add_argument("--per-class", type=int, default=10, help="photos per mineral in the t-SNE (default 10; paper 5)")
     parser.add_argument("--cams", type=int, default=16,
                         help="photos in the Grad-CAM grid (one right and one wrong per mineral; default 16)")
     parser.add_argument("--gallery", type=int, default=24, help="misrecognised photos shown (default 24)")
     parser.add_argument("--val-only", action="store_true",
-                        help="only the run's validation photos (from its split.json), e.g. for a cv fold")
+                        help="only the run's validation photos (from its split.json; without --data, where "
+                             "training found them), e.g. for a cv fold")
     parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the photo choice and t-SNE (default 0)")

@@ -358,8 +358,9 @@ def run(args) -> int:
         raise MineralNetError(f"--batch-size {args.batch_size} must be at least 1")
     if args.coverage is not None and not 0.0 < args.coverage < 1.0:
         raise MineralNetError(f"--coverage {args.coverage} must be between 0 and 1, e.g. 0.9")
-    images = expand_images(args.images)
+    # a wrong model first: it is the first argument
     predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None))
+    images = expand_images(args.images)
     results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size, coverage=args.coverage)
     if args.json:
         doc = {"model": predictor.path, "runtime": predictor.kind, "calibrated": predictor.calibration is not None}

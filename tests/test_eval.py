@@ -77,7 +77,8 @@ def test_eval_default_out_and_a_folder_with_some_classes_only(tiny_run, tmp_path
     part = tmp_path / "part"
     shutil.copytree(data / classes[2], part / classes[2])  # one mineral only
     assert cli_main(["eval", str(run2), "--data", str(part), "--workers", "0"]) == 0
-    m = json.loads((run2 / "eval" / "metrics.json").read_text())
+    assert not (run2 / "eval").exists()  # RUN/eval is training's; other data goes next to it
+    m = json.loads((run2 / "eval-part" / "metrics.json").read_text())
     assert m["n"] == 6 and m["classes"] == classes
     assert m["per_class_acc"][0] is None and m["per_class_acc"][1] is None
     assert m["mean_class_acc"] == pytest.approx(m["per_class_acc"][2])
@@ -109,3 +110,61 @@ def test_eval_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and err.startswith("mineralnet: error:"), err
     assert message in err
+
+
+def _run_with_split(tiny_run, tmp_path):
+    """A copy of the tiny run with a split.json (12 training, 6 validation photos) and a training-time eval/."""
+    run, data, classes = tiny_run
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    index = mdata.scan_dataset(data, classes=classes)
+    val = [i for i, (_, label) in enumerate(index.samples) if i % 3 == 0]
+    train = [i for i in range(len(index.samples)) if i % 3 != 0]
+    mdata.save_splits(run2 / "split.json", index, {"train": train, "val": val}, {"kind": "test"})
+    (run2 / "eval").mkdir()
+    (run2 / "eval" / "metrics.json").write_text('{"top1": 0.889}')
+    return run2, data
+
+
+def test_eval_on_training_photos_warns_and_keeps_the_training_eval(tiny_run, tmp_path, capsys):
+    run, data = _run_with_split(tiny_run, tmp_path)
+    assert cli_main(["eval", str(run), "--data", str(data), "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: 12 of the 18 photos (67%) are training photos of this run" in out
+    assert json.loads((run / "eval" / "metrics.json").read_text()) == {"top1": 0.889}
+    assert json.loads((run / f"eval-{data.name}" / "metrics.json").read_text())["n"] == 18
+    assert cli_main(["eval", str(run), "--split", "val", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "warning" not in out and f"replacing the previous evaluation in {run / 'eval'}" in out
+    assert json.loads((run / "eval" / "metrics.json").read_text())["n"] == 6
+
+
+def test_explain_val_only_without_data_and_overlap_warning(tiny_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    run, data = _run_with_split(tiny_run, tmp_path)
+    common = ["--workers", "0", "--per-class", "2", "--cams", "2", "--gallery", "2"]
+    assert cli_main(["explain", str(run), "--val-only", *common, "--out", str(tmp_path / "x1")]) == 0
+    out = capsys.readouterr().out
+    assert "on 6 photos" in out and "warning" not in out
+    assert cli_main(["explain", str(run), "--data", str(data), *common, "--out", str(tmp_path / "x2")]) == 0
+    assert "warning: 12 of the 18 photos (67%) are training photos" in capsys.readouterr().out
+    assert cli_main(["explain", str(run), *common]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--val-only" in err
+
+
+def test_eval_without_data_is_one_line_without_usage(tiny_run, capsys):
+    run, _, _ = tiny_run
+    assert cli_main(["eval", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--data DIR" in err and "usage" not in err
+
+
+def test_a_folder_one_level_above_the_classes_names_the_right_one(tiny_run, tmp_path, capsys):
+    run, data, _ = tiny_run
+    shutil.copytree(data, tmp_path / "cache" / "demo-v1-x")
+    assert cli_main(["eval", str(run), "--data", str(tmp_path / "cache"), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pass --data {tmp_path / 'cache' / 'demo-v1-x'}" in err
+    assert "remove or rename" not in err

@@ -1,6 +1,8 @@
 """Training: run-directory contract, exact DDP semantics, resume, preemption, bad input."""
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from mineralnet.train import fit, resolve_resume
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
 # A tiny, fast, deterministic setup: resnet18 at 32 px, frozen BN (so batch splitting cannot matter).
-TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+TINY = ["--config", "base", "--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--optimizer", "sgd", "--lr", "0.05", "--scheduler", "none", "--precision", "fp32",
         "--normalize", "imagenet", "--seed", "3"]
 
@@ -67,7 +69,10 @@ CONTRACT = ["config.yaml", "model.safetensors", "model.json", "metrics.jsonl", "
 @pytest.mark.slow
 def test_tiny_run_writes_the_run_directory_contract(tiny_data, tmp_path):
     out = tmp_path / "run"
-    _run(["--data", tiny_data, "--out", str(out), "--epochs", "2", *TINY, "--loss", "wtopk"], tmp_path)
+    p = _run(["--data", tiny_data, "--out", str(out), "--epochs", "2", *TINY, "--loss", "wtopk"], tmp_path)
+    # not a terminal: no progress bar (no carriage returns in a log), one summary line per epoch
+    assert "\r" not in p.stderr and "it/s" not in p.stderr
+    assert "epoch   1/2  loss" in p.stdout and "epoch   2/2  loss" in p.stdout
     for name in CONTRACT:
         assert (out / name).exists(), name
     meta = json.loads((out / "model.json").read_text())
@@ -230,6 +235,19 @@ def test_no_argument_demo_produces_a_complete_run(tmp_path):
         assert (runs[0] / name).exists(), name
     assert "this was the demo" in p.stdout and "--data" in p.stdout
     assert json.loads((runs[0] / "model.json").read_text())["metrics"]["top1"] > 0.5  # it learned something
+    # The printed next steps run exactly as printed (export's int8 calibration aside: test_export's job).
+    lines = p.stdout.split("\nnext:\n", 1)[1].splitlines()
+    steps = [shlex.split(ln) for ln in lines[:4]]
+    assert [s[:2] for s in steps] == [["mineralnet", "eval"], ["mineralnet", "explain"],
+                                      ["mineralnet-export", runs[0].relative_to(tmp_path).as_posix()],
+                                      ["mineralnet", "predict"]]
+    assert steps[0][2:] == [steps[3][2], "--split", "val"]
+    for step in (steps[0], steps[1], steps[3]):
+        exe = shutil.which(step[0], path=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+        q = subprocess.run([exe, *step[1:]], cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True,
+                           timeout=900)
+        assert q.returncode == 0, (step, q.stderr[-3000:])
+        assert "warning" not in q.stdout, (step, q.stdout)
 
 
 def test_atomic_writes_have_normal_file_permissions(tmp_path):

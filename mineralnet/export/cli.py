@@ -25,7 +25,8 @@ def add_arguments(parser) -> None:
     from mineralnet.export.tensorrt import DEFAULT_WORKSPACE_MIB
 
     parser.epilog = EXAMPLES
-    parser.add_argument("run", help="run directory (model.safetensors + model.json) or its model.safetensors")
+    parser.add_argument("run", nargs="?", help="run directory (model.safetensors + model.json) or its "
+                                               "model.safetensors")
     fmt = parser.add_argument_group("formats (fp32 ONNX is always written)")
     for name, f in FORMATS.items():
         if f.metavar:
@@ -127,6 +128,8 @@ def formats_from_args(args) -> list[str]:
 def run(args) -> int:
     from mineralnet.export.formats import export
 
+    if not args.run:
+        raise MineralNetError("say which run to export: mineralnet-export RUN (a run directory made by training)")
     options = options_from_args(args)
     export(args.run, formats_from_args(args), options, log=print)
     return 0

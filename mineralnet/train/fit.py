@@ -12,6 +12,7 @@ depend on the process count, the worker count, or on a resume in the middle of a
 """
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,7 +202,8 @@ def _fit(parts: TrainParts, accelerator) -> dict:
             epoch = progress.epoch
             _set_epoch(parts, epoch)
             bar = tqdm(total=len(parts.train_loader), initial=progress.step_in_epoch,
-                       desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not main, leave=False, dynamic_ncols=True)
+                       desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                       disable=None if main else True)  # None: a bar on a terminal only, never in a log file
             stats = train_one_epoch(parts, accelerator, stop, bar)
             bar.close()
             progress.train_seconds += stats["seconds"]
@@ -310,7 +312,8 @@ def finish(parts: TrainParts, accelerator, status: str) -> dict:
             parts.writer.close()
         run.write_result(result)
         if status != "interrupted":
-            print_summary(result, run.path)
+            photo = parts.split.val[0][0] if parts.split.val else None
+            print_summary(result, run.path, data=parts.cfg.data, photo=photo)
     return result
 
 
@@ -327,12 +330,19 @@ def final_evaluation(parts: TrainParts, accelerator) -> dict:
     return {"top1": best["top1"], "mean_class_acc": best["mean_class_acc"], "epoch": epoch}
 
 
-def print_summary(result: dict, run_dir: Path) -> None:
+def next_commands(run_dir, data=None, photo=None) -> list[str]:
+    """The commands worth running after training, with this run's folder, data and a photo filled in."""
+    q = shlex.quote
+    run, data_arg = q(str(run_dir)), q(str(data)) if data else "<labelled photos>"
+    return [f"mineralnet eval {run} --split val",
+            f"mineralnet explain {run} --val-only",
+            f"mineralnet-export {run} --int8 --calib-data {data_arg}",
+            f"mineralnet predict {run} {q(str(photo)) if photo else 'photo.jpg'}"]
+
+
+def print_summary(result: dict, run_dir: Path, data=None, photo=None) -> None:
     b = result["best"]
+    hints = "".join(f"  {c}\n" for c in next_commands(run_dir, data, photo))
     print(f"\nbest val top1 {b['top1']:.4f}, mean class acc (paper's mAP) {b.get('mean_class_acc', float('nan')):.4f} "
           f"at epoch {b['epoch']}; {result['train_seconds'] / 60:.1f} min of training\n"
-          f"run: {run_dir}\nnext:\n"
-          f"  mineralnet eval {run_dir} --data <labelled photos>\n"
-          f"  mineralnet explain {run_dir} --data <labelled photos>\n"
-          f"  mineralnet-export {run_dir} --int8 --calib-data <photos>\n"
-          f"  mineralnet predict {run_dir} photo.jpg")
+          f"run: {run_dir}\n" + (f"data: {data}\n" if data else "") + f"next:\n{hints}", end="")
