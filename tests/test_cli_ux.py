@@ -134,3 +134,17 @@ def test_fast_checks_report_a_missing_data_path_before_heavy_imports(tmp_path):
     r = _run([sys.executable, "-c", code, str(tmp_path / "nope")], tmp_path)
     assert r.returncode == 2 and r.stdout.strip() == "False"
     assert "does not exist" in r.stderr
+
+
+def test_training_on_the_folder_above_the_classes_names_the_right_one(tmp_path, capsys):
+    import shutil
+
+    from mineralnet import data as mdata
+    from mineralnet.cli import main
+
+    demo = mdata.make_demo_dataset(tmp_path / "cache", classes=3, per_class=4, size=32, seed=1)
+    above = tmp_path / "above"
+    shutil.copytree(demo, above / "demo-set")
+    assert main(["train", "--config", "base", "--data", str(above), "--epochs", "1", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(above / "demo-set") in err

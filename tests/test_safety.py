@@ -9,7 +9,7 @@ from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.errors import MineralNetError
 
-TINY = ["--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
+TINY = ["--config", "base", "--backbone", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0",
         "--optimizer", "sgd", "--lr", "0.05", "--scheduler", "none", "--precision", "fp32",
         "--normalize", "imagenet", "--seed", "3"]
 
@@ -380,3 +380,22 @@ def test_weak_gate_needs_its_flag_and_int8_accuracy_drop_is_gated(small_export_r
     opts.max_acc_drop, opts.out_dir = 1.0, tmp_path / "o2"  # 100 points: nothing can fail it
     export(run, ["int8"], opts)
     assert (tmp_path / "o2" / "model.int8.onnx").is_file()
+
+
+def test_data_check_reports_byte_identical_photos_within_and_across_classes(tmp_path, capsys):
+    import shutil
+
+    from mineralnet import data as mdata
+    from mineralnet.cli import main
+
+    demo = mdata.make_demo_dataset(tmp_path / "d", classes=2, per_class=3, size=32, seed=3)
+    a, b = sorted(p.name for p in demo.iterdir() if p.is_dir())[:2]
+    src = sorted((demo / a).iterdir())[0]
+    shutil.copy(src, demo / b / "copy-across.png")  # the same bytes filed under another mineral
+    shutil.copy(src, demo / a / "copy-within.png")
+    main(["data", "check", str(demo)])
+    out = capsys.readouterr().out
+    assert "byte-identical photos: 1 group(s), 1 of them filed under more than one class" in out
+    assert "copy-across.png" in out and "copy-within.png" in out
+    groups = mdata.identical_groups(mdata.scan_dataset(demo).samples)
+    assert len(groups) == 1 and len(groups[0]) == 3

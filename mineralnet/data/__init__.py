@@ -13,7 +13,7 @@ Every public name is importable from `mineralnet.data`.
 """
 from mineralnet.data.decode import ImageDecodeError, load_image, verify_image
 from mineralnet.data.decode import _decode_jpeg_fast, _decode_pil, _jpeg_header  # noqa: F401 (tests)
-from mineralnet.data.scan import IMAGE_EXTENSIONS, DatasetIndex, list_images, scan_dataset
+from mineralnet.data.scan import IMAGE_EXTENSIONS, DatasetIndex, identical_groups, list_images, scan_dataset
 from mineralnet.data.stats import channel_stats
 from mineralnet.data.transforms import (BatchMix, EvalTransform, Transform, TrainTransform, build_transforms,
                                         eval_resize, warp_crop)
@@ -26,7 +26,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "DatasetIndex", "list_images", "scan_dataset",
     "channel_stats",
     "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "eval_resize", "warp_crop",
-    "EpochShuffleSampler", "ImageDataset", "PhotoDataset",
+    "EpochShuffleSampler", "ImageDataset", "PhotoDataset", "identical_groups",
     "SPLITS_FORMAT", "load_splits", "save_splits", "stratified_kfold", "stratified_split",
     "DEMO_MINERALS", "make_demo_dataset",
 ]

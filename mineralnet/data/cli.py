@@ -1,8 +1,9 @@
 """`mineralnet data check DIR` (counts, unreadable files, optional mean/std) and `mineralnet data demo`."""
 from __future__ import annotations
 
+
 from mineralnet.data.demo import make_demo_dataset
-from mineralnet.data.scan import scan_dataset
+from mineralnet.data.scan import identical_groups, scan_dataset
 from mineralnet.data.stats import channel_stats
 
 
@@ -28,6 +29,21 @@ def run(args) -> int:
     return _check(args.path, stats=args.stats)
 
 
+def _report_identical(index) -> None:
+    """Print byte-identical copies: across classes they are label errors, within a class they count twice
+    (and can sit on both sides of a split)."""
+    groups = identical_groups(index.samples)
+    across = [g for g in groups if len({label for _, label in g}) > 1]
+    if not groups:
+        return
+    print(f"byte-identical photos: {len(groups)} group(s), {len(across)} of them filed under more than one class "
+          f"(probable label errors; keep one copy under the right class)")
+    for g in sorted(groups, key=lambda g: -len({label for _, label in g}))[:20]:
+        print("  " + "  =  ".join(f"{p} [{index.classes[label]}]" for p, label in g))
+    if len(groups) > 20:
+        print(f"  ... and {len(groups) - 20} more group(s)")
+
+
 def _check(path, *, stats: bool) -> int:
     index = scan_dataset(path, verify=True, allow_empty=True)
     counts = index.counts()
@@ -47,6 +63,7 @@ def _check(path, *, stats: bool) -> int:
             print(f"  {p}: {reason}")
     if index.empty:
         print(f"classes without readable photos: {', '.join(index.empty)}")
+    _report_identical(index)
     if stats and index.samples:
         mean, std = channel_stats([p for p, _ in index.samples])
         print(f"RGB mean {[round(m, 4) for m in mean]}  std {[round(s, 4) for s in std]}  (0..1 scale, 64x64 per photo)")

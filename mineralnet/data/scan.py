@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mineralnet.data.decode import verify_image
+from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
@@ -125,6 +127,7 @@ def _class_list(found: Sequence[str], classes: list[str] | None, where: Path) ->
         return sorted(found)
     unknown = sorted(set(found) - set(classes))
     if unknown:
+        check_class_root(where, classes)  # one level above the class folders: name the right folder
         raise MineralNetError(
             f"{where} has class(es) {', '.join(unknown)} that the model does not know (it knows "
             f"{', '.join(classes)}); remove or rename them")
@@ -189,3 +192,12 @@ def _dedupe_rows(csv_path: Path, rows):
     if dropped:
         warnings.warn(f"{csv_path}: {dropped} duplicate row(s) ignored (each photo is used once)", stacklevel=3)
     return kept
+
+
+def identical_groups(samples) -> list[list[tuple[str, int]]]:
+    """Groups (2 or more) of byte-identical photos among [(path, label)], by SHA-256 of the file contents."""
+    by_hash: dict[str, list] = {}
+    for path, label in samples:
+        with open(path, "rb") as f:
+            by_hash.setdefault(hashlib.file_digest(f, "sha256").hexdigest(), []).append((path, label))
+    return [g for g in by_hash.values() if len(g) > 1]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
@@ -46,6 +47,11 @@ def _split(cfg: TrainConfig, index):
 def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     """Scan, check, split and measure the photos; write the split (and unreadable list) into the run."""
     index = mdata.scan_dataset(cfg.data, verify=True)
+    if len(index.classes) == 1 and Path(cfg.data).is_dir():
+        inner = Path(cfg.data) / index.classes[0]
+        if sum(1 for d in inner.iterdir() if d.is_dir() and not d.name.startswith(".")) >= 2:
+            raise MineralNetError(f"{cfg.data!r} holds one folder, {index.classes[0]!r}, whose sub-folders look like "
+                                  f"the mineral classes; pass --data {str(inner)!r}")
     if len(index.classes) < 2:
         raise MineralNetError(f"{cfg.data!r} has only {len(index.classes)} class folder(s) "
                               f"({', '.join(index.classes) or 'none'}); training needs at least 2 minerals")
@@ -64,6 +70,8 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if kept is None:  # a resumed run keeps its split.json as it was
+        if run.is_main:
+            _warn_copies_across_the_split(train, val)
         run.write_split(index, train, val, split_info)
     run.write_unreadable(bad)
     if bad and run.is_main:
@@ -102,6 +110,17 @@ def ignore_stop_signals(worker_id: int) -> None:
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _warn_copies_across_the_split(train, val) -> None:
+    """Byte-identical photos on both sides of the split inflate every validation number: say so."""
+    val_paths = {p for p, _ in val}
+    split = [g for g in mdata.identical_groups(list(train) + list(val))
+             if any(p in val_paths for p, _ in g) and any(p not in val_paths for p, _ in g)]
+    if split:
+        warnings.warn(f"{len(split)} byte-identical photo(s) are both in training and validation (e.g. "
+                      f"{split[0][0][0]!r} = {split[0][1][0]!r}); remove the copies (`mineralnet data check` lists "
+                      f"them)", stacklevel=3)
 
 
 def build_loaders(cfg: TrainConfig, split: DataSplit):
