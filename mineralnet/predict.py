@@ -319,11 +319,14 @@ def score_photos(model, data, *, reference=None, batch_size: int = 32, **backend
 def expand_images(paths: Sequence[str]) -> list[str]:
     """Files as given; folders expand to the image files under them (sorted)."""
     from mineralnet.data import IMAGE_EXTENSIONS, list_images
+    from mineralnet.data.scan import list_unsupported
 
     out: list[str] = []
     for raw in paths:
         p = Path(os.path.expanduser(raw))
         if p.is_dir():
+            for path, reason in list_unsupported(p):  # never skipped silently
+                print(f"skipping {path}: {reason}", file=sys.stderr)
             found = list_images(p)
             if not found:
                 raise MineralNetError(f"folder {raw!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")

@@ -399,3 +399,15 @@ def test_data_check_reports_byte_identical_photos_within_and_across_classes(tmp_
     assert "copy-across.png" in out and "copy-within.png" in out
     groups = mdata.identical_groups(mdata.scan_dataset(demo).samples)
     assert len(groups) == 1 and len(groups[0]) == 3
+
+
+def test_predict_on_a_folder_reports_photos_in_formats_it_does_not_read(tmp_path, capsys):
+    from PIL import Image
+
+    from mineralnet.predict import expand_images
+
+    Image.new("RGB", (40, 40), (120, 60, 30)).save(tmp_path / "a.jpg")
+    (tmp_path / "b.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")
+    assert expand_images([str(tmp_path)]) == [str(tmp_path / "a.jpg")]
+    err = capsys.readouterr().err
+    assert "b.heic" in err and "not read" in err
