@@ -19,6 +19,7 @@ Every file is checked before it gets its final name: a failed gate leaves nothin
 # one place, so a reader sees what each file must pass; the format-specific code lives in its own module.
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -152,7 +153,8 @@ class ExportContext:
                                       f"{self.run}` first")
             return None
         self.meta = {**self.meta, "calibration": cal.public()}
-        self.options.outputs = xonnx.parse_outputs((*self.options.outputs, "novelty"))
+        # a copy: the caller's ExportOptions stay as given
+        self.options = dataclasses.replace(self.options, outputs=xonnx.parse_outputs((*self.options.outputs, "novelty")))
         return cal.graph_module()
 
     def check_images(self) -> tuple[np.ndarray, str]:
@@ -183,13 +185,16 @@ class ExportContext:
             return np.zeros((0, 3, self.meta["image_size"], self.meta["image_size"]), np.float32), skipped
         return np.stack(arrays), skipped
 
-    def calibration_images(self) -> np.ndarray:
-        """(N, 3, S, S): --calib-size photos spread over --calib-data, through the eval preprocessing."""
+    def calibration_set(self) -> tuple[np.ndarray, list]:
+        """((N, 3, S, S) --calib-size photos spread over --calib-data through the eval preprocessing, skipped)."""
         o = self.options
-        images, _ = self._load(_spread(_existing_images(o.calib_data, "--calib-data"), o.calib_size))
+        images, skipped = self._load(_spread(_existing_images(o.calib_data, "--calib-data"), o.calib_size))
         if not len(images):
             raise MineralNetError(f"--calib-data {os.fspath(o.calib_data)!r}: none of its images could be decoded")
-        return images
+        return images, skipped
+
+    def calibration_images(self) -> np.ndarray:
+        return self.calibration_set()[0]
 
     def batch_info(self) -> dict:
         p = self.options.profile
@@ -299,10 +304,7 @@ def export_int8(ctx: ExportContext, activations: str = "uint8", for_tensorrt: bo
         raise MineralNetError("int8 quantization starts from model.onnx; export it first (format onnx)")
     if o.calib_size < 1:
         raise MineralNetError(f"--calib-size {o.calib_size} must be at least 1")
-    paths = _spread(_existing_images(o.calib_data, "--calib-data"), o.calib_size)
-    calib, skipped = ctx._load(paths)
-    if not len(calib):
-        raise MineralNetError(f"--calib-data {os.fspath(o.calib_data)!r}: none of its images could be decoded")
+    calib, skipped = ctx.calibration_set()
     fixed = None if o.profile.dynamic else o.profile.max
     t0 = time.perf_counter()
     data = xonnx.quantize_int8(ctx.files["fp32"], calib, activations=activations, method=o.calib_method,
@@ -366,7 +368,7 @@ def _accuracy(ctx: ExportContext, fp32, int8) -> dict:
     from mineralnet.data import scan_dataset
 
     index = scan_dataset(ctx.options.val_data, verify=True, classes=list(ctx.meta["classes"]))
-    labels, right, agree, n = [], {"fp32": 0, "int8": 0}, 0, 0
+    right, agree, n = {"fp32": 0, "int8": 0}, 0, 0
     for start in range(0, len(index.samples), 64):
         chunk = index.samples[start:start + 64]
         images, _ = ctx._load([p for p, _ in chunk])
