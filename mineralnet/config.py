@@ -98,6 +98,8 @@ class TrainConfig:
     plateau_patience: int = _f(5, "epochs without a new best val Top1 before the plateau scheduler cuts lr")
     plateau_factor: float = _f(0.5, "lr multiplier of the plateau scheduler")
     warmup_epochs: float = _f(0.0, "linear lr warm-up (epochs, may be fractional)")
+    backbone_lr_scale: float = _f(1.0, "the backbone's learning rate as a fraction of --lr (the new head always "
+                                       "gets --lr): below 1 for fine-tuning pretrained weights, e.g. 0.1")
     # --- loss ---
     loss: str = _f("wtopk", "ce (cross-entropy), topk (alpha=0), wtopk (weighted top-k, the paper), "
                             "center (CE + center loss)", choices=("ce", "topk", "wtopk", "center"))
@@ -167,6 +169,9 @@ class TrainConfig:
         need(0.0 < self.val_split < 1.0, f"--val-split {self.val_split} must be in (0, 1)")
         need(not (self.val_data and self.folds), "give either --val-data or --folds/--fold, not both")
         need(self.warmup_epochs >= 0, f"--warmup-epochs {self.warmup_epochs} must be >= 0")
+        need(0.0 < self.backbone_lr_scale <= 1.0,
+             f"--backbone-lr-scale {self.backbone_lr_scale} must be in (0, 1]; use --freeze-bn or a lower --lr "
+             "to keep the backbone still")
         need(0.0 <= self.drop_rate < 1.0, f"--drop-rate {self.drop_rate} must be in [0, 1)")
         need(not (self.freeze_bn and self.sync_bn), "--freeze-bn and --sync-bn exclude each other")
         need(self.ema_decay == 0.0 or 0.0 < self.ema_decay < 1.0,

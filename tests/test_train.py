@@ -471,3 +471,29 @@ def test_cached_validation_photos_give_the_tensors_evaluation_gives_from_the_fil
     files = mdata.ImageDataset(samples, eval_tf)  # what `mineralnet eval` reads
     for i in range(len(samples)):
         assert torch.equal(cached[i][0], files[i][0]), samples[i][0]
+
+
+def test_backbone_lr_scale_gives_the_backbone_a_fraction_of_the_scheduled_lr():
+    from mineralnet.config import TrainConfig
+    from mineralnet.model import FusionNet
+    from mineralnet.train.state import LRControl, build_optimizer
+
+    model = FusionNet("resnet18", (2, 4), 3, pretrained=False)
+    cfg = TrainConfig(backbone="resnet18", lr=0.01, backbone_lr_scale=0.1, scheduler="cosine", epochs=2,
+                      warmup_epochs=0.5, optimizer="adamw").validate()
+    opt = build_optimizer(cfg, model)
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    seen = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert seen == {id(p) for p in model.parameters()}  # every parameter, once
+    by_scale = {g["lr_scale"]: {id(p) for p in g["params"]} for g in opt.param_groups}
+    assert by_scale[0.1] == backbone_ids and by_scale[1.0] == {id(p) for p in model.head.parameters()}
+    control = LRControl(cfg, opt, steps_per_epoch=10)
+    for step in (0, 4, 7, 15):
+        head_lr = control.step(step)
+        lrs = {g["lr_scale"]: g["lr"] for g in opt.param_groups}
+        assert lrs[1.0] == pytest.approx(head_lr) and lrs[0.1] == pytest.approx(0.1 * head_lr)
+    # scale 1 keeps the single group plain training always had
+    plain = build_optimizer(TrainConfig(backbone="resnet18").validate(), model)
+    assert len(plain.param_groups) == 1
+    with pytest.raises(MineralNetError, match="backbone-lr-scale"):
+        TrainConfig(backbone_lr_scale=0.0).validate()

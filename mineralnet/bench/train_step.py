@@ -68,7 +68,7 @@ def _train_variant(loop: str, meta: dict, state: dict, precision: str, batch: in
         device = accelerator.device
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        optimizer = build_optimizer(cfg, model.parameters())
+        optimizer = build_optimizer(cfg, model)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         timed = TimedLoader(loader, sync)

@@ -121,7 +121,7 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
     split = prepare_data(cfg, run)
     train_loader, val_loader = build_loaders(cfg, split)
     model, loss_fn = _build_model(cfg, split, run, pretrained)
-    optimizer = build_optimizer(cfg, list(model.parameters()) + list(loss_fn.parameters()))
+    optimizer = build_optimizer(cfg, model, loss_fn.parameters())
     if cfg.compile:
         model = torch.compile(model)
     model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
@@ -259,7 +259,7 @@ def end_epoch(parts: TrainParts, accelerator, epoch: int, stats: dict, val: dict
     save_checkpoint(parts, accelerator)
     if not accelerator.is_main_process:
         return
-    line = {"epoch": epoch + 1, "lr": parts.optimizer.param_groups[0]["lr"], "train_loss": stats["loss"],
+    line = {"epoch": epoch + 1, "lr": max(g["lr"] for g in parts.optimizer.param_groups), "train_loss": stats["loss"],
             "val_loss": val["ev"]["loss"], "val_top1": m["top1"], "val_mean_class_acc": m["mean_class_acc"],
             "img_per_s": stats["images"] / max(stats["seconds"], 1e-9), "seconds": stats["seconds"],
             "val_seconds": val["seconds"]}

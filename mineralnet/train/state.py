@@ -17,11 +17,28 @@ from mineralnet.config import TrainConfig
 from mineralnet.errors import MineralNetError
 
 
-def build_optimizer(cfg: TrainConfig, params):
-    params = [p for p in params if p.requires_grad]
+def param_groups(cfg: TrainConfig, model, extra=()) -> list[dict]:
+    """Backbone parameters at `lr * backbone_lr_scale`, the head (and any loss parameters) at `lr`.
+
+    Each group carries its `lr_scale`; LRControl multiplies the scheduled lr by it. One group when the
+    scale is 1, so plain training builds exactly the optimiser it always did.
+    """
+    backbone = {id(p) for p in model.backbone.parameters()} if hasattr(model, "backbone") else set()
+    params = [p for p in list(model.parameters()) + list(extra) if p.requires_grad]
+    if cfg.backbone_lr_scale == 1.0 or not backbone:
+        return [{"params": params, "lr_scale": 1.0}]
+    groups = [{"params": [p for p in params if id(p) in backbone], "lr_scale": cfg.backbone_lr_scale},
+              {"params": [p for p in params if id(p) not in backbone], "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
+
+
+def build_optimizer(cfg: TrainConfig, model, extra=()):
+    groups = param_groups(cfg, model, extra)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class LRControl:
@@ -48,7 +65,7 @@ class LRControl:
     def step(self, step: int) -> float:
         lr = self.lr_at(step)
         for g in self.opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
 
     def end_epoch(self, val_top1: float) -> None:
