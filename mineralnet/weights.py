@@ -190,14 +190,45 @@ def to_timm(state_dict: dict, backbone: str) -> dict[str, torch.Tensor]:
 def create_with_state_dict(backbone: str, state_dict: dict, **kwargs) -> torch.nn.Module:
     """timm.create_model with `state_dict` as its pretrained weights (timm's own filter, classifier
     handling and features_only pruning apply, as for hub weights)."""
+    import logging
+
     import timm
+
+    # timm loads non-strictly and only logs what did not fit: a features-only model has no classifier or
+    # last conv, so "unexpected keys" is expected (and was printed on every run); a missing key is not
+    notes = _TimmLoadNotes()
+    builder_log = logging.getLogger("timm.models._builder")
+    builder_log.addFilter(notes)
+    level = builder_log.level
+    builder_log.setLevel(logging.INFO)
     try:
-        return timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
-                                 **kwargs)
+        model = timm.create_model(backbone, pretrained=True, pretrained_cfg_overlay=dict(state_dict=state_dict),
+                                  **kwargs)
     except (RuntimeError, KeyError, ValueError) as e:
         raise MineralNetError(f"pretrained weights do not fit backbone {backbone!r} "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); pass weights of the same "
                               f"timm architecture") from None
+    finally:
+        builder_log.removeFilter(notes)
+        builder_log.setLevel(level)
+    if notes.missing:
+        raise MineralNetError(f"pretrained weights left part of {backbone!r} untrained ({notes.missing[0][:160]}); "
+                              f"pass weights of the same timm architecture")
+    return model
+
+
+class _TimmLoadNotes:
+    """A logging filter that keeps timm's load messages out of the console and remembers missing keys."""
+
+    def __init__(self):
+        self.missing: list[str] = []
+
+    def filter(self, record) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Missing keys"):
+            self.missing.append(msg)
+            return False
+        return not msg.startswith("Unexpected keys")
 
 
 # ----------------------------------------------------------------------------- --pretrained

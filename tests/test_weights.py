@@ -223,3 +223,19 @@ def test_torchvision_resnet_keeps_names_and_unknown_layout_is_refused():
     timm.create_model("resnet18").load_state_dict(mapped, strict=True)
     with pytest.raises(MineralNetError, match="share no tensor name"):
         weights.to_timm(torchvision.models.vgg11().state_dict(), "resnet18")
+
+
+def test_state_dict_load_is_quiet_about_the_head_and_refuses_a_gap(caplog):
+    import logging
+
+    import timm
+
+    full = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    with caplog.at_level(logging.WARNING):
+        model = weights.create_with_state_dict("tf_efficientnet_lite0", dict(full), features_only=True)
+    assert not [r for r in caplog.records if "Unexpected keys" in r.getMessage()]  # the head is dropped on purpose
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, full[k])  # and everything the features need was loaded
+    gap = {k: v for k, v in full.items() if k != "blocks.1.0.conv_pw.weight"}
+    with pytest.raises(MineralNetError, match="untrained .*blocks.1.0.conv_pw.weight"):
+        weights.create_with_state_dict("tf_efficientnet_lite0", gap, features_only=True)
