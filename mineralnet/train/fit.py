@@ -29,6 +29,7 @@ from mineralnet.metrics import confusion_matrix, summarize
 from mineralnet.model import FusionNet
 from mineralnet.report import write_eval_report
 from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
+from mineralnet.threads import apply_threads
 from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
 from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
@@ -51,6 +52,7 @@ class TrainParts:
     ema: ModelEma | None
     mix: Any               # data.BatchMix or None
     writer: Any = None     # TensorBoard SummaryWriter on the main process
+    threads: str = ""      # intra-op threads per process and why, for the header line
 
     @property
     def unwrapped(self):
@@ -153,12 +155,14 @@ def save_checkpoint(parts: TrainParts, accelerator) -> None:
 def fit(cfg: TrainConfig) -> dict:
     """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
     cfg.validate()
+    threads, why = apply_threads(cfg.threads)  # before any tensor work: `accelerate launch` leaves one thread
     accelerator = make_accelerator(cfg)
     run = None
     try:
         _check_setup(cfg, accelerator)
         run = open_run(cfg, accelerator)
         parts = setup(cfg, accelerator, run)
+        parts.threads = f"{threads} thread(s) per process ({why})"
         result = _fit(parts, accelerator)
         main = accelerator.is_main_process
     finally:
@@ -194,7 +198,8 @@ def _fit(parts: TrainParts, accelerator) -> dict:
         run.truncate_metrics(progress.epoch)
         print(f"training {cfg.backbone} stages {','.join(map(str, cfg.stages))} on {len(parts.split.train)} photos, "
               f"validating on {len(parts.split.val)}, {len(parts.split.classes)} classes, "
-              f"{accelerator.num_processes} process(es) on {accelerator.device.type}, global batch "
+              f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+              f"{parts.threads or f'{torch.get_num_threads()} thread(s) per process'}, global batch "
               f"{cfg.batch_size}, {cfg.precision}; run: {run.path}")
     status = "finished"
     with StopFlag() as stop:
