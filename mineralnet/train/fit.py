@@ -70,8 +70,9 @@ def make_accelerator(cfg: TrainConfig):
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise MineralNetError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
-    return fresh_accelerator(mixed_precision=mp, dataloader_config=DataLoaderConfiguration(split_batches=True),
-                             step_scheduler_with_optimizer=False)
+    # non_blocking: host-to-device copies from the pinned batches (pin_memory on CUDA) overlap the step
+    loading = DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available())
+    return fresh_accelerator(mixed_precision=mp, dataloader_config=loading, step_scheduler_with_optimizer=False)
 
 
 def _check_setup(cfg: TrainConfig, accelerator) -> None:
@@ -107,7 +108,8 @@ def _build_model(cfg: TrainConfig, split: DataSplit, run: RunDir, pretrained):
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, k=cfg.k, alpha=cfg.alpha, scope=cfg.loss_scope, num_classes=len(split.classes),
                          feature_dim=model.feature_dim, center_weight=cfg.center_weight,
-                         label_smoothing=cfg.label_smoothing)
+                         label_smoothing=cfg.label_smoothing,
+                         equal_sizes=True)  # global batches split evenly, last one dropped (_check_setup)
     return model, loss_fn
 
 
