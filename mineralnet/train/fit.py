@@ -89,8 +89,9 @@ def open_run(cfg: TrainConfig, accelerator) -> RunDir:
     from accelerate.utils import broadcast_object_list
 
     main = accelerator.is_main_process
-    if cfg.data is None:
-        cfg.data = broadcast_object_list([str(mdata.make_demo_dataset()) if main else None])[0]
+    if cfg.data is None:  # the demo set: made on every machine (each has its own cache), once per machine
+        with accelerator.local_main_process_first():
+            cfg.data = str(mdata.make_demo_dataset())
     path = Path(cfg.out) if cfg.out else default_run_path(cfg.backbone, cfg.stages, cfg.loss)
     path = Path(broadcast_object_list([str(path)])[0])
     run = RunDir.open(path, resuming=cfg.resume is not None, is_main=main)
@@ -219,7 +220,7 @@ def _fit(parts: TrainParts, accelerator) -> dict:
                 break
             metrics = validate(parts, accelerator)
             end_epoch(parts, accelerator, epoch, stats, metrics)
-            if over_budget(parts, main):
+            if over_budget(parts, accelerator):
                 status = "time_budget"
                 break
     return finish(parts, accelerator, status)
@@ -298,11 +299,15 @@ def _save_best(parts: TrainParts, m: dict, epoch: int) -> None:
     parts.run.save_best(parts.best_source, meta)
 
 
-def over_budget(parts: TrainParts, main: bool) -> bool:
+def over_budget(parts: TrainParts, accelerator) -> bool:
+    """The time budget is spent: decided by all processes together, since their clocks differ (more so
+    across machines) and one process leaving the loop alone would leave the others waiting for it."""
     cfg, progress = parts.cfg, parts.progress
-    if not (cfg.max_train_minutes and progress.train_seconds > 60 * cfg.max_train_minutes):
+    if not cfg.max_train_minutes:
         return False
-    if main:
+    if not any_process(accelerator, progress.train_seconds > 60 * cfg.max_train_minutes):
+        return False
+    if accelerator.is_main_process:
         print(f"time budget of {cfg.max_train_minutes} min reached after epoch {progress.epoch}")
     return True
 
