@@ -241,10 +241,14 @@ def write_photos(folder: Path, n: int, side: int, classes: int) -> Path:
     return folder
 
 
-def pipeline_row(args, device: str, precision: str, batch: int, photos: Path, work: Path, augment_on: str):
+def pipeline_row(args, device: str, precision: str, batch: int, work: Path, augment_on: str):
     """setup() + train_one_epoch on JPEG files: the loader and augmentation as training runs them."""
     def fn():
         check_precision(device, precision)
+        photos = work / "photos"
+        if not (work / "photos.done").exists():  # written once, inside the row: OpenCV may be missing
+            write_photos(photos, args.photos, args.photo_side, args.classes)
+            (work / "photos.done").touch()
         from mineralnet.config import load_config
         from mineralnet.train import make_accelerator, setup, train_one_epoch
         from mineralnet.train.fit import open_run
@@ -280,10 +284,9 @@ def training_stage(suite: Suite, args, device: str, work: Path, gflop: float | N
     suite.run("train", "mineralnet train_one_epoch", "fp16", b, ours_step_row(args, device, "fp16", b), **common)
     suite.run("train", "mineralnet train_one_epoch", "bf16", b, ours_step_row(args, device, "bf16", b), **common)
     precision = "fp16" if device == "cuda" else "bf16"
-    photos = write_photos(work / "photos", args.photos, args.photo_side, args.classes)
     for augment_on in ("workers", "device"):
         suite.run("train", f"pipeline: augmentation on {augment_on}", precision, b,
-                  pipeline_row(args, device, precision, b, photos, work, augment_on),
+                  pipeline_row(args, device, precision, b, work, augment_on),
                   **dict(common, data=f"JPEG files, augment on {augment_on}"))
 
 
