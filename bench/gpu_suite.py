@@ -390,7 +390,7 @@ def markdown(data: dict) -> str:
                           + (" |" if kind == "train" else ""))
                 continue
             pct = f"{r['pct_peak']:.1f}" if r.get("pct_peak") is not None else "-"
-            tf = f"{r['tflops']:.1f}" if r.get("tflops") is not None else "-"
+            tf = f"{r['tflops']:.3g}" if r.get("tflops") is not None else "-"
             line = (f"| {r['name']} | {r.get('data', '')} | {r['precision']} | {r['batch']} | {r['img_s']:.1f} | "
                     f"{r['ms_per_batch']:.2f} | {tf} | {pct} |")
             if kind == "train":
