@@ -7,7 +7,7 @@
 #
 # Steps: inference (bench/inference.py), train (bench/train_step.py, with 1 vs 2 processes),
 # data (bench/data.py), export (bench/export.py; set AGREEMENT_RUN=RUN to add the int8 agreement of a
-# run trained on minet7), gpu (bench/gpu_suite.py: CPU-safe parts here).
+# run trained on minet7), gpu (bench/gpu_suite.py, only where torch sees a CUDA GPU).
 # Each step writes its own bench/results/<topic>.md (+ .json). Run on an otherwise idle machine:
 # other processes on the same cores change every number here.
 set -euo pipefail
@@ -42,7 +42,11 @@ for step in "${steps[@]}"; do
                    run_step export-agreement python bench/export.py agreement --work "$W" \
                        ${AGREEMENT_RUN:+--agreement-run "$AGREEMENT_RUN"}
                    rm -rf "$W" ;;
-        gpu)       run_step gpu python bench/gpu_suite.py ;;
+        gpu)       if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+                       run_step gpu python3 bench/gpu_suite.py --out "$RESULTS"
+                   else
+                       echo "=== gpu: no CUDA GPU here; bench/results/gpu_suite.md is kept as it is"
+                   fi ;;
         assemble)  ;;
         *) echo "run_all.sh: error: unknown step '$step' (inference, train, data, export, gpu, assemble)" >&2; exit 2 ;;
     esac
@@ -57,7 +61,7 @@ from mineralnet import __version__
 from mineralnet.bench import cpu_info, gpu_info
 
 results = Path(sys.argv[1])
-order = ["inference.md", "train.md", "data.md", "export.md", "gpu.md"]
+order = ["inference.md", "train.md", "data.md", "export.md", "gpu.md", "gpu_suite.md"]
 files = [results / n for n in order if (results / n).is_file()]
 files += sorted(p for p in results.glob("*.md") if p.name not in order)
 cpu, gpu = cpu_info(), gpu_info()

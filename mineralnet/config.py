@@ -115,6 +115,10 @@ class TrainConfig:
     precision: str = _f("fp32", "fp32, bf16 or fp16 (autocast via Accelerate)", choices=("fp32", "bf16", "fp16"))
     channels_last: bool = _f(True, "NHWC memory format (faster convolutions)")
     compile: bool = _f(False, "torch.compile the model")
+    threads: Optional[int] = _f(None, "intra-op CPU threads per training process. Default auto: what "
+                                      "OMP_NUM_THREADS says when you set it, else cores / processes on this "
+                                      "machine under `accelerate launch` (which would leave one), else torch's "
+                                      "default. On a shared machine give your share, e.g. --threads 4")
     freeze_bn: bool = _f(False, "keep BatchNorm statistics fixed (eval mode) while training: for fine-tuning "
                                 "pretrained weights with a few images per GPU, and for exact DDP checks")
     sync_bn: bool = _f(False, "SyncBatchNorm across GPUs (CUDA only): use when the per-GPU batch is "
@@ -164,6 +168,7 @@ class TrainConfig:
         need(0.0 < self.scale_min <= 1.0, f"--scale-min {self.scale_min} must be in (0, 1]")
         need(0 <= self.rotate <= 180, f"--rotate {self.rotate} must be in 0..180 degrees")
         need(self.workers >= 0, f"--workers {self.workers} must be >= 0")
+        need(self.threads is None or self.threads >= 1, f"--threads {self.threads} must be at least 1 (or auto)")
         need(self.folds == 0 or self.folds >= 2, f"--folds {self.folds} must be 0 (off) or at least 2")
         need(self.folds == 0 or 0 <= self.fold < self.folds, f"--fold {self.fold} must be in 0..{self.folds - 1}")
         need(0.0 < self.val_split < 1.0, f"--val-split {self.val_split} must be in (0, 1)")
@@ -237,7 +242,7 @@ FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 
 def _coerce(name: str, value):
     f = next(f for f in fields(TrainConfig) if f.name == name)
-    if value is None:
+    if value is None or (name == "threads" and str(value).lower() == "auto"):
         return None
     if f.metadata.get("parse") == "stages":
         return value

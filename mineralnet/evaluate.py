@@ -26,6 +26,7 @@ from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
 from mineralnet.report import EVAL_DIR, write_eval_report
 from mineralnet.runs import load_model, read_split
+from mineralnet.threads import apply_threads, parse_threads
 from mineralnet.train.loop import evaluate, fresh_accelerator
 
 
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None,
                         help="output folder (default: RUN/eval for --split val, RUN/eval-<data folder name> for --data "
                              "so the training-time evaluation in RUN/eval stays)")
+    parser.add_argument("--threads", default="auto",
+                        help="intra-op CPU threads per process (default auto: OMP_NUM_THREADS when you set it, else "
+                             "cores / processes under `accelerate launch`, else torch's default)")
     parser.add_argument("--coverage", type=float, default=0.9,
                         help="conformal candidate-set coverage to check on a calibrated run (default 0.9)")
 
@@ -124,6 +128,7 @@ def run(args) -> int:
     if not split and not args.data:
         raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
                               "or --split val (the run's own held-out photos)")
+    apply_threads(parse_threads(args.threads))
     targets, preds, probs, meta, index, accelerator = predict_folder(args.run, args.data, args.batch_size,
                                                                      args.workers, split=split)
     out_dir = Path(args.out) if args.out else default_out_dir(args.run, args.data, split)

@@ -52,11 +52,17 @@ def weighted_topk_from_losses(losses: torch.Tensor, k: float = 0.5, alpha: float
     return loss
 
 
-def _gather_with_local_grad(local: torch.Tensor) -> torch.Tensor:
+def _gather_with_local_grad(local: torch.Tensor, equal_sizes: bool = False) -> torch.Tensor:
     """All processes' per-sample losses, concatenated in rank order; only this rank's slice
-    carries gradient (the others are detached copies). Handles unequal batch sizes."""
+    carries gradient (the others are detached copies). Handles unequal batch sizes unless `equal_sizes`
+    promises every process has as many as this one: then no size exchange and no host sync."""
     world = dist.get_world_size()
     rank = dist.get_rank()
+    if equal_sizes:
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local.detach().contiguous())
+        parts[rank] = local
+        return torch.cat(parts)
     n = torch.tensor([local.numel()], device=local.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
@@ -80,8 +86,11 @@ def _is_distributed() -> bool:
 
 
 def weighted_topk_loss(logits: torch.Tensor, targets: torch.Tensor, k: float = 0.5, alpha: float = 0.2,
-                       scope: str = "local") -> torch.Tensor:
+                       scope: str = "local", equal_sizes: bool = False) -> torch.Tensor:
     """Weighted top-k cross-entropy (Eq. 5) of logits (B, C) and integer targets (B,).
+
+    equal_sizes: every process's batch has B samples (training's split global batches): the global scope
+    then gathers without first exchanging the sizes, which would read them back to the host every step.
 
     scope="global" under torch.distributed: the value is the loss of the concatenated global batch,
     and its gradient is scaled so that DDP's gradient averaging over R processes yields exactly
@@ -94,7 +103,7 @@ def weighted_topk_loss(logits: torch.Tensor, targets: torch.Tensor, k: float = 0
         return weighted_topk_from_losses(losses, k, alpha)
     if scope != "global":
         raise MineralNetError(f"scope={scope!r} must be 'local' or 'global'")
-    loss = weighted_topk_from_losses(_gather_with_local_grad(losses), k, alpha)
+    loss = weighted_topk_from_losses(_gather_with_local_grad(losses, equal_sizes), k, alpha)
     # Each rank only back-propagates into its own samples; DDP then divides the summed
     # gradient by R. Scaling the gradient (not the value) by R makes the two cancel.
     r = dist.get_world_size()
@@ -124,23 +133,23 @@ class CrossEntropyLoss(nn.Module):
 class WeightedTopKLoss(nn.Module):
     """Weighted top-k loss; `scope` is "global" (mine over all processes) or "local"."""
 
-    def __init__(self, k: float = 0.5, alpha: float = 0.2, scope: str = "global"):
+    def __init__(self, k: float = 0.5, alpha: float = 0.2, scope: str = "global", equal_sizes: bool = False):
         super().__init__()
         check_k_alpha(k, alpha)
         if scope not in ("local", "global"):
             raise MineralNetError(f"scope={scope!r} must be 'local' or 'global'")
-        self.k, self.alpha, self.scope = float(k), float(alpha), scope
+        self.k, self.alpha, self.scope, self.equal_sizes = float(k), float(alpha), scope, equal_sizes
 
     def forward(self, logits, targets, features=None):
-        return weighted_topk_loss(logits, targets, self.k, self.alpha, self.scope)
+        return weighted_topk_loss(logits, targets, self.k, self.alpha, self.scope, self.equal_sizes)
 
     def extra_repr(self) -> str:
         return f"k={self.k}, alpha={self.alpha}, scope={self.scope!r}"
 
 
 class TopKLoss(WeightedTopKLoss):
-    def __init__(self, k: float = 0.5, scope: str = "global"):
-        super().__init__(k=k, alpha=0.0, scope=scope)
+    def __init__(self, k: float = 0.5, scope: str = "global", equal_sizes: bool = False):
+        super().__init__(k=k, alpha=0.0, scope=scope, equal_sizes=equal_sizes)
 
 
 class CenterLoss(nn.Module):
@@ -169,14 +178,15 @@ class CenterLoss(nn.Module):
 
 def build_loss(name: str, *, k: float = 0.5, alpha: float = 0.2, scope: str = "global",
                num_classes: int | None = None, feature_dim: int | None = None,
-               center_weight: float = 0.01, label_smoothing: float = 0.0) -> nn.Module:
-    """The loss module for a config's `loss` field: ce, topk, wtopk or center."""
+               center_weight: float = 0.01, label_smoothing: float = 0.0, equal_sizes: bool = False) -> nn.Module:
+    """The loss module for a config's `loss` field: ce, topk, wtopk or center (`equal_sizes`: see
+    weighted_topk_loss)."""
     if name == "ce":
         return CrossEntropyLoss(label_smoothing)
     if name == "topk":
-        return TopKLoss(k, scope)
+        return TopKLoss(k, scope, equal_sizes)
     if name == "wtopk":
-        return WeightedTopKLoss(k, alpha, scope)
+        return WeightedTopKLoss(k, alpha, scope, equal_sizes)
     if name == "center":
         if num_classes is None or feature_dim is None:
             raise MineralNetError("center loss needs num_classes and feature_dim")

@@ -113,3 +113,39 @@ def test_out_of_range_k_alpha_is_clear_error(k, alpha):
         WeightedTopKLoss(k, alpha)
     with pytest.raises(MineralNetError, match="out of range"):
         weighted_topk_loss(torch.randn(4, 3), torch.zeros(4, dtype=torch.long), k, alpha)
+
+
+def _global_loss_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(0)
+    logits_all, targets_all = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    got = {}
+    for equal in (False, True):
+        logits = logits_all[rank * 4:(rank + 1) * 4].clone().requires_grad_(True)
+        loss = weighted_topk_loss(logits, targets_all[rank * 4:(rank + 1) * 4], 0.25, 0.1, scope="global",
+                                  equal_sizes=equal)
+        loss.backward()
+        got[equal] = (loss.detach(), logits.grad)
+    torch.save({"value": [got[False][0], got[True][0]], "grad": [got[False][1], got[True][1]]},
+               f"{out_dir}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_global_scope_without_the_size_exchange_gives_the_same_loss_and_gradient(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_global_loss_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    g = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(8, 5, generator=g), torch.randint(0, 5, (8,), generator=g)
+    one = logits.clone().requires_grad_(True)
+    ref = weighted_topk_loss(one, targets, 0.25, 0.1)  # one process on the whole batch
+    ref.backward()
+    for rank in range(2):
+        r = torch.load(str(tmp_path / f"{rank}.pt"), weights_only=True)
+        for v in r["value"]:
+            torch.testing.assert_close(v, ref.detach())
+        torch.testing.assert_close(r["grad"][0], r["grad"][1])
+        # DDP averages the two ranks' gradients: each rank's slice times 1/2 is the one-process gradient
+        torch.testing.assert_close(r["grad"][1] / 2, one.grad[rank * 4:(rank + 1) * 4])

@@ -29,6 +29,7 @@ from mineralnet.metrics import confusion_matrix, summarize
 from mineralnet.model import FusionNet
 from mineralnet.report import write_eval_report
 from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
+from mineralnet.threads import apply_threads
 from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
 from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
@@ -51,6 +52,7 @@ class TrainParts:
     ema: ModelEma | None
     mix: Any               # data.BatchMix or None
     writer: Any = None     # TensorBoard SummaryWriter on the main process
+    threads: str = ""      # intra-op threads per process and why, for the header line
 
     @property
     def unwrapped(self):
@@ -68,8 +70,9 @@ def make_accelerator(cfg: TrainConfig):
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise MineralNetError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
-    return fresh_accelerator(mixed_precision=mp, dataloader_config=DataLoaderConfiguration(split_batches=True),
-                             step_scheduler_with_optimizer=False)
+    # non_blocking: host-to-device copies from the pinned batches (pin_memory on CUDA) overlap the step
+    loading = DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available())
+    return fresh_accelerator(mixed_precision=mp, dataloader_config=loading, step_scheduler_with_optimizer=False)
 
 
 def _check_setup(cfg: TrainConfig, accelerator) -> None:
@@ -86,8 +89,9 @@ def open_run(cfg: TrainConfig, accelerator) -> RunDir:
     from accelerate.utils import broadcast_object_list
 
     main = accelerator.is_main_process
-    if cfg.data is None:
-        cfg.data = broadcast_object_list([str(mdata.make_demo_dataset()) if main else None])[0]
+    if cfg.data is None:  # the demo set: made on every machine (each has its own cache), once per machine
+        with accelerator.local_main_process_first():
+            cfg.data = str(mdata.make_demo_dataset())
     path = Path(cfg.out) if cfg.out else default_run_path(cfg.backbone, cfg.stages, cfg.loss)
     path = Path(broadcast_object_list([str(path)])[0])
     run = RunDir.open(path, resuming=cfg.resume is not None, is_main=main)
@@ -105,7 +109,8 @@ def _build_model(cfg: TrainConfig, split: DataSplit, run: RunDir, pretrained):
         model = model.to(memory_format=torch.channels_last)
     loss_fn = build_loss(cfg.loss, k=cfg.k, alpha=cfg.alpha, scope=cfg.loss_scope, num_classes=len(split.classes),
                          feature_dim=model.feature_dim, center_weight=cfg.center_weight,
-                         label_smoothing=cfg.label_smoothing)
+                         label_smoothing=cfg.label_smoothing,
+                         equal_sizes=True)  # global batches split evenly, last one dropped (_check_setup)
     return model, loss_fn
 
 
@@ -153,12 +158,14 @@ def save_checkpoint(parts: TrainParts, accelerator) -> None:
 def fit(cfg: TrainConfig) -> dict:
     """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
     cfg.validate()
+    threads, why = apply_threads(cfg.threads)  # before any tensor work: `accelerate launch` leaves one thread
     accelerator = make_accelerator(cfg)
     run = None
     try:
         _check_setup(cfg, accelerator)
         run = open_run(cfg, accelerator)
         parts = setup(cfg, accelerator, run)
+        parts.threads = f"{threads} thread(s) per process ({why})"
         result = _fit(parts, accelerator)
         main = accelerator.is_main_process
     finally:
@@ -194,7 +201,8 @@ def _fit(parts: TrainParts, accelerator) -> dict:
         run.truncate_metrics(progress.epoch)
         print(f"training {cfg.backbone} stages {','.join(map(str, cfg.stages))} on {len(parts.split.train)} photos, "
               f"validating on {len(parts.split.val)}, {len(parts.split.classes)} classes, "
-              f"{accelerator.num_processes} process(es) on {accelerator.device.type}, global batch "
+              f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
+              f"{parts.threads or f'{torch.get_num_threads()} thread(s) per process'}, global batch "
               f"{cfg.batch_size}, {cfg.precision}; run: {run.path}")
     status = "finished"
     with StopFlag() as stop:
@@ -212,7 +220,7 @@ def _fit(parts: TrainParts, accelerator) -> dict:
                 break
             metrics = validate(parts, accelerator)
             end_epoch(parts, accelerator, epoch, stats, metrics)
-            if over_budget(parts, main):
+            if over_budget(parts, accelerator):
                 status = "time_budget"
                 break
     return finish(parts, accelerator, status)
@@ -291,11 +299,15 @@ def _save_best(parts: TrainParts, m: dict, epoch: int) -> None:
     parts.run.save_best(parts.best_source, meta)
 
 
-def over_budget(parts: TrainParts, main: bool) -> bool:
+def over_budget(parts: TrainParts, accelerator) -> bool:
+    """The time budget is spent: decided by all processes together, since their clocks differ (more so
+    across machines) and one process leaving the loop alone would leave the others waiting for it."""
     cfg, progress = parts.cfg, parts.progress
-    if not (cfg.max_train_minutes and progress.train_seconds > 60 * cfg.max_train_minutes):
+    if not cfg.max_train_minutes:
         return False
-    if main:
+    if not any_process(accelerator, progress.train_seconds > 60 * cfg.max_train_minutes):
+        return False
+    if accelerator.is_main_process:
         print(f"time budget of {cfg.max_train_minutes} min reached after epoch {progress.epoch}")
     return True
 

@@ -58,6 +58,8 @@ def train_one_epoch(parts, accelerator, stop: StopFlag | None = None, bar=None) 
         lr = parts.lr_control.step(progress.global_step)
         if parts.mix is not None:
             x, y = parts.mix(x, y, progress.global_step)
+        if parts.cfg.channels_last:  # the model's format: the first convolution then copies nothing
+            x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits, features = model(x, return_features=True)
             loss = loss_fn(logits, y, features)
