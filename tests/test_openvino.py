@@ -2,6 +2,7 @@
 Predictor over the IR equals Predictor over ONNX, and score_photos equals `mineralnet eval`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -189,21 +190,16 @@ def test_bench_data_rows_match_eval_and_each_other(exported, run_dir, photos, tm
     files = [out / n for n in ("model.onnx", "model.int8.onnx", "model.xml", "model.int8.xml")]
     js = tmp_path / "bench.json"
     rc = main(["bench", str(run_dir), *map(str, files), "--runtimes", "torch,ort-cpu,openvino",
-               "--precision", "fp32,bf16", "--batch-sizes", "2", "--warmup", "0", "--duration", "0.01",
-               "--min-runs", "2", "--threads", "1", "--data", str(photos), "--json", str(js), "--markdown",
-               str(tmp_path / "bench.md")])
+               "--precision", "fp32", "--batch-sizes", "2", "--warmup", "0", "--duration", "0.01",
+               "--min-runs", "2", "--threads", "1", "--data", str(photos), "--json", str(js)])
     assert rc == 0
     rows = {(Path(r["path"]).name, r["runtime"], r["precision"]): r for r in json.loads(js.read_text())["rows"]}
     assert all(r["status"] == "ok" for r in rows.values()), [r["reason"] for r in rows.values()]
     run = run_dir.name
     assert set(rows) == {
-        (run, "torch", "fp32"), (run, "torch", "bf16"),
-        ("model.onnx", "ort-cpu", "fp32"), ("model.int8.onnx", "ort-cpu", "int8"),
-        ("model.onnx", "openvino", "fp32"), ("model.onnx", "openvino", "bf16"),
-        ("model.int8.onnx", "openvino", "int8"), ("model.int8.onnx", "openvino", "int8+bf16"),
-        ("model.xml", "openvino", "fp32"), ("model.xml", "openvino", "bf16"),
-        ("model.int8.xml", "openvino", "int8"), ("model.int8.xml", "openvino", "int8+bf16")}
-    assert rows[("model.xml", "openvino", "bf16")]["hint"] == "bf16"
+        (run, "torch", "fp32"), ("model.onnx", "ort-cpu", "fp32"), ("model.int8.onnx", "ort-cpu", "int8"),
+        ("model.onnx", "openvino", "fp32"), ("model.int8.onnx", "openvino", "int8"),
+        ("model.xml", "openvino", "fp32"), ("model.int8.xml", "openvino", "int8")}
     assert rows[("model.int8.xml", "openvino", "int8")]["hint"] == "fp32"
 
     # the torch row is `mineralnet eval` on the same photos
@@ -223,16 +219,42 @@ def test_bench_data_rows_match_eval_and_each_other(exported, run_dir, photos, tm
     assert b["agreement"] == pytest.approx(float(np.mean(ir_preds == preds)))
     record = json.loads((out / "model.json").read_text())["exports"]["model.int8.xml"]
     assert b["agreement"] == pytest.approx(record["int8"]["agreement"]["top1"])
-    for r in rows.values():
-        assert 0.0 <= r["agreement"] <= 1.0 and r["images"] == 30
-    md = (tmp_path / "bench.md").read_text()
-    assert "agrees w/ torch fp32" in md and "the bf16 hint" in md
+
+
+def test_bench_bf16_hint_row_is_labelled_and_scored(exported, run_dir, photos):
+    from mineralnet import bench
+    from mineralnet.bench.report import render_markdown
+
+    rows = bench.run_inference([str(run_dir / "export" / "model.int8.xml")], runtimes=["openvino"],
+                               precisions=["bf16"], batch_sizes=[2], warmup_s=0, duration_s=0.01, min_runs=2,
+                               threads=1, log=lambda *_: None)
+    assert [(r["precision"], r["hint"], r["status"]) for r in rows] == [("int8+bf16", "bf16", "ok")]
+    bench.score_rows(rows, bench.PhotoSet(photos), log=lambda *_: None)
+    preds, _ = _eval_preds(run_dir, photos)
+    own = Predictor(run_dir / "export" / "model.int8.xml", precision="bf16").probabilities(
+        _photos_in_scan_order(photos)).argmax(1)
+    assert rows[0]["agreement"] == pytest.approx(float(np.mean(own == preds))) and rows[0]["images"] == 30
+    md = render_markdown(bench.make_report(rows, kind="inference", settings={"data": "photos"}))
     head = next(l for l in md.splitlines() if l.startswith("| model |")).strip("| ").split(" | ")
     line = next(l for l in md.splitlines() if l.startswith("| model.int8.xml | openvino | int8+bf16 "))
     cells = dict(zip(head, line.strip("| ").split(" | ")))
-    r = rows[("model.int8.xml", "openvino", "int8+bf16")]
+    r = rows[0]
     assert (cells["top-1"], cells["mean class acc"], cells["agrees w/ torch fp32"]) == (
         f"{100 * r['top1']:.2f}", f"{100 * r['mean_class_acc']:.2f}", f"{100 * r['agreement']:.2f}")
+    assert "the bf16 hint" in md and "30 labelled photos of photos" in md
+
+
+def test_bench_skips_a_hint_the_cpu_lacks(exported, run_dir, monkeypatch):
+    from mineralnet import bench
+    from mineralnet.export import ir
+
+    real = ir.timing_runtime
+    monkeypatch.setattr(ir, "timing_runtime", lambda *a, **k: dataclasses.replace(real(*a, **k), effective="fp32"))
+    rows = bench.run_inference([str(run_dir / "export" / "model.xml")], runtimes=["openvino"],
+                               precisions=["fp32", "bf16"], batch_sizes=[2], warmup_s=0, duration_s=0.01,
+                               min_runs=2, threads=1, log=lambda *_: None)
+    assert [(r["precision"], r["status"]) for r in rows] == [("fp32", "ok"), ("bf16", "skipped")]
+    assert rows[1]["reason"] == "OpenVINO runs the bf16 hint as fp32 on this CPU (no bf16 instructions)"
 
 
 def _photos_in_scan_order(photos):

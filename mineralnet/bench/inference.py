@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
@@ -70,6 +71,10 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
     if unknown:
         raise MineralNetError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     models = [open_model(p, image_size) for p in model_paths]
+    shared = {m.name for m in models if sum(o.name == m.name for o in models) > 1}
+    for bm in models:  # two files of one name (export/model.int8.xml, export-nncf/model.int8.xml): add the folder
+        if bm.name in shared and Path(bm.path).suffix:
+            bm.name = f"{Path(bm.path).parent.name}/{Path(bm.path).name}"
     entries, fixed = _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_gflops,
                                       interleave, log, explicit=runtimes is not None)
     live = [i for i, (_, p) in enumerate(entries) if p is not None]

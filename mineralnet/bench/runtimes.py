@@ -10,7 +10,8 @@ with status "skipped" and the reason, never silently dropped.
     models --open_model--> BenchModel --RUNTIMES[name].build--> Prepared(fn, inputs, sync)
            --measure--> stats --result_row--> rows --> report (JSON) --render_markdown--> Markdown
 
-Models: a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime) or a TensorRT .engine.
+Models: a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime; OpenVINO when --runtimes names
+it), an OpenVINO IR .xml (one row per inference precision hint) or a TensorRT .engine.
 `--train-step` measures training images/s instead: our `train_one_epoch` under Accelerate against
 a bare timm-style loop on the same model, batch and precision, interleaved in one process.
 """
