@@ -142,7 +142,8 @@ def run(args) -> int:
                              interleave=not args.sequential, log=log)
         kind = "inference"
         if photos is not None:
-            log(f"scoring every row on the labelled photos of {args.data}" + (f" ({args.split} split)" if args.split else ""))
+            log(f"scoring every row on the labelled photos of {args.data}"
+                + (f" ({args.split} split)" if args.split else ""))
             score_rows(rows, photos, device=_torch_device(args.device), log=log)
             settings.update(data=args.data, split=args.split)
     if not main:

@@ -20,7 +20,8 @@ def _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_
     entries = []                    # (common row fields, Prepared or None)
     for bm in models:
         # a runtime also runs other kinds when --runtimes names it (OpenVINO on an .onnx file)
-        chosen = [RUNTIMES[n] for n in names if RUNTIMES[n].kind == bm.kind or (explicit and bm.kind in RUNTIMES[n].also)]
+        chosen = [RUNTIMES[n] for n in names
+                  if RUNTIMES[n].kind == bm.kind or (explicit and bm.kind in RUNTIMES[n].also)]
         if not chosen:
             raise MineralNetError(f"none of --runtimes {','.join(names)} runs {bm.path!r} (a {bm.kind} model); "
                                   f"use {', '.join(n for n, r in RUNTIMES.items() if r.kind == bm.kind)}")

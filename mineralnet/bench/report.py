@@ -84,7 +84,8 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
     ratio_name = s.get("ratio_label") or ("p50 vs bare" if train else "p50 vs torch fp32")
     head = ["model", "runtime", "precision", "device", "batch"] + (["procs x threads"] if train else []) + \
            [f"p50 ms{' /' + unit if unit else ''}", "p90 ms", "p99 ms", "mean ms", "img/s", "runs", "GFLOP/s",
-            "% of fp32 peak", ratio_name] + (["top-1", "mean class acc", "agrees w/ torch fp32"] if scored else []) + (["load"] if any(r.get("load_1min") is not None for r in rows) else [])
+            "% of fp32 peak", ratio_name] + (["top-1", "mean class acc", "agrees w/ torch fp32"] if scored else []) + \
+           (["load"] if any(r.get("load_1min") is not None for r in rows) else [])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for r in rows:
