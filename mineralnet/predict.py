@@ -143,12 +143,18 @@ class OpenVinoBackend:
 
 
 def open_backend(path, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str | None = None):
-    """The backend for a run directory / .safetensors / model.json, an .onnx file, an engine or an IR."""
+                 threads: int | None = None, precision: str | None = None, runtime: str | None = None):
+    """The backend for a run directory / .safetensors / model.json, an .onnx file, an engine or an IR.
+    `runtime="openvino"` runs an .onnx file in OpenVINO (its ONNX reader) instead of ONNX Runtime."""
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.exists():
         raise MineralNetError(f"model {str(p)!r} does not exist; pass {KINDS}")
     suffix = p.suffix.lower()
+    if runtime is not None and (runtime != "openvino" or suffix not in (".onnx", ".xml")):
+        raise MineralNetError(f"runtime {runtime!r} for {str(p)!r}: only 'openvino' can be chosen, for an .onnx "
+                              f"file or an IR (.xml)")
+    if runtime == "openvino":
+        return OpenVinoBackend(p, precision=precision, threads=threads)
     if precision is not None and suffix != ".xml":
         raise MineralNetError(f"--precision {precision} is OpenVINO's runtime hint; {str(p)!r} is not an "
                               f"OpenVINO IR (.xml): drop --precision, or pass the IR")
@@ -204,6 +210,7 @@ class Predictor:
         device: PyTorch device for run directories (default CUDA when available).
         providers: ONNX Runtime execution providers (default CUDA when installed, then CPU).
         precision: OpenVINO inference precision hint for an IR: fp32 (default), bf16 or fp16.
+        runtime: "openvino" runs an .onnx file in OpenVINO rather than ONNX Runtime.
 
     With a calibration (`mineralnet calibrate RUN`; exported models carry it) probabilities are
     temperature-scaled and every prediction has `novelty`, `unknown` and, given a coverage, a
@@ -211,10 +218,10 @@ class Predictor:
     """
 
     def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str | None = None):
+                 threads: int | None = None, precision: str | None = None, runtime: str | None = None):
         self.path = os.fspath(model)
         self.backend = open_backend(model, device=device, providers=providers, threads=threads,
-                                    precision=precision)
+                                    precision=precision, runtime=runtime)
         self.meta = self.backend.meta
         self.classes: list[str] = list(self.meta["classes"])
         self.preprocess = Preprocessor(self.meta)

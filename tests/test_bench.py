@@ -357,3 +357,22 @@ def test_recipe_table_by_fold_groups_runs_into_recipes(tmp_path):
     p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", runs[0], runs[0]],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "same recipe on the same fold 0" in p.stderr
+
+
+def test_openvino_reads_onnx_when_named_and_same_named_files_get_their_folder(tiny_onnx, tmp_path):
+    import shutil
+
+    pytest.importorskip("openvino")
+    paths = []
+    for folder in ("export", "export-nncf"):
+        (tmp_path / folder).mkdir()
+        paths.append(str(shutil.copy(tiny_onnx, tmp_path / folder / "tiny.onnx")))
+    rows = bench.run_inference(paths, runtimes=["ort-cpu", "openvino"], precisions=["fp32"], batch_sizes=[1],
+                               warmup_s=0, duration_s=0.01, min_runs=2, buffers=1, threads=1, log=lambda *_: None)
+    assert [(r["model"], r["runtime"], r["precision"], r["status"]) for r in rows] == [
+        ("export/tiny.onnx", "ort-cpu", "fp32", "ok"), ("export/tiny.onnx", "openvino", "fp32", "ok"),
+        ("export-nncf/tiny.onnx", "ort-cpu", "fp32", "ok"), ("export-nncf/tiny.onnx", "openvino", "fp32", "ok")]
+    # without --runtimes an .onnx file gets the ONNX Runtime rows only (OpenVINO must be asked for)
+    default = bench.run_inference(paths[:1], batch_sizes=[1], warmup_s=0, duration_s=0.01, min_runs=2, buffers=1,
+                                  threads=1, log=lambda *_: None)
+    assert "openvino" not in {r["runtime"] for r in default}

@@ -2,6 +2,7 @@
 Predictor over the IR equals Predictor over ONNX, and score_photos equals `mineralnet eval`."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -157,3 +158,143 @@ def test_bad_ir_inputs_are_one_clear_line(exported, run_dir, tmp_path):
         Predictor(xml)
     with pytest.raises(MineralNetError, match="OpenVINO's runtime hint"):
         Predictor(run_dir / "export" / "model.onnx", precision="bf16")
+
+
+# ----------------------------------------------------------------------------- mineralnet bench --runtimes openvino --data
+def _eval_preds(run_dir, photos, split=None):
+    from mineralnet.evaluate import predict_folder
+    from mineralnet.metrics import compute_metrics
+
+    targets, preds, probs, meta, index, acc = predict_folder(run_dir, photos, batch_size=8, workers=0, split=split)
+    acc.end_training()
+    return preds, compute_metrics(targets, preds, probs, classes=meta["classes"])
+
+
+def test_openvino_row_labels_and_hints():
+    from mineralnet.bench.runtimes import BenchModel, _row_precisions, openvino_hint
+
+    fp32 = BenchModel("m.xml", "openvino", "m.xml", None, 64, "fp32")
+    int8 = BenchModel("m.int8.xml", "openvino", "m.int8.xml", None, 64, "int8")
+    assert _row_precisions(fp32, ["fp32", "bf16"], "openvino") == ["fp32", "bf16"]
+    assert _row_precisions(int8, ["fp32", "bf16"], "openvino") == ["int8", "int8+bf16"]
+    assert _row_precisions(int8, ["bf16"], "openvino") == ["int8+bf16"]
+    assert _row_precisions(int8, ["fp32", "bf16"], "ort-cpu") == ["int8"]  # ONNX Runtime: the file's own
+    assert [openvino_hint("int8", p) for p in ("int8", "int8+bf16")] == ["fp32", "bf16"]
+    assert [openvino_hint("fp32", p) for p in ("fp32", "bf16", "fp16")] == ["fp32", "bf16", "fp16"]
+
+
+def test_bench_data_rows_match_eval_and_each_other(exported, run_dir, photos, tmp_path):
+    from mineralnet.cli import main
+
+    out = run_dir / "export"
+    files = [out / n for n in ("model.onnx", "model.int8.onnx", "model.xml", "model.int8.xml")]
+    js = tmp_path / "bench.json"
+    rc = main(["bench", str(run_dir), *map(str, files), "--runtimes", "torch,ort-cpu,openvino",
+               "--precision", "fp32", "--batch-sizes", "2", "--warmup", "0", "--duration", "0.01",
+               "--min-runs", "2", "--threads", "1", "--data", str(photos), "--json", str(js)])
+    assert rc == 0
+    rows = {(Path(r["path"]).name, r["runtime"], r["precision"]): r for r in json.loads(js.read_text())["rows"]}
+    assert all(r["status"] == "ok" for r in rows.values()), [r["reason"] for r in rows.values()]
+    run = run_dir.name
+    assert set(rows) == {
+        (run, "torch", "fp32"), ("model.onnx", "ort-cpu", "fp32"), ("model.int8.onnx", "ort-cpu", "int8"),
+        ("model.onnx", "openvino", "fp32"), ("model.int8.onnx", "openvino", "int8"),
+        ("model.xml", "openvino", "fp32"), ("model.int8.xml", "openvino", "int8")}
+    assert rows[("model.int8.xml", "openvino", "int8")]["hint"] == "fp32"
+
+    # the torch row is `mineralnet eval` on the same photos
+    preds, expected = _eval_preds(run_dir, photos)
+    torch_row = rows[(run, "torch", "fp32")]
+    assert torch_row["images"] == len(preds) == 30 and torch_row["agreement"] == 1.0
+    assert torch_row["top1"] == pytest.approx(expected["top1"])
+    assert torch_row["mean_class_acc"] == pytest.approx(expected["mean_class_acc"])
+    # every fp32 form predicts what PyTorch predicts
+    for key in [("model.onnx", "ort-cpu", "fp32"), ("model.onnx", "openvino", "fp32"), ("model.xml", "openvino", "fp32")]:
+        assert rows[key]["agreement"] == 1.0 and rows[key]["top1"] == pytest.approx(expected["top1"]), key
+    # the int8 IR (converted from the QDQ file) and the QDQ file read by OpenVINO compute the same thing; the
+    # agreement is the export gate's number, counted here independently from the IR's own predictions
+    a, b = rows[("model.int8.onnx", "openvino", "int8")], rows[("model.int8.xml", "openvino", "int8")]
+    assert (a["top1"], a["agreement"]) == (b["top1"], b["agreement"])
+    ir_preds = Predictor(out / "model.int8.xml").probabilities(_photos_in_scan_order(photos)).argmax(1)
+    assert b["agreement"] == pytest.approx(float(np.mean(ir_preds == preds)))
+    record = json.loads((out / "model.json").read_text())["exports"]["model.int8.xml"]
+    assert b["agreement"] == pytest.approx(record["int8"]["agreement"]["top1"])
+
+
+def test_bench_bf16_hint_row_is_labelled_and_scored(exported, run_dir, photos):
+    from mineralnet import bench
+    from mineralnet.bench.report import render_markdown
+
+    rows = bench.run_inference([str(run_dir / "export" / "model.int8.xml")], runtimes=["openvino"],
+                               precisions=["bf16"], batch_sizes=[2], warmup_s=0, duration_s=0.01, min_runs=2,
+                               threads=1, log=lambda *_: None)
+    assert [(r["precision"], r["hint"], r["status"]) for r in rows] == [("int8+bf16", "bf16", "ok")]
+    bench.score_rows(rows, bench.PhotoSet(photos), log=lambda *_: None)
+    preds, _ = _eval_preds(run_dir, photos)
+    own = Predictor(run_dir / "export" / "model.int8.xml", precision="bf16").probabilities(
+        _photos_in_scan_order(photos)).argmax(1)
+    assert rows[0]["agreement"] == pytest.approx(float(np.mean(own == preds))) and rows[0]["images"] == 30
+    md = render_markdown(bench.make_report(rows, kind="inference", settings={"data": "photos"}))
+    head = next(l for l in md.splitlines() if l.startswith("| model |")).strip("| ").split(" | ")
+    line = next(l for l in md.splitlines() if l.startswith("| model.int8.xml | openvino | int8+bf16 "))
+    cells = dict(zip(head, line.strip("| ").split(" | ")))
+    r = rows[0]
+    assert (cells["top-1"], cells["mean class acc"], cells["agrees w/ torch fp32"]) == (
+        f"{100 * r['top1']:.2f}", f"{100 * r['mean_class_acc']:.2f}", f"{100 * r['agreement']:.2f}")
+    assert "the bf16 hint" in md and "30 labelled photos of photos" in md
+
+
+def test_bench_skips_a_hint_the_cpu_lacks(exported, run_dir, monkeypatch):
+    from mineralnet import bench
+    from mineralnet.export import ir
+
+    real = ir.timing_runtime
+    monkeypatch.setattr(ir, "timing_runtime", lambda *a, **k: dataclasses.replace(real(*a, **k), effective="fp32"))
+    rows = bench.run_inference([str(run_dir / "export" / "model.xml")], runtimes=["openvino"],
+                               precisions=["fp32", "bf16"], batch_sizes=[2], warmup_s=0, duration_s=0.01,
+                               min_runs=2, threads=1, log=lambda *_: None)
+    assert [(r["precision"], r["status"]) for r in rows] == [("fp32", "ok"), ("bf16", "skipped")]
+    assert rows[1]["reason"] == "OpenVINO runs the bf16 hint as fp32 on this CPU (no bf16 instructions)"
+
+
+def _photos_in_scan_order(photos):
+    from mineralnet.data import scan_dataset
+
+    return [p for p, _ in scan_dataset(photos, classes=CLASSES).samples]
+
+
+def test_bench_data_split_scores_the_held_out_photos(exported, run_dir, photos, tmp_path):
+    import shutil
+
+    from mineralnet.bench.accuracy import PhotoSet, score_rows
+    from mineralnet.data import scan_dataset
+    from mineralnet.data.splits import save_splits
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    index = scan_dataset(photos, classes=CLASSES)
+    save_splits(run / "split.json", index, {"train": list(range(0, 30, 3)), "val": [i for i in range(30) if i % 3]})
+    rows = [{"status": "ok", "runtime": "torch", "precision": "fp32", "path": str(run), "model": "run"},
+            {"status": "ok", "runtime": "openvino", "precision": "int8", "hint": "fp32", "model": "ir",
+             "path": str(run / "export" / "model.int8.xml")}]
+    score_rows(rows, PhotoSet(photos, "val"), log=lambda *_: None)
+    preds, expected = _eval_preds(run, photos, split="val")
+    assert rows[0]["images"] == rows[1]["images"] == len(preds) == 20
+    assert rows[0]["top1"] == pytest.approx(expected["top1"]) and rows[0]["agreement"] == 1.0
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    for name in ("model.int8.xml", "model.int8.bin"):
+        shutil.copy(run / "export" / name, loose / name)
+    with pytest.raises(MineralNetError, match="sits in no run directory"):
+        score_rows([dict(rows[1], path=str(loose / "model.int8.xml"))], PhotoSet(photos, "val"))
+
+
+def test_bench_data_errors_are_one_line(run_dir, tmp_path, capsys):
+    from mineralnet.cli import main
+
+    assert main(["bench", str(run_dir), "--split", "val"]) == 2
+    assert main(["bench", str(run_dir), "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mineralnet: error: --split needs --data DIR (the folder the run was trained on)",
+                   f"mineralnet: error: --data {str(tmp_path / 'missing')!r} is not a folder; pass labelled photos "
+                   f"(one sub-folder per mineral), e.g. ../shared/data/minet7"]

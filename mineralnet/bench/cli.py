@@ -10,8 +10,9 @@ import torch
 
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.environment import _loadavg, cpu_peak_gflops, environment
-from mineralnet.bench.runtimes import RUNTIMES
+from mineralnet.bench.runtimes import RUNTIMES, _torch_device
 from mineralnet.bench.inference import run_inference
+from mineralnet.bench.accuracy import PhotoSet, score_rows
 from mineralnet.bench.train_step import TRAIN_LOOPS, run_train_step
 from mineralnet.bench.report import compare_reports, load_report, make_report, render_markdown
 
@@ -34,14 +35,18 @@ def add_arguments(parser) -> None:
     parser.description = (
         "Latency percentiles and throughput of models across runtimes and batch sizes, with the environment "
         "and achieved GFLOP/s. MODEL is a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime) or a "
-        "TensorRT .engine. Runtimes that cannot run here are listed as skipped with the reason.")
-    parser.add_argument("models", nargs="*", metavar="MODEL", help="run directory, .onnx file or .engine")
+        "TensorRT .engine or an OpenVINO IR (.xml; --runtimes openvino also runs .onnx files in OpenVINO). "
+        "Runtimes that cannot run here are listed as skipped with the reason. With --data, every row also "
+        "gets its accuracy on the same labelled photos and its agreement with the PyTorch fp32 model.")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="run directory, .onnx file, .xml IR or .engine")
     parser.add_argument("--runtimes", default=None,
                         help=f"comma list of {', '.join(RUNTIMES)} (default: all that fit each model); with "
                              f"--train-step: {', '.join(TRAIN_LOOPS)}")
     parser.add_argument("--precision", default=None,
                         help="comma list for PyTorch rows: fp32, bf16, fp16 (default fp32,bf16 on CPU, "
-                             "fp32,fp16,bf16 on CUDA); ONNX files and engines carry their own")
+                             "fp32,fp16,bf16 on CUDA); ONNX files and engines carry their own; OpenVINO rows "
+                             "run the file with each as its inference precision hint (bf16 on an int8 file: "
+                             "int8+bf16)")
     parser.add_argument("--batch-sizes", default="1,8,32", help="comma list (default 1,8,32)")
     parser.add_argument("--image-size", type=int, default=None, help="input side (default: the model's)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per row (default 1)")
@@ -62,6 +67,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-step", action="store_true",
                         help="measure training images/s (our train_one_epoch vs a bare timm-style loop) "
                              "instead of inference; default batch 32")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="labelled photos (one sub-folder per mineral): add Top1, mean class accuracy and "
+                             "the top-1 agreement with the run's PyTorch fp32 model to every row")
+    parser.add_argument("--split", default=None, choices=("val", "train"),
+                        help="with --data: score only this part of the run's split file (split.json of the run "
+                             "directory, or of the run whose export/ holds the file), e.g. val = held out")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                         help="print B/A ratios row by row for two files written by --json")
 
@@ -102,6 +113,11 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     if args.duration <= 0 or args.warmup < 0 or args.min_runs < 1 or args.buffers < 1:
         raise MineralNetError("--duration must be > 0, --warmup >= 0, --min-runs and --buffers >= 1")
+    if args.split and not args.data:
+        raise MineralNetError("--split needs --data DIR (the folder the run was trained on)")
+    photos = PhotoSet(args.data, args.split) if args.data else None
+    if photos is not None and args.train_step:
+        raise MineralNetError("--data scores inference rows; drop it with --train-step")
     env = environment()
     peak, peak_source = _peak(args.peak_gflops, env)
     batches = _int_list(args.batch_sizes if not (args.train_step and args.batch_sizes == "1,8,32") else "32")
@@ -125,6 +141,11 @@ def run(args) -> int:
                              threads=args.threads, device=args.device, peak_gflops=peak,
                              interleave=not args.sequential, log=log)
         kind = "inference"
+        if photos is not None:
+            log(f"scoring every row on the labelled photos of {args.data}"
+                + (f" ({args.split} split)" if args.split else ""))
+            score_rows(rows, photos, device=_torch_device(args.device), log=log)
+            settings.update(data=args.data, split=args.split)
     if not main:
         return 0
     settings["load_average_after"] = _loadavg()
@@ -146,7 +167,7 @@ def _command_line(args) -> str:
     parts = ["mineralnet", "bench", *args.models]
     defaults = dict(train_step=False, sequential=False, runtimes=None, precision=None, batch_sizes="1,8,32", image_size=None,
                     warmup=1.0, duration=3.0, min_runs=5, buffers=4, threads=None, device="auto",
-                    peak_gflops=None, title=None, json=None, markdown=None)
+                    peak_gflops=None, title=None, json=None, markdown=None, data=None, split=None)
     for k, d in defaults.items():
         v = getattr(args, k, d)
         if v == d:

@@ -2,29 +2,35 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.harness import _error_row, _short_error, measure, measure_interleaved, result_row
 from mineralnet.bench.environment import _loadavg
-from mineralnet.bench.runtimes import RUNTIMES, Skip, _row_precisions, _torch_device, open_model
+from mineralnet.bench.runtimes import RUNTIMES, Skip, _row_precisions, _torch_device, open_model, openvino_hint
 
 # ============================================================================ inference benchmark
-def _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_gflops, interleave, log):
+def _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_gflops, interleave, log,
+                     explicit: bool = False):
     """Build every (model, runtime, precision) -> (entries: [(common row fields, Prepared or None)],
     fixed: {(entry index, batch): skipped/error row} for those that cannot run here)."""
     fixed: dict[tuple, dict] = {}   # (entry index, batch) -> skipped/error row
     entries = []                    # (common row fields, Prepared or None)
     for bm in models:
-        chosen = [RUNTIMES[n] for n in names if RUNTIMES[n].kind == bm.kind]
+        # a runtime also runs other kinds when --runtimes names it (OpenVINO on an .onnx file)
+        chosen = [RUNTIMES[n] for n in names
+                  if RUNTIMES[n].kind == bm.kind or (explicit and bm.kind in RUNTIMES[n].also)]
         if not chosen:
             raise MineralNetError(f"none of --runtimes {','.join(names)} runs {bm.path!r} (a {bm.kind} model); "
                                   f"use {', '.join(n for n, r in RUNTIMES.items() if r.kind == bm.kind)}")
         for rt in chosen:
-            for prec in _row_precisions(bm, precisions):
+            for prec in _row_precisions(bm, precisions, rt.name):
                 common = dict(model=bm.name, runtime=rt.name, precision=prec, image_size=bm.image_size,
-                              gflop_per_image=bm.gflop_per_image, peak_gflops=peak_gflops)
+                              gflop_per_image=bm.gflop_per_image, peak_gflops=peak_gflops, path=bm.path)
+                if rt.name == "openvino":  # the row's precision is a label; the hint is what OpenVINO is given
+                    common["hint"] = openvino_hint(bm.file_precision or "fp32", prec)
                 prepared, status, reason = None, None, None
                 try:
                     # Interleaved, ONNX Runtime's idle threads must not spin: they would steal the cores
@@ -66,8 +72,12 @@ def run_inference(model_paths: Sequence[str], *, runtimes: Optional[Sequence[str
     if unknown:
         raise MineralNetError(f"unknown runtime(s) {', '.join(unknown)}; choose from {', '.join(RUNTIMES)}")
     models = [open_model(p, image_size) for p in model_paths]
+    shared = {m.name for m in models if sum(o.name == m.name for o in models) > 1}
+    for bm in models:  # two files of one name (export/model.int8.xml, export-nncf/model.int8.xml): add the folder
+        if bm.name in shared and Path(bm.path).suffix:
+            bm.name = f"{Path(bm.path).parent.name}/{Path(bm.path).name}"
     entries, fixed = _prepare_entries(models, names, precisions, batch_sizes, dev, threads, peak_gflops,
-                                      interleave, log)
+                                      interleave, log, explicit=runtimes is not None)
     live = [i for i, (_, p) in enumerate(entries) if p is not None]
     rows_by: dict[tuple, dict] = dict(fixed)
     for b in batch_sizes:

@@ -23,6 +23,10 @@ def _fmt(v, spec=".2f", none="-"):
     return none if v is None else format(v, spec)
 
 
+def _pct(v):
+    return None if v is None else 100 * v
+
+
 def machine_line(env: dict) -> str:
     cpu, gpu, v = env["cpu"], env.get("gpu"), env["versions"]
     parts = [f"CPU {cpu['model']} ({cpu['physical_cores']} cores, {', '.join(cpu.get('simd') or []) or 'no AVX'}), "
@@ -61,6 +65,16 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
                       if worst > OVERSUBSCRIBED * (env["cpu"].get("usable_cpus") or 1) else ""))
     if s.get("peak_gflops"):
         out.append(f"- Peak: {s['peak_gflops']:.0f} GFLOP/s fp32 ({s.get('peak_source') or 'given with --peak-gflops'})")
+    scored = any(r.get("top1") is not None for r in rows)
+    if scored:
+        n = next(r["images"] for r in rows if r.get("top1") is not None)
+        out.append(f"- Accuracy: every row on the same {n} labelled photos of {s.get('data')}"
+                   + (f" (the run's {s['split']} split)" if s.get("split") else "")
+                   + "; agreement = share of photos with the same top-1 as the run's PyTorch fp32 model "
+                     "(PyTorch rows: the eager model at that precision)")
+    if any(r["runtime"] == "openvino" for r in rows):
+        out.append("- OpenVINO rows: precision fp32/int8 = the file run with the fp32 inference precision hint; "
+                   "bf16 (int8+bf16) = the bf16 hint, which OpenVINO picks by default on CPUs with bf16: not fp32")
     if any(r.get("load_1min") is not None for r in rows):
         out.append("- load: the 1-minute load average when the row's batch size finished (2 CPUs: above 2, other "
                    "processes were competing for the cores)")
@@ -70,7 +84,8 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
     ratio_name = s.get("ratio_label") or ("p50 vs bare" if train else "p50 vs torch fp32")
     head = ["model", "runtime", "precision", "device", "batch"] + (["procs x threads"] if train else []) + \
            [f"p50 ms{' /' + unit if unit else ''}", "p90 ms", "p99 ms", "mean ms", "img/s", "runs", "GFLOP/s",
-            "% of fp32 peak", ratio_name] + (["load"] if any(r.get("load_1min") is not None for r in rows) else [])
+            "% of fp32 peak", ratio_name] + (["top-1", "mean class acc", "agrees w/ torch fp32"] if scored else []) + \
+           (["load"] if any(r.get("load_1min") is not None for r in rows) else [])
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     for r in rows:
@@ -84,6 +99,9 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
         cells += [_fmt(lat["p50"]), _fmt(lat["p90"]), _fmt(lat["p99"]), _fmt(lat["mean"]),
                   _fmt(r["throughput_img_s"], ".1f"), str(r["runs"]), _fmt(r["gflops"], ".1f"),
                   _fmt(None if r["fraction_of_peak"] is None else 100 * r["fraction_of_peak"], ".0f"), ratio]
+        if scored:
+            cells += [_fmt(_pct(r.get("top1")), ".2f"), _fmt(_pct(r.get("mean_class_acc")), ".2f"),
+                      _fmt(_pct(r.get("agreement")), ".2f")]
         if head[-1] == "load":
             cells.append(_fmt(r.get("load_1min"), ".1f"))
         out.append("| " + " | ".join(cells) + " |")

@@ -10,7 +10,8 @@ with status "skipped" and the reason, never silently dropped.
     models --open_model--> BenchModel --RUNTIMES[name].build--> Prepared(fn, inputs, sync)
            --measure--> stats --result_row--> rows --> report (JSON) --render_markdown--> Markdown
 
-Models: a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime) or a TensorRT .engine.
+Models: a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime; OpenVINO when --runtimes names
+it), an OpenVINO IR .xml (one row per inference precision hint) or a TensorRT .engine.
 `--train-step` measures training images/s instead: our `train_one_epoch` under Accelerate against
 a bare timm-style loop on the same model, batch and precision, interleaved in one process.
 """
@@ -52,7 +53,7 @@ def make_random_run(run_dir, backbone: str = "resnet50", stages=(2, 4), num_clas
 @dataclass
 class BenchModel:
     path: str
-    kind: str                       # "torch" | "onnx" | "engine"
+    kind: str                       # "torch" | "onnx" | "openvino" | "engine"
     name: str
     meta: Optional[dict]            # model.json contents, when known
     image_size: int
@@ -92,6 +93,20 @@ def _onnx_meta_and_precision(path: Path) -> tuple[Optional[dict], str, Optional[
     return meta, precision, side
 
 
+def _ir_meta_and_precision(path: Path) -> tuple[Optional[dict], str]:
+    """(metadata, "fp32" | "int8") of an OpenVINO IR: from its rt_info when OpenVINO is installed (else from
+    model.json beside it and the file name; the openvino runtime then reports itself skipped)."""
+    from mineralnet.export.ir import _ov, openvino_missing, read_ir, read_metadata
+
+    meta = None
+    if openvino_missing() is None:
+        with contextlib.suppress(MineralNetError):
+            meta = read_metadata(read_ir(_ov().Core(), path), str(path))
+    meta = meta or _sidecar_meta(path)
+    precision = (meta or {}).get("precision") or ("int8" if ".int8." in path.name.lower() else "fp32")
+    return meta, precision
+
+
 def _sidecar_meta(path: Path) -> Optional[dict]:
     for cand in (Path(str(path) + ".json"), path.with_suffix(".json"), path.parent / "model.json", path.parent.parent / "model.json"):
         if cand.is_file():
@@ -116,12 +131,15 @@ def open_model(path: str, image_size: Optional[int] = None, *, train: bool = Fal
         meta, file_precision, side = _onnx_meta_and_precision(p)
         meta = meta or _sidecar_meta(p)
         kind = "onnx"
+    elif p.suffix == ".xml":
+        meta, file_precision = _ir_meta_and_precision(p)
+        kind, side = "openvino", None
     elif p.suffix in (".engine", ".plan", ".trt"):
         meta, kind, side = _sidecar_meta(p), "engine", None
         file_precision = (meta or {}).get("precision") or next(
             (t for t in ("int8", "fp16") if f".{t}." in p.name.lower()), "fp32")
     else:
-        raise MineralNetError(f"{path!r} is not a run directory, .onnx file or TensorRT .engine; "
+        raise MineralNetError(f"{path!r} is not a run directory, .onnx file, OpenVINO .xml or TensorRT .engine; "
                               f"`mineralnet bench` measures those")
     if train and kind != "torch":
         raise MineralNetError(f"--train-step needs a run directory (PyTorch model), not {path!r}")
@@ -290,6 +308,34 @@ def _build_tensorrt(bm: BenchModel, precision: str, device: str) -> Prepared:
     return Prepared(call, make, torch.cuda.synchronize, "cuda", "TensorRT")
 
 
+# OpenVINO's inference precision hint of a row: the file's own precision runs with the exact fp32 hint; a
+# bf16/fp16 hint is its own row, labelled "bf16" (fp32 file) or "int8+bf16" (int8 file: the layers left in float).
+OPENVINO_HINTS = ("fp32", "bf16", "fp16")
+
+
+def openvino_label(file_precision: str, hint: str) -> str:
+    return file_precision if hint == "fp32" else (hint if file_precision == "fp32" else f"{file_precision}+{hint}")
+
+
+def openvino_hint(file_precision: str, label: str) -> str:
+    return "fp32" if label == file_precision else label.split("+")[-1]
+
+
+def _build_openvino(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None,
+                    spinning: bool = True) -> Prepared:
+    """An IR (or an .onnx file, read by OpenVINO) compiled for the CPU with the row's precision hint."""
+    from mineralnet.export.ir import INSTALL, openvino_missing, timing_runtime
+
+    missing = openvino_missing()
+    if missing:
+        raise Skip(f"{missing}; {INSTALL}")
+    hint = openvino_hint(bm.file_precision or "fp32", precision)
+    rt = timing_runtime(bm.path, precision=hint, threads=threads)
+    if rt.effective is not None and rt.effective != hint:  # OpenVINO falls back silently where the CPU lacks it
+        raise Skip(f"OpenVINO runs the {hint} hint as {rt.effective} on this CPU (no {hint} instructions)")
+    return Prepared(rt.fn, rt.make_inputs, None, "cpu", rt.label)
+
+
 @dataclass(frozen=True)
 class Runtime:
     name: str
@@ -297,6 +343,7 @@ class Runtime:
     kind: str          # model kind it runs: torch | onnx | engine
     build: Callable
     takes_threads: bool = False
+    also: tuple = ()   # other model kinds it runs when --runtimes names it (OpenVINO reads .onnx files too)
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
@@ -306,10 +353,18 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("ort-cpu", "ONNX Runtime CPU EP", "onnx", _build_ort("cpu"), takes_threads=True),
     Runtime("ort-cuda", "ONNX Runtime CUDA EP", "onnx", _build_ort("cuda"), takes_threads=True),
     Runtime("ort-trt", "ONNX Runtime TensorRT EP", "onnx", _build_ort("trt"), takes_threads=True),
+    Runtime("openvino", "OpenVINO CPU", "openvino", _build_openvino, takes_threads=True, also=("onnx",)),
     Runtime("tensorrt", "TensorRT engine", "engine", _build_tensorrt),
 )}
 
 
-def _row_precisions(bm: BenchModel, precisions: Sequence[str]) -> list[str]:
-    # PyTorch rows take --precision; an ONNX file or engine has its precision baked in.
-    return list(precisions) if bm.kind == "torch" else [bm.file_precision or "fp32"]
+def _row_precisions(bm: BenchModel, precisions: Sequence[str], runtime: str = "") -> list[str]:
+    # PyTorch rows take --precision; an ONNX file or engine has its precision baked in; OpenVINO rows run the
+    # file with each precision hint of --precision (fp32 = the file's own precision).
+    if bm.kind == "torch":
+        return list(precisions)
+    file_precision = bm.file_precision or "fp32"
+    if runtime == "openvino":
+        hints = [p for p in precisions if p in OPENVINO_HINTS] or ["fp32"]
+        return [openvino_label(file_precision, h) for h in dict.fromkeys(hints)]
+    return [file_precision]

@@ -136,6 +136,22 @@ def compile_ir(model_or_path, *, precision: str = "fp32", threads: int | None = 
                               f"try --precision fp32") from None
 
 
+def read_model_file(core, path):
+    """An ov.Model from an IR (.xml + .bin) or, with OpenVINO's ONNX reader, from an .onnx file: the ONNX
+    file's metadata_props go into rt_info as `convert` does, so both read alike in `IRRunner`."""
+    p = Path(os.path.expanduser(os.fspath(path)))
+    if p.suffix.lower() != ".onnx":
+        return read_ir(core, p)
+    import onnx
+
+    try:
+        props = {m.key: m.value for m in onnx.load(os.fspath(p), load_external_data=False).metadata_props}
+    except Exception as e:
+        raise MineralNetError(f"{str(p)!r} is not a readable ONNX file ({type(e).__name__}); export it again "
+                              f"with `mineralnet-export RUN --onnx`") from None
+    return convert(p, props)
+
+
 def read_ir(core, path):
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.is_file() or not bin_path(p).is_file():
@@ -158,7 +174,7 @@ class IRRunner:
     def __init__(self, model_or_path, *, precision: str = "fp32", threads: int | None = None):
         model = model_or_path
         if isinstance(model_or_path, (str, os.PathLike)):
-            model = read_ir(_ov().Core(), model_or_path)
+            model = read_model_file(_ov().Core(), model_or_path)
         where = os.fspath(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else "the IR"
         self.meta = read_metadata(model, where)  # rt_info: the compiled model does not keep it
         self.compiled = compile_ir(model, precision=precision, threads=threads)
@@ -189,31 +205,43 @@ class IRRunner:
 
 @dataclass
 class TimingRuntime:
-    """What a benchmark needs to time an IR: `fn(x)` runs one batch, `make_inputs(batch, n)` gives inputs."""
+    """What a benchmark needs to time an IR: `fn(x)` runs one batch, `make_inputs(batch, n)` gives inputs.
+    `effective` is the inference precision OpenVINO reports after compiling (fp32, bf16 or fp16)."""
 
     fn: Callable
     make_inputs: Callable
     precision: str
     label: str
+    effective: str | None = None
+
+
+_EFFECTIVE = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
 
 
 def timing_runtime(path, precision: str = "fp32", threads: int | None = None) -> TimingRuntime:
-    """A compiled IR (fp32 or int8 file) and its synchronous infer call, for the benchmark tables.
+    """A compiled IR (fp32 or int8 file; or an .onnx file through OpenVINO's ONNX reader) and its
+    synchronous infer call, for the benchmark tables. Needs no MineralNet metadata.
 
     `precision` is the runtime hint for the layers that are not int8: fp32, bf16 or fp16. A
-    fixed-batch IR accepts only its own batch (make_inputs raises for another one).
+    fixed-batch model accepts only its own batch (make_inputs raises for another one).
     """
-    runner = IRRunner(path, precision=precision, threads=threads)
-    size = int(runner.input.get_partial_shape()[-1].get_length())
+    compiled = compile_ir(read_model_file(_ov().Core(), path), precision=precision, threads=threads)
+    request, inp = compiled.create_infer_request(), compiled.input(0)
+    shape = inp.get_partial_shape()
+    fixed = shape[0].get_length() if shape[0].is_static else None
+    size = int(shape[-1].get_length())
+    hint = compiled.get_property("INFERENCE_PRECISION_HINT")
+    effective = _EFFECTIVE.get(hint.get_type_name(), hint.get_type_name()) if hasattr(hint, "get_type_name") else None
 
     def make_inputs(batch: int, n: int) -> list[np.ndarray]:
-        if runner.batch and batch != runner.batch:
-            raise MineralNetError(f"{os.fspath(path)!r} has a fixed batch of {runner.batch}, not {batch}; "
+        if fixed and batch != fixed:
+            raise MineralNetError(f"{os.fspath(path)!r} has a fixed batch of {fixed}, not {batch}; "
                                   f"export with --dynamic to time other batch sizes")
         rng = np.random.default_rng(batch)
         return [rng.standard_normal((batch, 3, size, size)).astype(np.float32) for _ in range(n)]
 
-    return TimingRuntime(runner.infer, make_inputs, precision, f"OpenVINO CPU ({precision} hint)")
+    return TimingRuntime(lambda x: request.infer({inp: x}), make_inputs, precision,
+                         f"OpenVINO CPU ({precision} hint)", effective)
 
 
 # ----------------------------------------------------------------------------- the export format
