@@ -138,7 +138,10 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     train_ds = mdata.PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
                                   size_at=cfg.train_size_at if cfg.train_crop_min else None)
     val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
-    sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
+    if cfg.sampling == "uniform":
+        sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
+    else:
+        sampler = mdata.ClassBalancedSampler([y for _, y in split.train], cfg.sampling, cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
                   worker_init_fn=ignore_stop_signals if cfg.workers else None)
