@@ -125,6 +125,9 @@ class TrainConfig:
                               "small, e.g. 50 over 8 GPUs")
     # --- run control ---
     seed: int = _f(0, "random seed (data order, augmentation, init, and the split unless --split-seed)")
+    group_duplicates: bool = _f(True, "keep near-duplicate photos (same perceptual hash within a few bits: re-encoded, "
+                                      "resized or slightly cropped copies) on one side of the split and in one cv "
+                                      "fold; a line says how many groups were merged")
     split_seed: Optional[int] = _f(None, "seed of the validation split / folds and the dataset mean/std sample "
                                          "(default: --seed); fix it to train other --seed values on the same photos")
     deterministic: bool = _f(False, "deterministic algorithms (slower; for exact reproduction)")

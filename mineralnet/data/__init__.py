@@ -7,6 +7,7 @@
     datasets.py    PhotoDataset (optional RAM cache), EpochShuffleSampler
     balance.py     ClassBalancedSampler, target_distribution (sqrt / balanced class mix)
     splits.py      stratified_kfold / stratified_split / save_splits / load_splits
+    duplicates.py  perceptual hashes, near_duplicate_pairs, duplicate_groups (splits keep groups together)
     demo.py        make_demo_dataset() -> a small synthetic mineral set for demos and tests
     cli.py         `mineralnet data check|demo`
 
@@ -20,7 +21,10 @@ from mineralnet.data.transforms import (BatchMix, EvalTransform, Transform, Trai
                                         eval_resize, warp_crop)
 from mineralnet.data.datasets import EpochShuffleSampler, ImageDataset, PhotoDataset
 from mineralnet.data.balance import SAMPLING, ClassBalancedSampler, class_counts, target_distribution
-from mineralnet.data.splits import SPLITS_FORMAT, load_splits, save_splits, stratified_kfold, stratified_split
+from mineralnet.data.splits import (SPLITS_FORMAT, load_splits, save_splits, small_classes, stratified_kfold,
+                                    stratified_split)
+from mineralnet.data.duplicates import (DEFAULT_MAX_DISTANCE, duplicate_groups, hash_photos, near_duplicate_pairs,
+                                        photo_hash)
 from mineralnet.data.demo import DEMO_MINERALS, make_demo_dataset
 
 __all__ = [
@@ -30,6 +34,7 @@ __all__ = [
     "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "eval_resize", "warp_crop",
     "EpochShuffleSampler", "ImageDataset", "PhotoDataset", "identical_groups",
     "SAMPLING", "ClassBalancedSampler", "class_counts", "target_distribution",
-    "SPLITS_FORMAT", "load_splits", "save_splits", "stratified_kfold", "stratified_split",
+    "SPLITS_FORMAT", "load_splits", "save_splits", "small_classes", "stratified_kfold", "stratified_split",
+    "DEFAULT_MAX_DISTANCE", "duplicate_groups", "hash_photos", "near_duplicate_pairs", "photo_hash",
     "DEMO_MINERALS", "make_demo_dataset",
 ]
