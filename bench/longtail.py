@@ -116,11 +116,14 @@ def tail_table(records, kept_by_fold, ratio) -> str:
     lines = ["", f"Long tail (imbalance ratio {ratio:g}), training photos per class in fold "
                  f"{next(iter(kept_by_fold))}: " + ", ".join(f"{c} {n}" for c, n in
                                                               sorted(first.items(), key=lambda t: -t[1])),
-             "", f"| Variant | mean acc of the {TAIL} rarest classes (%) | per fold |", "|---|---|---|"]
-    for v in records:
+             "", f"| Variant | mean acc of the {TAIL} rarest classes (%) | Δ vs baseline | per fold |",
+             "|---|---|---|---|"]
+    base = [f["tail_acc"] for f in sorted(records[0]["folds"], key=lambda f: f["fold"])]
+    for i, v in enumerate(records):
         vals = [f["tail_acc"] for f in sorted(v["folds"], key=lambda f: f["fold"])]
         m, s = crossval._mean_std(vals)
-        lines.append(f"| {v['name']} | {crossval._pct(m, s)} | {' / '.join(f'{100 * x:.1f}' for x in vals)} |")
+        delta = "-" if i == 0 else crossval._delta(crossval.paired_test(base, vals))
+        lines.append(f"| {v['name']} | {crossval._pct(m, s)} | {delta} | {' / '.join(f'{100 * x:.1f}' for x in vals)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -75,7 +75,8 @@ def load_or_save_folds(out: Path, index, folds: int, seed: int, *, group_duplica
                 {k: current[k] for k in ("folds", "seed", "classes", "val")}:
             raise MineralNetError(f"{str(path)!r} holds other folds than --data {str(index.root)!r} with --folds "
                                   f"{folds} --seed {seed} gives now (photos, classes, --folds, --seed, --drop-rare "
-                                  f"or duplicate grouping changed); use a new --out, or restore the photos and "
+                                  f"or near-duplicate grouping changed; folds made before grouping existed come "
+                                  f"back with --no-group-duplicates); use a new --out, or restore the photos and "
                                   f"flags of that cross-validation")
     else:
         atomic_write_json(path, current)
