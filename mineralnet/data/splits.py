@@ -63,6 +63,9 @@ def stratified_kfold(labels, folds: int, seed: int = 0, *, classes: list[str] | 
     """
     if int(folds) < 2:
         raise MineralNetError(f"folds={folds}: cross-validation needs at least 2 folds")
+    if int(folds) > len(labels):
+        raise MineralNetError(f"{folds} folds are more than the {len(labels)} photos (a fold would validate on none); "
+                              f"use at most {len(labels)} folds")
     single = [lab for lab, ix in _groups(labels).items() if len(ix) < 2]
     if single:
         raise MineralNetError(
