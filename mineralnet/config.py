@@ -109,6 +109,12 @@ class TrainConfig:
                                    "process's 'local' share", choices=("global", "local"))
     center_weight: float = _f(0.01, "lambda of the center loss")
     label_smoothing: float = _f(0.0, "label smoothing for ce/center")
+    sampling: str = _f("uniform", "class mix of the training batches: 'uniform' (every photo once per epoch), "
+                                  "'sqrt' (class drawn in proportion to the square root of its photo count) or "
+                                  "'balanced' (every class equally often); for long-tailed collections",
+                       choices=("uniform", "sqrt", "balanced"))
+    logit_adjust: float = _f(0.0, "tau of logit-adjusted training (Menon et al. 2021): the loss sees logits + "
+                                  "tau * log(class prior of the batches), e.g. 1.0; 0 = off; prediction unchanged")
     ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.998; "
                                "0 = off); it is what gets validated, kept as the best model and exported")
     # --- performance / distribution ---
@@ -125,6 +131,9 @@ class TrainConfig:
                               "small, e.g. 50 over 8 GPUs")
     # --- run control ---
     seed: int = _f(0, "random seed (data order, augmentation, init, and the split unless --split-seed)")
+    group_duplicates: bool = _f(True, "keep near-duplicate photos (same perceptual hash within a few bits: re-encoded, "
+                                      "resized or slightly cropped copies) on one side of the split and in one cv "
+                                      "fold; a line says how many groups were merged")
     split_seed: Optional[int] = _f(None, "seed of the validation split / folds and the dataset mean/std sample "
                                          "(default: --seed); fix it to train other --seed values on the same photos")
     deterministic: bool = _f(False, "deterministic algorithms (slower; for exact reproduction)")
@@ -185,6 +194,9 @@ class TrainConfig:
         need(0.0 <= self.mix_prob <= 1.0, f"--mix-prob {self.mix_prob} must be in [0, 1]")
         need(not ((self.mixup or self.cutmix) and self.loss == "center"),
              "--mixup/--cutmix make soft labels, which the center loss cannot use; use --loss ce or wtopk")
+        need(self.sampling in ("uniform", "sqrt", "balanced"),
+             f"--sampling {self.sampling!r} must be uniform, sqrt or balanced")
+        need(0.0 <= self.logit_adjust <= 10.0, f"--logit-adjust {self.logit_adjust} must be in [0, 10] (1.0 is usual)")
         need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
         need(self.log_every >= 1, f"--log-every {self.log_every} must be at least 1 (steps)")
         need(self.seed >= 0, f"--seed {self.seed} must be >= 0")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -30,10 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mineralnet import data as mdata
 from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import atomic_write_json, atomic_write_text, read_metrics, read_result, read_split
+from mineralnet.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
+                                make_folds, pool_per_class, select_photos)
+from mineralnet.runs import atomic_write_json, atomic_write_text, read_metrics, read_result
 from mineralnet import train
 
 DEFAULT_FOLDS = 10
@@ -48,6 +48,7 @@ NOT_GRIDDABLE = {
     "resume": "cv resumes by itself: run the same command again",
     "split_seed": "it fixes the folds, which every variant shares; run cv again with another "
                   "--split-seed and --out",
+    "group_duplicates": "it shapes the folds, which every variant shares",
 }
 FINISHED = ("finished", "time_budget")
 SIGNIFICANCE = 0.05
@@ -140,49 +141,6 @@ def build_variants(base: dict, config: str | None, grid, variants=None) -> list[
         if cfg.split_seed is None:
             cfg.split_seed = split_seed
     return out
-
-
-# ----------------------------------------------------------------------------- folds
-def make_folds(data, folds: int, seed: int) -> dict:
-    """The stratified folds of `data` as relative paths: {classes, n, val: [[path, ...] per fold]}."""
-
-    index = mdata.scan_dataset(data, verify=True)
-    if len(index.classes) < 2:
-        raise MineralNetError(f"{str(data)!r} has {len(index.classes)} class folder(s); cross-validation needs "
-                              f"at least 2 minerals")
-    val = mdata.stratified_kfold(index.labels(), folds, seed, classes=index.classes)
-    rel = [os.path.relpath(p, index.base) for p, _ in index.samples]
-    return {"data": str(index.root), "base": str(index.base), "folds": folds, "seed": seed, "classes": list(index.classes), "n": len(rel),
-            "unreadable": len(index.bad), "val": [sorted(rel[i] for i in fold) for fold in val]}
-
-
-def load_or_save_folds(out: Path, data, folds: int, seed: int) -> dict:
-    """Compute the folds; write out/folds.json the first time, and check them against it afterwards."""
-
-    current = make_folds(data, folds, seed)
-    path = out / "folds.json"
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if {k: saved.get(k) for k in ("folds", "seed", "classes", "val")} != \
-                {k: current[k] for k in ("folds", "seed", "classes", "val")}:
-            raise MineralNetError(f"{str(path)!r} holds other folds than --data {str(data)!r} with --folds {folds} "
-                                  f"--seed {seed} gives now (photos, classes, --folds or --seed changed); "
-                                  f"use a new --out, or restore the photos and flags of that cross-validation")
-    else:
-        atomic_write_json(path, current)
-    return current
-
-
-def check_run_split(run_dir: Path, data_root, fold_val: list[str]) -> None:
-    """The run's own split must hold exactly the fold's validation photos (paths relative to `data_root`)."""
-    try:
-        got = sorted(os.path.abspath(p) for p, _ in read_split(run_dir)["splits"]["val"])
-    except MineralNetError:
-        return  # no split written yet
-    want = sorted(os.path.abspath(os.path.join(data_root, rel)) for rel in fold_val)
-    if got != want:
-        raise MineralNetError(f"{str(run_dir)!r} validates on other photos than the cv fold in folds.json; "
-                              f"delete {str(run_dir)!r} and run cv again")
 
 
 # ----------------------------------------------------------------------------- one fold
@@ -291,6 +249,8 @@ def summarize_variants(variants: list[dict], folds_run: list[int]) -> list[dict]
         v["folds_done"] = sorted(done)
         for key in ("top1", "mean_class_acc", "top3"):
             v[f"{key}_mean"], v[f"{key}_std"] = _mean_std(done[i].get(key) for i in sorted(done))
+        if all("per_class" in f for f in v["folds"]) and v["folds"]:
+            v["per_class"] = pool_per_class([f["per_class"] for f in v["folds"]], list(v["folds"][0]["per_class"]))
         if v is base:
             continue
         bdone = {f["fold"]: f for f in base["folds"]}
@@ -351,11 +311,28 @@ def results_markdown(summary: dict) -> str:
         lines.append(f"| {v['name']} | {_pct(*lt)} | {_pct(*lm)} | {', '.join(map(str, ep)) or '-'} | "
                      f"{(sum(secs) / len(secs) / 60):.1f} |" if secs else
                      f"| {v['name']} | {_pct(*lt)} | {_pct(*lm)} | {', '.join(map(str, ep)) or '-'} | - |")
+    lines += per_class_markdown(variants)
     lines += ["", f"Runs: `{summary['out']}/<variant>/fold<i>/` (each a full training run; "
                   f"`mineralnet explain RUN --data DATA` shows its pictures)."]
     if summary.get("command"):
         lines += ["", "Command:", "", "```", summary["command"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def per_class_markdown(variants: list[dict]) -> list[str]:
+    """Per-class accuracy pooled over the folds in which the class was validated (correct / photos)."""
+    if not all(v.get("per_class") for v in variants):
+        return []
+    lines = ["", "Per-class accuracy (%), pooled over the folds in which the class was validated (its correct "
+                 "photos / its validation photos over those folds); a class with fewer photos than folds is "
+                 "validated in fewer folds. mAP per fold is the mean over the classes present in that fold.", "",
+             "| Class | Folds | Photos | " + " | ".join(v["name"] for v in variants) + " |",
+             "|---|---|---|" + "---|" * len(variants)]
+    for i, row in enumerate(variants[0]["per_class"]):
+        accs = [v["per_class"][i]["accuracy"] for v in variants]
+        lines.append(f"| {row['class']} | {row['folds']} | {row['photos']} | "
+                     + " | ".join("-" if a is None else f"{100 * a:.1f}" for a in accs) + " |")
+    return lines
 
 
 def write_results(out: Path, summary: dict) -> None:
@@ -374,7 +351,8 @@ def cross_validate(base: dict, **kwargs) -> dict:
 
 
 def _cross_validate(base: dict, *, config: str | None = None, grid=None, variants=None, folds: int = DEFAULT_FOLDS,
-                    only_folds=None, launcher: str | None = None, command: str | None = None) -> dict:
+                    only_folds=None, launcher: str | None = None, command: str | None = None,
+                    drop_rare: int = 0) -> dict:
     """Run (or resume) the cross-validation and write results.md/json. Returns the summary dict.
 
     Args:
@@ -384,6 +362,7 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
         variants: [{field: value}] from `parse_variants`: explicit cells, each crossed with the grid.
         folds: K (at least 2). only_folds: run just these fold indices (a time budget).
         launcher: e.g. "accelerate launch --multi_gpu --num_processes 8": train each fold in a subprocess.
+        drop_rare: leave out the classes with fewer photos (reported); 0 keeps every class.
     """
     if folds is None or int(folds) < 2:
         raise MineralNetError(f"--folds {folds} must be at least 2 (the paper uses 10)")
@@ -398,17 +377,20 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
         raise MineralNetError(f"--only-folds {','.join(map(str, only_folds or []))} must name folds in 0..{folds - 1}")
     out = Path(base["out"])
     grid = grid or []
-    variants = build_variants({**base, "folds": folds, "fold": 0}, config, grid, variants)
-    seed = variants[0][1].data_seed
     out.mkdir(parents=True, exist_ok=True)
-    fold_info = load_or_save_folds(out, base["data"], folds, seed)
+    index, train_data, dropped = select_photos(base["data"], int(drop_rare or 0), out)
+    variants = build_variants({**base, "data": train_data, "folds": folds, "fold": 0}, config, grid, variants)
+    seed = variants[0][1].data_seed
+    fold_info = load_or_save_folds(out, index, folds, seed, group_duplicates=variants[0][1].group_duplicates)
+    announce(fold_info, dropped)
 
     records = [{"name": variant_name(cell), "slug": variant_slug(cell), "overrides": cell, "folds": []}
                for cell, _ in variants]
     summary = {"data": fold_info["data"], "n": fold_info["n"], "classes": fold_info["classes"], "folds": folds,
                "seed": seed, "folds_run": fold_ids, "grid": [[n, v] for n, v in grid],
                "variant_specs": [variant_name(c) for c, _ in variants], "out": str(out),
-               "config": config, "launcher": launcher, "command": command, "variants": records}
+               "config": config, "launcher": launcher, "command": command, "variants": records,
+               "dropped_classes": dropped, "small_classes": fold_info.get("small_classes", {})}
     total, t0 = len(fold_ids) * len(variants), time.perf_counter()
     done_count = 0
     for fi, fold in enumerate(fold_ids):
@@ -434,7 +416,7 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
             else:
                 print(f"{tag}: already finished (Top1 {100 * result['top1']:.2f}%), not re-run", flush=True)
             check_run_split(run_dir, fold_info.get("base") or fold_info["data"], fold_info["val"][fold])
-            rec["folds"].append({"fold": fold, **result})
+            rec["folds"].append({"fold": fold, **result, "per_class": fold_per_class(run_dir)})
             summarize_variants(records, fold_ids)
             summary["wall_seconds_this_call"] = time.perf_counter() - t0
             write_results(out, summary)
@@ -459,6 +441,9 @@ def add_arguments(parser) -> None:
                          "\"stages=4 loss=ce\" --variant \"stages=2,4 loss=wtopk\"; crossed with --grid if both")
     cv.add_argument("--only-folds", default=None, metavar="I,J",
                     help="run only these folds of the K (e.g. 0,1,2 to fit a time budget); the split stays K-fold")
+    cv.add_argument("--drop-rare", type=int, default=0, metavar="N",
+                    help="leave out the classes with fewer than N photos (listed when cv starts); a class with a "
+                         "single photo cannot be cross-validated, so N >= 2 lets such a collection run")
     cv.add_argument("--launcher", default=None, metavar="CMD",
                     help="run each fold as `CMD launch/train.py ...` in a subprocess, e.g. "
                          "\"accelerate launch --multi_gpu --num_processes 8\" (default: in this process)")
@@ -495,5 +480,5 @@ def run(args) -> int:
     only = _parse_int_list(args.only_folds, "--only-folds") if args.only_folds else None
     command = "mineralnet cv " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "cv" else None
     cross_validate(fields, config=args.config, grid=grid, variants=variants, folds=folds, only_folds=only,
-                   launcher=args.launcher, command=command)
+                   launcher=args.launcher, command=command, drop_rare=args.drop_rare)
     return 0

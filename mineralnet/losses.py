@@ -12,6 +12,13 @@ sample's alpha/(N - n_hard). alpha=0 is the top-k loss; k=1 or alpha=1 is plain 
 Under DDP, scope="global" selects the hard samples over the whole global batch (per-sample losses
 gathered from every process), so R processes compute exactly the loss and gradient of one process
 on the concatenated batch; scope="local" mines within each process's share only.
+
+Logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021, Eq. 10): the
+training loss sees logits + tau * log(prior), prior = the class mix of the training batches; prediction
+uses the plain logits. A frequent class must then win by a margin, a rare one less so, which moves the
+decision boundaries towards the balanced error. Any loss here can be wrapped (`LogitAdjustedLoss`).
+With the weighted top-k loss, the hard samples are ranked by their adjusted losses: a rare-class photo
+counts as harder than a frequent-class photo with the same plain loss, so mining favours the tail.
 """
 from __future__ import annotations
 
@@ -176,11 +183,47 @@ class CenterLoss(nn.Module):
         return cross_entropy_loss(logits, targets, self.label_smoothing) + self.weight * self.center_term(features, targets)
 
 
+def logit_adjust(logits: torch.Tensor, prior, tau: float) -> torch.Tensor:
+    """logits (B, C) + tau * log(prior) (C,); a class of prior 0 is treated as prior 1e-12."""
+    log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float32, device=logits.device).clamp_min(1e-12))
+    return _at_least_fp32(logits) + tau * log_prior
+
+
+class LogitAdjustedLoss(nn.Module):
+    """`loss` computed on logit-adjusted logits (training only; the model's logits are left as they are)."""
+
+    def __init__(self, loss: nn.Module, prior, tau: float = 1.0):
+        super().__init__()
+        prior = torch.as_tensor(prior, dtype=torch.float32)
+        if prior.ndim != 1 or not torch.isfinite(prior).all() or (prior < 0).any() or prior.sum() <= 0:
+            raise MineralNetError(f"logit adjustment needs one non-negative prior per class, got {prior.tolist()}")
+        self.loss, self.tau = loss, float(tau)
+        self.register_buffer("prior", prior / prior.sum(), persistent=False)
+
+    def forward(self, logits, targets, features=None):
+        return self.loss(logit_adjust(logits, self.prior, self.tau), targets, features)
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}"
+
+
 def build_loss(name: str, *, k: float = 0.5, alpha: float = 0.2, scope: str = "global",
                num_classes: int | None = None, feature_dim: int | None = None,
-               center_weight: float = 0.01, label_smoothing: float = 0.0, equal_sizes: bool = False) -> nn.Module:
-    """The loss module for a config's `loss` field: ce, topk, wtopk or center (`equal_sizes`: see
-    weighted_topk_loss)."""
+               center_weight: float = 0.01, label_smoothing: float = 0.0,
+               logit_adjust: float = 0.0, prior=None) -> nn.Module:
+    """The loss module for a config's `loss` field: ce, topk, wtopk or center; with `logit_adjust` (tau) > 0,
+    wrapped in `LogitAdjustedLoss` with the class `prior` of the training batches."""
+    loss = _build_plain_loss(name, k=k, alpha=alpha, scope=scope, num_classes=num_classes, feature_dim=feature_dim,
+                             center_weight=center_weight, label_smoothing=label_smoothing)
+    if not logit_adjust:
+        return loss
+    if prior is None:
+        raise MineralNetError("logit adjustment needs the class prior of the training photos")
+    return LogitAdjustedLoss(loss, prior, logit_adjust)
+
+
+def _build_plain_loss(name: str, *, k, alpha, scope, num_classes, feature_dim, center_weight,
+                      label_smoothing, equal_sizes=False) -> nn.Module:
     if name == "ce":
         return CrossEntropyLoss(label_smoothing)
     if name == "topk":

@@ -1,8 +1,16 @@
-"""`mineralnet data check DIR` (counts, unreadable files, optional mean/std) and `mineralnet data demo`."""
+"""`mineralnet data check DIR` (counts, unreadable files, optional mean/std and near-duplicates) and
+`mineralnet data demo`."""
 from __future__ import annotations
 
 
+import json
+import os
+from pathlib import Path
+
 from mineralnet.data.demo import make_demo_dataset
+from mineralnet.data.duplicates import DEFAULT_MAX_DISTANCE, hash_photos, near_duplicate_pairs
+from mineralnet.data.splits import load_splits
+from mineralnet.errors import MineralNetError
 from mineralnet.data.scan import identical_groups, scan_dataset
 from mineralnet.data.stats import channel_stats
 
@@ -13,6 +21,16 @@ def add_arguments(parser) -> None:
                                          "(exit 1 if any file is unreadable or a class is empty)")
     check.add_argument("path", metavar="DIR", help="class-folder root (DIR/<class>/*.jpg) or CSV manifest (path,label)")
     check.add_argument("--stats", action="store_true", help="also print the RGB mean/std (0..1) used to normalise")
+    check.add_argument("--duplicates", action="store_true",
+                       help="also list near-duplicate photos (perceptual hash: re-encoded, resized or slightly "
+                            "cropped copies) within a class, across classes (probable label errors) and, with "
+                            "--split, across a run's or cv folder's train/validation split")
+    check.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE, metavar="BITS",
+                       help=f"near-duplicate threshold in bits of the 128-bit hash (default {DEFAULT_MAX_DISTANCE}; "
+                            f"lower = stricter)")
+    check.add_argument("--split", default=None, metavar="RUN_OR_CV",
+                       help="with --duplicates: a training run (split.json) or cv folder (folds.json) whose "
+                            "validation photos are checked against its training photos")
     demo = sub.add_parser("demo", help="write the synthetic demo set (reused if present) and print its folder")
     demo.add_argument("--out", default=None, help="folder (default: $MINERALNET_CACHE or ~/.cache/mineralnet)")
     demo.add_argument("--classes", type=int, default=6, help="number of minerals (2..8; default 6)")
@@ -26,7 +44,13 @@ def run(args) -> int:
         print(make_demo_dataset(args.out, classes=args.classes, per_class=args.per_class, size=args.size,
                                 seed=args.seed))
         return 0
-    return _check(args.path, stats=args.stats)
+    if args.split and not args.duplicates:
+        raise MineralNetError("--split is read with --duplicates; add --duplicates")
+    if not 0 <= args.max_distance <= 64:
+        raise MineralNetError(f"--max-distance {args.max_distance} must be in 0..64 bits (default "
+                              f"{DEFAULT_MAX_DISTANCE})")
+    return _check(args.path, stats=args.stats, duplicates=args.max_distance if args.duplicates else None,
+                  split=args.split)
 
 
 def _report_identical(index) -> None:
@@ -44,7 +68,47 @@ def _report_identical(index) -> None:
         print(f"  ... and {len(groups) - 20} more group(s)")
 
 
-def _check(path, *, stats: bool) -> int:
+def validation_sets(split) -> list[tuple[str, set]]:
+    """[(name, validation paths)] of a run (its split.json) or a cv folder (one per fold of folds.json)."""
+    folder = Path(split)
+    if (folder / "folds.json").is_file():
+        doc = json.loads((folder / "folds.json").read_text())
+        base = doc.get("base") or doc["data"]
+        return [(f"fold {i}", {os.path.abspath(os.path.join(base, rel)) for rel in val})
+                for i, val in enumerate(doc["val"])]
+    if (folder / "split.json").is_file():
+        return [("the run's split", {p for p, _ in load_splits(folder / "split.json", check_files=False)
+                                     ["splits"].get("val", [])})]
+    raise MineralNetError(f"--split {str(split)!r} holds neither split.json (a training run) nor folds.json (a cv "
+                          f"folder); pass one of those folders")
+
+
+def _report_near_duplicates(index, max_distance: int, split=None) -> int:
+    """Print near-duplicate pairs within a class, across classes, and across a split's two sides; return
+    the number of pairs that sit across a split."""
+    samples = index.samples
+    pairs = near_duplicate_pairs(hash_photos([p for p, _ in samples]), max_distance)
+    across = [t for t in pairs if samples[t[0]][1] != samples[t[1]][1]]
+    print(f"near-duplicate photos (perceptual hash within {max_distance} of 128 bits): {len(pairs)} pair(s), "
+          f"{len(pairs) - len(across)} within a class, {len(across)} across classes (probable label errors)")
+    show = lambda t: (f"  {t[2]:>2} bits  {samples[t[0]][0]} [{index.classes[samples[t[0]][1]]}]  ~  "
+                      f"{samples[t[1]][0]} [{index.classes[samples[t[1]][1]]}]")
+    for t in (across + [t for t in pairs if t not in across])[:30]:
+        print(show(t))
+    if len(pairs) > 30:
+        print(f"  ... and {len(pairs) - 30} more pair(s)")
+    leaks = 0
+    for name, val in validation_sets(split) if split else []:
+        split_pairs = [t for t in pairs if (samples[t[0]][0] in val) != (samples[t[1]][0] in val)]
+        leaks += len(split_pairs)
+        print(f"{name}: {len(split_pairs)} near-duplicate pair(s) with one photo in validation and one in training"
+              + (" (they inflate its validation numbers)" if split_pairs else ""))
+        for t in split_pairs[:10]:
+            print(show(t))
+    return leaks
+
+
+def _check(path, *, stats: bool, duplicates: int | None = None, split=None) -> int:
     index = scan_dataset(path, verify=True, allow_empty=True)
     counts = index.counts()
     total = sum(counts.values())
@@ -64,7 +128,8 @@ def _check(path, *, stats: bool) -> int:
     if index.empty:
         print(f"classes without readable photos: {', '.join(index.empty)}")
     _report_identical(index)
+    leaks = _report_near_duplicates(index, duplicates, split) if duplicates is not None else 0
     if stats and index.samples:
         mean, std = channel_stats([p for p, _ in index.samples])
         print(f"RGB mean {[round(m, 4) for m in mean]}  std {[round(s, 4) for s in std]}  (0..1 scale, 64x64 per photo)")
-    return 1 if index.bad or index.empty else 0
+    return 1 if index.bad or index.empty or leaks else 0

@@ -27,50 +27,85 @@ def _class_name(label, classes) -> str:
     return str(classes[label]) if classes is not None and isinstance(label, int) else str(label)
 
 
-def stratified_kfold(labels, folds: int, seed: int = 0, *, classes: list[str] | None = None) -> list[list[int]]:
+def _class_units(labels, groups) -> dict:
+    """label -> the units a split moves as a whole, in index order: single photos, or with `groups`
+    (one group id per sample) the groups, each filed under the class of its first photo."""
+    if groups is None:
+        return {lab: [[i] for i in ix] for lab, ix in _groups(labels).items()}
+    if len(groups) != len(labels):
+        raise MineralNetError(f"{len(groups)} group ids for {len(labels)} photos; give one group id per photo")
+    members: dict = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    units = {lab: [] for lab in _groups(labels)}
+    for ix in sorted(members.values()):
+        units[labels[ix[0]]].append(ix)
+    return {lab: u for lab, u in units.items() if u}
+
+
+def small_classes(labels, folds: int) -> dict:
+    """{label: photos} of the classes with fewer photos than `folds` (validated in only that many folds)."""
+    return {lab: len(ix) for lab, ix in _groups(labels).items() if len(ix) < folds}
+
+
+def stratified_kfold(labels, folds: int, seed: int = 0, *, classes: list[str] | None = None,
+                     groups=None) -> list[list[int]]:
     """`folds` lists of validation indices: disjoint, covering every index, each class spread
     so that its per-fold counts differ by at most 1 (fold sizes too). Deterministic for a seed.
+    A class with fewer photos than folds (at least 2) is validated in only as many folds as it has
+    photos; a class with one photo is refused (it could never be both trained and validated).
 
     Args:
         labels: one label per sample (ints or names).
         classes: class names for integer labels, used in error messages.
+        groups: one group id per sample (e.g. near-duplicates, `duplicate_groups`): a group's photos
+            always share a fold. Without groups (or all groups single) the folds are the same.
     """
     if int(folds) < 2:
         raise MineralNetError(f"folds={folds}: cross-validation needs at least 2 folds")
-    groups = _groups(labels)
-    small = [(lab, len(ix)) for lab, ix in groups.items() if len(ix) < folds]
-    if small:
-        lab, n = min(small, key=lambda t: t[1])
+    if int(folds) > len(labels):
+        raise MineralNetError(f"{folds} folds are more than the {len(labels)} photos (a fold would validate on none); "
+                              f"use at most {len(labels)} folds")
+    single = [lab for lab, ix in _groups(labels).items() if len(ix) < 2]
+    if single:
         raise MineralNetError(
-            f"class {_class_name(lab, classes)!r} has only {n} photo(s), fewer than the {folds} folds; "
-            f"use at most {n} folds or add photos of it")
+            f"class {_class_name(single[0], classes)!r} has only 1 photo: it can never be both trained and "
+            f"validated; add photos of it, or leave such classes out (`mineralnet cv --drop-rare 2`)")
     rng = random.Random(seed)
     out: list[list[int]] = [[] for _ in range(folds)]
     start = 0  # continue the round-robin across classes so fold sizes stay within 1 as well
-    for ix in groups.values():
-        ix = list(ix)
-        rng.shuffle(ix)
-        for j, i in enumerate(ix):
-            out[(start + j) % folds].append(i)
-        start = (start + len(ix)) % folds
+    for units in _class_units(labels, groups).values():
+        units = list(units)
+        rng.shuffle(units)
+        pos = start
+        for unit in units:
+            out[pos % folds] += unit
+            pos += len(unit)
+        start = pos % folds
     return [sorted(f) for f in out]
 
 
-def stratified_split(labels, val_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def stratified_split(labels, val_fraction: float, seed: int = 0, *, groups=None) -> tuple[list[int], list[int]]:
     """(train indices, val indices): round(n * val_fraction) of each class to val, but at least
-    one (and at most n - 1) for a class with >= 2 photos. Deterministic for a seed."""
+    one (and at most n - 1) for a class with >= 2 photos. Deterministic for a seed. With `groups`
+    (one id per sample) a group's photos go to the same side (a class may then get more)."""
     if not 0 < val_fraction < 1:
         raise MineralNetError(f"validation fraction {val_fraction} must be between 0 and 1 (e.g. 0.2)")
     rng = random.Random(seed)
     train: list[int] = []
     val: list[int] = []
-    for ix in _groups(labels).values():
-        ix = list(ix)
-        rng.shuffle(ix)
-        n = len(ix)
+    for units in _class_units(labels, groups).values():
+        units = list(units)
+        rng.shuffle(units)
+        n = sum(len(u) for u in units)
         k = min(max(round(n * val_fraction), 1), n - 1) if n >= 2 else 0
-        val += ix[:k]
-        train += ix[k:]
+        taken = 0
+        for unit in units:
+            if taken < k:
+                val += unit
+                taken += len(unit)
+            else:
+                train += unit
     return sorted(train), sorted(val)
 
 

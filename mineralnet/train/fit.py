@@ -107,9 +107,11 @@ def _build_model(cfg: TrainConfig, split: DataSplit, run: RunDir, pretrained):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    prior = mdata.target_distribution(mdata.class_counts([y for _, y in split.train], len(split.classes)),
+                                      cfg.sampling)  # the class mix the batches are drawn from
     loss_fn = build_loss(cfg.loss, k=cfg.k, alpha=cfg.alpha, scope=cfg.loss_scope, num_classes=len(split.classes),
                          feature_dim=model.feature_dim, center_weight=cfg.center_weight,
-                         label_smoothing=cfg.label_smoothing,
+                         label_smoothing=cfg.label_smoothing, logit_adjust=cfg.logit_adjust, prior=prior,
                          equal_sizes=True)  # global batches split evenly, last one dropped (_check_setup)
     return model, loss_fn
 

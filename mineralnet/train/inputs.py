@@ -27,20 +27,25 @@ class DataSplit:
     split_info: dict
 
 
-def _split(cfg: TrainConfig, index):
+def _split(cfg: TrainConfig, index, run: RunDir):
     """(train samples, val samples, split info, unreadable) as the config asks."""
     samples, labels = index.samples, index.labels()
     if cfg.val_data:
         vindex = mdata.scan_dataset(cfg.val_data, verify=True, classes=index.classes)
         return samples, vindex.samples, {"kind": "val_data", "val_data": str(cfg.val_data)}, list(vindex.bad)
+    groups, merged = mdata.duplicate_groups(samples) if cfg.group_duplicates else (None, 0)
+    if merged and run.is_main:
+        print(f"split: {merged} group(s) of near-duplicate photos kept on one side of the split (`mineralnet data "
+              f"check {cfg.data} --duplicates` lists them; --no-group-duplicates turns this off)", flush=True)
     if cfg.folds:
-        folds = mdata.stratified_kfold(labels, cfg.folds, seed=cfg.data_seed)
+        folds = mdata.stratified_kfold(labels, cfg.folds, seed=cfg.data_seed, classes=index.classes, groups=groups)
         val_idx = set(folds[cfg.fold])
         train = [s for i, s in enumerate(samples) if i not in val_idx]
         val = [s for i, s in enumerate(samples) if i in val_idx]
-        return train, val, {"kind": "kfold", "folds": cfg.folds, "fold": cfg.fold, "seed": cfg.data_seed}, []
-    tr_idx, va_idx = mdata.stratified_split(labels, cfg.val_split, seed=cfg.data_seed)
-    info = {"kind": "val_split", "val_split": cfg.val_split, "seed": cfg.data_seed}
+        return train, val, {"kind": "kfold", "folds": cfg.folds, "fold": cfg.fold, "seed": cfg.data_seed,
+                            "duplicate_groups_merged": merged}, []
+    tr_idx, va_idx = mdata.stratified_split(labels, cfg.val_split, seed=cfg.data_seed, groups=groups)
+    info = {"kind": "val_split", "val_split": cfg.val_split, "seed": cfg.data_seed, "duplicate_groups_merged": merged}
     return [samples[i] for i in tr_idx], [samples[i] for i in va_idx], info, []
 
 
@@ -55,7 +60,7 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     if len(index.classes) < 2:
         raise MineralNetError(f"{cfg.data!r} has only {len(index.classes)} class folder(s) "
                               f"({', '.join(index.classes) or 'none'}); training needs at least 2 minerals")
-    train, val, split_info, vbad = _split(cfg, index)
+    train, val, split_info, vbad = _split(cfg, index, run)
     kept = _resumed_split(cfg, run, index, val if cfg.val_data else [])
     if kept is not None:
         train, val, split_info = kept
@@ -138,7 +143,10 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     train_ds = mdata.PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
                                   size_at=cfg.train_size_at if cfg.train_crop_min else None)
     val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
-    sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
+    if cfg.sampling == "uniform":
+        sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
+    else:
+        sampler = mdata.ClassBalancedSampler([y for _, y in split.train], cfg.sampling, cfg.seed)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
                   worker_init_fn=ignore_stop_signals if cfg.workers else None)
