@@ -69,7 +69,7 @@ def data_function(run: str, photo: Path, repeat: int) -> dict:
             "decoded size": list(image.shape[:2])}
 
 
-def browser(run: str, photo: Path, repeat: int, tmp: Path) -> dict:
+def browser(run: str, photo: Path, repeat: int, tmp: Path, shot: Path | None = None) -> dict:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -106,6 +106,8 @@ def browser(run: str, photo: Path, repeat: int, tmp: Path) -> dict:
                 lambda d: f"photo{k}.jpg" in d.find_element(By.ID, "answers").text)
             times.append((time.perf_counter() - t0) * 1e3)
             field = driver.find_elements(By.CSS_SELECTOR, "#photos input[type=file]")
+        if shot:
+            driver.save_screenshot(str(shot))
         return stats(times[2:])
     finally:
         if driver is not None:
@@ -128,7 +130,8 @@ def main(argv=None) -> int:
                   "torch_threads": __import__("torch").get_num_threads(), "load_avg": os.getloadavg(),
                   "data_function": data_function(args.run, photo, args.repeat)}
         if args.browser:
-            result["browser"] = browser(args.run, photo, args.repeat, Path(tmp))
+            shot = Path(args.json).with_suffix(".png") if args.json else None  # the page after the last answer
+            result["browser"] = browser(args.run, photo, args.repeat, Path(tmp), shot)
         result["load_avg_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     print(text)

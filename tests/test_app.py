@@ -31,11 +31,17 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, photos):
-    """A calibrated tiny run with an fp32 ONNX export in RUN/export/."""
+    """A calibrated tiny run."""
     run = _run(tmp_path_factory, photos, "apprun")
     assert main(["calibrate", str(run)]) == 0
-    export(run, ["onnx"], ExportOptions())
     return run
+
+
+@pytest.fixture(scope="module")
+def onnx_model(run):
+    """The run's fp32 ONNX export, RUN/export/model.onnx."""
+    export(run, ["onnx"], ExportOptions())
+    return run / "export" / "model.onnx"
 
 
 def _predict_json(capsys, model, paths, coverage=0.9):
@@ -45,8 +51,8 @@ def _predict_json(capsys, model, paths, coverage=0.9):
 
 
 @pytest.mark.parametrize("form", ["run", "onnx"])
-def test_page_fields_equal_predict_json(run, photos, capsys, form):
-    model = run if form == "run" else run / "export" / "model.onnx"
+def test_page_fields_equal_predict_json(run, photos, capsys, form, request):
+    model = run if form == "run" else request.getfixturevalue("onnx_model")
     paths = _photos(photos)[::7]
     page = Page(model)
     expected = _predict_json(capsys, model, paths)
@@ -107,10 +113,10 @@ def test_photo_count_is_capped(run, photos):
     assert out[2]["file"] == "1 more photo(s)" and "only 2 photos" in out[2]["reason"]
 
 
-def test_model_card_counts_training_photos_from_the_split(run):
+def test_model_card_counts_training_photos_from_the_split(run, onnx_model):
     split = json.loads((run / "split.json").read_text())
     want = {c: sum(Path(p).parent.name == c for p in split["train"]) for c in split["classes"]}
-    for model in (run, run / "export" / "model.onnx"):
+    for model in (run, onnx_model):
         card = Page(model).card
         assert card["train_photos"] == want and sum(want.values()) == 24
         assert card["backbone"] == "resnet18" and card["stages"] == [2, 4] and card["calibrated"]
@@ -213,10 +219,12 @@ def _upload(driver, path, expect: str, timeout: float = 300) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # importing torch and Gradio in the server takes minutes on a busy 2-core machine
 def test_the_page_in_headless_chromium_answers_as_predict_does(run, photos, tmp_path, capsys):
     chrome, chromedriver = _browser()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
 
     photo = _photos(photos)[-1]
     want = _predict_json(capsys, run, [photo])[0]
@@ -238,6 +246,8 @@ def test_the_page_in_headless_chromium_answers_as_predict_does(run, photos, tmp_
         text = _upload(driver, photo, prob)
         assert f"{name}\n{prob}" in text or f"{name} {prob}" in text, text
         assert "candidate set: " + ", ".join(want["set"]) in text
+        cams = driver.find_elements(By.CSS_SELECTOR, "#answers img.mn-cam")  # the Grad-CAM overlay, drawn
+        assert len(cams) == 1 and driver.execute_script("return arguments[0].naturalWidth", cams[0]) == 320
         assert any(Path(p).name.startswith("mineralnet-app-") for p in tmp.iterdir())  # uploads go here
         notes = tmp_path / "notes.jpg"
         notes.write_text("field notes, not a photo\n")
