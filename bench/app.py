@@ -82,7 +82,7 @@ def browser(run: str, photo: Path, repeat: int, tmp: Path, shot: Path | None = N
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1100,1500"):
         options.add_argument(arg)
     driver = None
     try:
@@ -94,10 +94,11 @@ def browser(run: str, photo: Path, repeat: int, tmp: Path, shot: Path | None = N
             except OSError:
                 time.sleep(0.5)
         driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-        driver.get(f"http://127.0.0.1:{port}/")
-        field = WebDriverWait(driver, 120).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#photos input[type=file]"))
         times = []
-        for k in range(repeat + 2):  # a new name each time, so each upload is a change the page answers
+        for k in range(repeat + 2):  # a fresh page each time, so each answer is for this one photo only
+            driver.get(f"http://127.0.0.1:{port}/")
+            field = WebDriverWait(driver, 120).until(
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#photos input[type=file]"))
             copy = tmp / f"photo{k}.jpg"
             shutil.copyfile(photo, copy)
             t0 = time.perf_counter()
@@ -105,7 +106,6 @@ def browser(run: str, photo: Path, repeat: int, tmp: Path, shot: Path | None = N
             WebDriverWait(driver, 120, poll_frequency=0.02).until(
                 lambda d: f"photo{k}.jpg" in d.find_element(By.ID, "answers").text)
             times.append((time.perf_counter() - t0) * 1e3)
-            field = driver.find_elements(By.CSS_SELECTOR, "#photos input[type=file]")
         if shot:
             driver.save_screenshot(str(shot))
         return stats(times[2:])
