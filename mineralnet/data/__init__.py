@@ -5,6 +5,8 @@
     stats.py       channel_stats(paths) -> RGB mean/std
     transforms.py  build_transforms(...) -> img -> (3, S, S) float32 tensor; BatchMix (CutMix/mixup)
     datasets.py    PhotoDataset (optional RAM cache), EpochShuffleSampler
+    device_augment.py  CanvasDataset (uint8 photos) + DeviceAugment (the training augmentation as batched
+                   tensor ops on the training device)
     splits.py      stratified_kfold / stratified_split / save_splits / load_splits
     demo.py        make_demo_dataset() -> a small synthetic mineral set for demos and tests
     cli.py         `mineralnet data check|demo`
@@ -18,6 +20,7 @@ from mineralnet.data.stats import channel_stats
 from mineralnet.data.transforms import (BatchMix, EvalTransform, Transform, TrainTransform, build_transforms,
                                         eval_resize, warp_crop)
 from mineralnet.data.datasets import EpochShuffleSampler, ImageDataset, PhotoDataset
+from mineralnet.data.device_augment import CanvasDataset, DeviceAugment, RawPhotos
 from mineralnet.data.splits import SPLITS_FORMAT, load_splits, save_splits, stratified_kfold, stratified_split
 from mineralnet.data.demo import DEMO_MINERALS, make_demo_dataset
 
@@ -27,6 +30,7 @@ __all__ = [
     "channel_stats",
     "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "eval_resize", "warp_crop",
     "EpochShuffleSampler", "ImageDataset", "PhotoDataset", "identical_groups",
+    "CanvasDataset", "DeviceAugment", "RawPhotos",
     "SPLITS_FORMAT", "load_splits", "save_splits", "stratified_kfold", "stratified_split",
     "DEMO_MINERALS", "make_demo_dataset",
 ]
