@@ -160,24 +160,24 @@ def affine_matrices(boxes: torch.Tensor, angles: torch.Tensor, flips: torch.Tens
     return torch.stack([row0, row1], 1)
 
 
-def _reflect101(i: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Pixel index reflected into [0, last] as OpenCV's BORDER_REFLECT_101 (edge pixel not repeated)."""
-    period = 2 * last.clamp(min=1)
-    t = torch.remainder(i, period)
-    return torch.minimum(t, period - t).clamp(max=last)
-
-
 def warp(pixels: torch.Tensor, info: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, side, side, 3) uint8 canvases -> (B, 3, size, size) float32 on the 0..255 scale, bilinear."""
+    """(B, side, side, 3) uint8 canvases -> (B, 3, size, size) float32 on the 0..255 scale, bilinear, each
+    sample through its own `theta` (B, 2, 3) (see `affine_matrices`); reflected at the photo's edges."""
     B, side = pixels.shape[0], pixels.shape[1]
+    theta = theta.float()
     t = torch.arange(size, dtype=torch.float32, device=pixels.device) + (0.5 - size / 2)
-    ty, tx = torch.meshgrid(t, t, indexing="ij")
-    base = torch.stack([tx, ty, torch.ones_like(tx)], -1).reshape(1, size * size, 3)
-    pos = (base @ theta.float().transpose(1, 2)).reshape(B, size, size, 2)  # source positions, pixels
-    last = (info[:, [2, 1]] - 1).float().reshape(B, 1, 1, 2)  # (width - 1, height - 1)
-    idx = _reflect101(pos - 0.5, last)
-    grid = (idx + 0.5) * (2.0 / side) - 1.0  # grid_sample's align_corners=False coordinates
-    img = pixels.permute(0, 3, 1, 2).float()
+    idx = torch.empty((B, size, size, 2), device=pixels.device)  # source pixel index (x, y) per output pixel
+    for k in range(2):  # separable: theta[k, 0] * t[col] + (theta[k, 1] * t[row] + theta[k, 2] - 0.5)
+        across = theta[:, k, 0, None] * t
+        down = theta[:, k, 1, None] * t + (theta[:, k, 2, None] - 0.5)
+        torch.add(across[:, None, :], down[:, :, None], out=idx[..., k])
+    # BORDER_REFLECT_101 into [0, last]: last - |last - |i||, exact for i in [-last, 2 last], which a crop
+    # inside the photo never leaves (clamped beyond); fused with grid_sample's coordinate map
+    # g = (2 i + 1) / side - 1 (align_corners=False), as in-place passes over the (B, size, size, 2) grid
+    last = (info[:, [2, 1]] - 1).to(idx).reshape(B, 1, 1, 2)  # (width - 1, height - 1)
+    lo, hi = 1.0 / side - 1.0, (2 * last + 1) / side - 1.0  # g of index 0 and of index last
+    grid = idx.abs_().sub_(last).abs_().mul_(-2.0 / side).add_(hi).clamp_(min=lo)
+    img = pixels.permute(0, 3, 1, 2).float()  # channels_last view of the HWC canvases
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -220,7 +220,9 @@ class DeviceAugment:
         S = self.image_size
         theta = affine_matrices(*self.params(info), S)
         out = warp(pixels, info, theta, S)
-        mean = torch.tensor(self.mean, device=out.device).reshape(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=out.device).reshape(1, 3, 1, 1)
-        out = (out / 255.0 - mean) / std  # the worker pipeline's (v / 255 - mean) / std
-        return out.contiguous(memory_format=torch.channels_last)
+        # the worker pipeline's (v / 255 - mean) / std, written straight into a channels_last tensor
+        std = torch.tensor(self.std, dtype=torch.float64)
+        scale = (1.0 / (255.0 * std)).float().reshape(1, 3, 1, 1).to(out.device)
+        shift = (-torch.tensor(self.mean, dtype=torch.float64) / std).float().reshape(1, 3, 1, 1).to(out.device)
+        normalised = torch.empty_like(out, memory_format=torch.channels_last)
+        return torch.addcmul(shift, out, scale, out=normalised)
