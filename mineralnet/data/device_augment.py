@@ -131,7 +131,7 @@ def draw_params(info: torch.Tensor, *, scale, ratio, rotate_limit: float, hflip:
     aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[:, TRIES:2 * TRIES])
     w, h = torch.sqrt(target * aspect), torch.sqrt(target / aspect)  # (B, TRIES)
     fits = (w <= W) & (h <= H)
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # the first try that fits
+    first = (~fits).long().cumprod(1).sum(1, keepdim=True).clamp(max=TRIES - 1)  # the first try that fits
     found = fits.any(1)
     H, W = H[:, 0], W[:, 0]
     # centre-crop fallback: the whole photo, cut to the nearest allowed aspect ratio
@@ -200,6 +200,10 @@ class DeviceAugment:
         self.image_size, self.mean, self.std, self.size_at = int(image_size), mean, std, size_at
         self.scale, self.ratio = (float(scale[0]), float(scale[1])), (float(ratio[0]), float(ratio[1]))
         self.rotate_limit, self.hflip = float(rotate_limit), bool(hflip)
+        # the worker pipeline's (v / 255 - mean) / std as v * scale + shift; copied to each device once
+        std = torch.tensor(std, dtype=torch.float64)
+        self._affine = {"cpu": ((1.0 / (255.0 * std)).float().reshape(1, 3, 1, 1),
+                                (-torch.tensor(mean, dtype=torch.float64) / std).float().reshape(1, 3, 1, 1))}
 
     def __repr__(self):
         return (f"DeviceAugment(image_size={self.image_size}, scale={self.scale}, rotate_limit={self.rotate_limit}, "
@@ -220,9 +224,9 @@ class DeviceAugment:
         S = self.image_size
         theta = affine_matrices(*self.params(info), S)
         out = warp(pixels, info, theta, S)
-        # the worker pipeline's (v / 255 - mean) / std, written straight into a channels_last tensor
-        std = torch.tensor(self.std, dtype=torch.float64)
-        scale = (1.0 / (255.0 * std)).float().reshape(1, 3, 1, 1).to(out.device)
-        shift = (-torch.tensor(self.mean, dtype=torch.float64) / std).float().reshape(1, 3, 1, 1).to(out.device)
-        normalised = torch.empty_like(out, memory_format=torch.channels_last)
+        key = str(out.device)
+        if key not in self._affine:
+            self._affine[key] = tuple(t.to(out.device) for t in self._affine["cpu"])
+        scale, shift = self._affine[key]
+        normalised = torch.empty_like(out, memory_format=torch.channels_last)  # normalise and change layout at once
         return torch.addcmul(shift, out, scale, out=normalised)
