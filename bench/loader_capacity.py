@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -29,23 +28,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mineralnet import data as mdata
+from mineralnet.bench.environment import environment
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.25]
-
-
-def _cpu() -> dict:
-    info = {"model": platform.processor() or "?", "flags": []}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                info["model"] = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                info["flags"] = sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_vnni"))
-                break
-    except OSError:
-        pass
-    return info
 
 
 def _timed(fn, n_images: int) -> float:
@@ -105,10 +90,11 @@ def main(argv=None) -> int:
     cv2.setNumThreads(1)
     samples = mdata.scan_dataset(args.data).samples[: args.n]
     r = measure(samples, args.image_size, args.batch, args.repeats)
-    r.update(cpu=_cpu(), torch=torch.__version__, opencv=cv2.__version__, command=" ".join(sys.argv))
+    r.update(environment=environment(), opencv=cv2.__version__, command=" ".join(sys.argv))
+    cpu = r["environment"]["cpu"]
     print(markdown(r))
-    print(f"\nCPU: {r['cpu']['model']}; flags: {' '.join(r['cpu']['flags']) or 'none of amx/avx512_bf16/avx512_vnni'}; "
-          f"torch {r['torch']}, OpenCV {r['opencv']}, 1 thread")
+    print(f"\nCPU: {cpu['model']}; SIMD: {' '.join(cpu['simd'])}; torch {torch.__version__}, OpenCV {cv2.__version__}, "
+          f"1 thread; load average {r['environment']['load_average']}")
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
