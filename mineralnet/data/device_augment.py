@@ -166,17 +166,18 @@ def warp(pixels: torch.Tensor, info: torch.Tensor, theta: torch.Tensor, size: in
     B, side = pixels.shape[0], pixels.shape[1]
     theta = theta.float()
     t = torch.arange(size, dtype=torch.float32, device=pixels.device) + (0.5 - size / 2)
-    idx = torch.empty((B, size, size, 2), device=pixels.device)  # source pixel index (x, y) per output pixel
-    for k in range(2):  # separable: theta[k, 0] * t[col] + (theta[k, 1] * t[row] + theta[k, 2] - 0.5)
-        across = theta[:, k, 0, None] * t
-        down = theta[:, k, 1, None] * t + (theta[:, k, 2, None] - 0.5)
-        torch.add(across[:, None, :], down[:, :, None], out=idx[..., k])
+    # source pixel index (x, y) of every output pixel, planar (B, 2, size, size): separable, as
+    # theta[:, :, 0] t[col] + (theta[:, :, 1] t[row] + theta[:, :, 2] - 0.5)
+    across = theta[:, :, 0, None] * t
+    down = theta[:, :, 1, None] * t + (theta[:, :, 2, None] - 0.5)
+    idx = torch.add(across[:, :, None, :], down[:, :, :, None])
     # BORDER_REFLECT_101 into [0, last]: last - |last - |i||, exact for i in [-last, 2 last], which a crop
     # inside the photo never leaves (clamped beyond); fused with grid_sample's coordinate map
-    # g = (2 i + 1) / side - 1 (align_corners=False), as in-place passes over the (B, size, size, 2) grid
-    last = (info[:, [2, 1]] - 1).to(idx).reshape(B, 1, 1, 2)  # (width - 1, height - 1)
+    # g = (2 i + 1) / side - 1 (align_corners=False), as in-place passes (planar: several times faster on
+    # CPU than over interleaved (x, y) pairs)
+    last = (info[:, [2, 1]] - 1).to(idx).reshape(B, 2, 1, 1)  # (width - 1, height - 1)
     lo, hi = 1.0 / side - 1.0, (2 * last + 1) / side - 1.0  # g of index 0 and of index last
-    grid = idx.abs_().sub_(last).abs_().mul_(-2.0 / side).add_(hi).clamp_(min=lo)
+    grid = idx.abs_().sub_(last).abs_().mul_(-2.0 / side).add_(hi).clamp_(min=lo).permute(0, 2, 3, 1)
     img = pixels.permute(0, 3, 1, 2).float()  # channels_last view of the HWC canvases
     return F.grid_sample(img, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -228,5 +229,4 @@ class DeviceAugment:
         if key not in self._affine:
             self._affine[key] = tuple(t.to(out.device) for t in self._affine["cpu"])
         scale, shift = self._affine[key]
-        normalised = torch.empty_like(out, memory_format=torch.channels_last)  # normalise and change layout at once
-        return torch.addcmul(shift, out, scale, out=normalised)
+        return torch.addcmul(shift, out, scale).contiguous(memory_format=torch.channels_last)
