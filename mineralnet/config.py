@@ -86,6 +86,10 @@ class TrainConfig:
     mix_prob: float = _f(1.0, "probability that a batch is mixed when --mixup/--cutmix are on")
     normalize: str = _f("dataset", "'dataset' = mean/std of the training split (the paper), 'imagenet'",
                         choices=("dataset", "imagenet"))
+    augment_on: str = _f("auto", "where training augmentation runs: 'workers' (per photo, in the loader, on CPU), "
+                                 "'device' (the loader ships uint8 photos; crop, rotation, flip and normalisation run "
+                                 "batched on the training device), 'auto' = device when --cache-images and a CUDA GPU "
+                                 "are there, else workers", choices=("auto", "workers", "device"))
     # --- optimisation ---
     epochs: int = _f(100, "training epochs")
     batch_size: int = _f(50, "GLOBAL batch size, split evenly over the processes")
@@ -163,6 +167,8 @@ class TrainConfig:
         need(self.optimizer in ("sgd", "adamw"), f"--optimizer {self.optimizer!r} must be sgd or adamw")
         need(self.scheduler in ("plateau", "cosine", "none"), f"--scheduler {self.scheduler!r} must be plateau, cosine or none")
         need(self.normalize in ("dataset", "imagenet"), f"--normalize {self.normalize!r} must be dataset or imagenet")
+        need(self.augment_on in ("auto", "workers", "device"),
+             f"--augment-on {self.augment_on!r} must be auto, workers or device")
         need(self.epochs >= 1, f"--epochs {self.epochs} must be at least 1")
         need(self.batch_size >= 1, f"--batch-size {self.batch_size} must be at least 1")
         need(self.lr > 0, f"--lr {self.lr} must be positive")

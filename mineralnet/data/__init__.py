@@ -6,6 +6,8 @@
     transforms.py  build_transforms(...) -> img -> (3, S, S) float32 tensor; BatchMix (CutMix/mixup)
     datasets.py    PhotoDataset (optional RAM cache), EpochShuffleSampler
     balance.py     ClassBalancedSampler, target_distribution (sqrt / balanced class mix)
+    device_augment.py  CanvasDataset (uint8 photos) + DeviceAugment (the training augmentation as batched
+                   tensor ops on the training device)
     splits.py      stratified_kfold / stratified_split / save_splits / load_splits
     duplicates.py  perceptual hashes, near_duplicate_pairs, duplicate_groups (splits keep groups together)
     demo.py        make_demo_dataset() -> a small synthetic mineral set for demos and tests
@@ -20,6 +22,7 @@ from mineralnet.data.stats import channel_stats
 from mineralnet.data.transforms import (BatchMix, EvalTransform, Transform, TrainTransform, build_transforms,
                                         eval_resize, warp_crop)
 from mineralnet.data.datasets import EpochShuffleSampler, ImageDataset, PhotoDataset
+from mineralnet.data.device_augment import CanvasDataset, DeviceAugment, RawPhotos
 from mineralnet.data.balance import SAMPLING, ClassBalancedSampler, class_counts, target_distribution
 from mineralnet.data.splits import (SPLITS_FORMAT, load_splits, save_splits, small_classes, stratified_kfold,
                                     stratified_split)
@@ -33,6 +36,7 @@ __all__ = [
     "channel_stats",
     "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "eval_resize", "warp_crop",
     "EpochShuffleSampler", "ImageDataset", "PhotoDataset", "identical_groups",
+    "CanvasDataset", "DeviceAugment", "RawPhotos",
     "SAMPLING", "ClassBalancedSampler", "class_counts", "target_distribution",
     "SPLITS_FORMAT", "load_splits", "save_splits", "small_classes", "stratified_kfold", "stratified_split",
     "DEFAULT_MAX_DISTANCE", "duplicate_groups", "hash_photos", "near_duplicate_pairs", "photo_hash",

@@ -58,11 +58,16 @@ class PhotoDataset(Dataset):
         path, label = self.samples[i]
         img = self.cache[i] if self.cache is not None else load_image(path, min_size=self.min_size)
         if hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed((self.seed * 1_000_003 + self.epoch * 100_003 + i) % 2**32)
+            self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
         return self.transform(image=img)["image"], int(label)
 
 
 ImageDataset = PhotoDataset  # the name evaluation code and tests have used
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of sample `index` in `epoch`: the same in every process, worker and pipeline."""
+    return (seed * 1_000_003 + epoch * 100_003 + index) % 2**32
 
 
 def _downscale(img: np.ndarray, side: int) -> np.ndarray:

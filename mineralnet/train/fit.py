@@ -30,7 +30,7 @@ from mineralnet.model import FusionNet
 from mineralnet.report import write_eval_report
 from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
 from mineralnet.threads import apply_threads
-from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
+from mineralnet.train.inputs import DataSplit, build_device_augment, build_loaders, prepare_data
 from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
 from mineralnet.weights import resolve_pretrained
@@ -53,6 +53,7 @@ class TrainParts:
     mix: Any               # data.BatchMix or None
     writer: Any = None     # TensorBoard SummaryWriter on the main process
     threads: str = ""      # intra-op threads per process and why, for the header line
+    augment: Any = None    # data.DeviceAugment when augmentation runs on the device (--augment-on), else None
 
     @property
     def unwrapped(self):
@@ -140,7 +141,8 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
         mix = mdata.BatchMix(len(split.classes), mixup=cfg.mixup, cutmix=cfg.cutmix, prob=cfg.mix_prob,
                              seed=cfg.seed, rank=accelerator.process_index)
     parts = TrainParts(cfg, run, split, model, loss_fn, optimizer, train_loader, val_loader,
-                       LRControl(cfg, optimizer, len(train_loader)), Progress(), ema, mix)
+                       LRControl(cfg, optimizer, len(train_loader)), Progress(), ema, mix,
+                       augment=build_device_augment(cfg, split))
     run.write_config(cfg)
     run.write_resume_info(split.classes, accelerator.unwrap_model(model).config())
     if cfg.resume is not None:
@@ -234,6 +236,8 @@ def _set_epoch(parts: TrainParts, epoch: int) -> None:
     # does not reach our dataset, so set that too.
     parts.train_loader.set_epoch(epoch)
     parts.train_loader.dataset.set_epoch(epoch)
+    if parts.augment is not None:
+        parts.augment.set_epoch(epoch)
 
 
 def interrupted(parts: TrainParts, accelerator) -> str:

@@ -136,12 +136,16 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     # spins for seconds per image). Workers, when used, are the data parallelism.
     cv2.setNumThreads(1)
     # 1.25x the larger of the eval resize and the training crop's (unrounded) resize
-    cache_side = round(max(cfg.eval_resize, cfg.train_size / 0.875) * 1.25) if cfg.cache_images else None
+    side = round(max(cfg.eval_resize, cfg.train_size / 0.875) * 1.25)
+    cache_side = side if cfg.cache_images else None
     train_tf = mdata.build_transforms(cfg.train_size, split.mean, split.std, train=True, resize=cfg.eval_resize,
                                       scale=(cfg.scale_min, 1.0), rotate_limit=cfg.rotate, hflip=cfg.hflip)
     eval_tf = mdata.build_transforms(cfg.image_size, split.mean, split.std, train=False, resize=cfg.eval_resize)
-    train_ds = mdata.PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
-                                  size_at=cfg.train_size_at if cfg.train_crop_min else None)
+    if augment_on(cfg) == "device":  # uint8 photos letterboxed into side x side; DeviceAugment warps them
+        train_ds = mdata.CanvasDataset(split.train, side, seed=cfg.seed, cache=cfg.cache_images)
+    else:
+        train_ds = mdata.PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
+                                      size_at=cfg.train_size_at if cfg.train_crop_min else None)
     val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
     if cfg.sampling == "uniform":
         sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
@@ -153,3 +157,20 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
+
+
+def augment_on(cfg: TrainConfig) -> str:
+    """'device' or 'workers': where the training augmentation runs (auto: device when the photos are cached
+    and a CUDA GPU is there)."""
+    if cfg.augment_on != "auto":
+        return cfg.augment_on
+    return "device" if cfg.cache_images and torch.cuda.is_available() else "workers"
+
+
+def build_device_augment(cfg: TrainConfig, split: DataSplit):
+    """The train step's augmentation (a `data.DeviceAugment`) when it runs on the device, else None."""
+    if augment_on(cfg) != "device":
+        return None
+    return mdata.DeviceAugment(cfg.train_size, split.mean, split.std, scale=(cfg.scale_min, 1.0),
+                               rotate_limit=cfg.rotate, hflip=cfg.hflip,
+                               size_at=cfg.train_size_at if cfg.train_crop_min else None)

@@ -56,6 +56,8 @@ def train_one_epoch(parts, accelerator, stop: StopFlag | None = None, bar=None) 
     total_loss, images, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
     for x, y in loader:
         lr = parts.lr_control.step(progress.global_step)
+        if parts.augment is not None:  # --augment-on device: x is a RawPhotos batch of uint8 photos
+            x = parts.augment(x)
         if parts.mix is not None:
             x, y = parts.mix(x, y, progress.global_step)
         if parts.cfg.channels_last:  # the model's format: the first convolution then copies nothing
