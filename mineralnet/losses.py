@@ -209,12 +209,13 @@ class LogitAdjustedLoss(nn.Module):
 
 def build_loss(name: str, *, k: float = 0.5, alpha: float = 0.2, scope: str = "global",
                num_classes: int | None = None, feature_dim: int | None = None,
-               center_weight: float = 0.01, label_smoothing: float = 0.0,
+               center_weight: float = 0.01, label_smoothing: float = 0.0, equal_sizes: bool = False,
                logit_adjust: float = 0.0, prior=None) -> nn.Module:
-    """The loss module for a config's `loss` field: ce, topk, wtopk or center; with `logit_adjust` (tau) > 0,
-    wrapped in `LogitAdjustedLoss` with the class `prior` of the training batches."""
+    """The loss module for a config's `loss` field: ce, topk, wtopk or center (`equal_sizes`: see
+    weighted_topk_loss); with `logit_adjust` (tau) > 0, wrapped in `LogitAdjustedLoss` with the class `prior`
+    of the training batches."""
     loss = _build_plain_loss(name, k=k, alpha=alpha, scope=scope, num_classes=num_classes, feature_dim=feature_dim,
-                             center_weight=center_weight, label_smoothing=label_smoothing)
+                             center_weight=center_weight, label_smoothing=label_smoothing, equal_sizes=equal_sizes)
     if not logit_adjust:
         return loss
     if prior is None:
