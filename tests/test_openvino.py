@@ -298,3 +298,35 @@ def test_bench_data_errors_are_one_line(run_dir, tmp_path, capsys):
     assert err == ["mineralnet: error: --split needs --data DIR (the folder the run was trained on)",
                    f"mineralnet: error: --data {str(tmp_path / 'missing')!r} is not a folder; pass labelled photos "
                    f"(one sub-folder per mineral), e.g. ../shared/data/minet7"]
+
+
+def test_openvino_leaves_the_callers_signal_stack_as_it_was(tmp_path):
+    """OpenVINO's CPU plugin swaps in an alternate signal stack of its own and frees it later; a process that
+    then gets a Python-handled signal (SIGCHLD of a subprocess under torch's DataLoader handler) died with
+    SIGSEGV (the whole test suite did). compile_ir must hand the caller its own stack back. A fresh process, so
+    that the plugin is loaded here and not by an earlier test."""
+    import subprocess
+
+    script = tmp_path / "stack.py"
+    script.write_text("""
+import faulthandler, gc, signal, subprocess, sys, threading
+import numpy as np
+import openvino as ov
+import openvino.opset13 as op
+from mineralnet.export.ir import compile_ir, signal_stack
+faulthandler.enable()
+before = signal_stack()
+p = op.parameter([1, 4], np.float32)
+held = [compile_ir(ov.Model([op.relu(p)], [p]))]
+assert held[0](np.ones((1, 4), np.float32))[0].sum() == 4
+after = signal_stack()
+t = threading.Thread(target=lambda: (held.clear(), gc.collect()))  # the plugin may go from another thread
+t.start(); t.join()
+signal.signal(signal.SIGCHLD, lambda *a: None)
+for _ in range(3):
+    subprocess.run([sys.executable, "-c", "pass"], check=True)
+print(before, after)
+sys.exit(0 if after == before else 3)
+""")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.returncode, p.stdout, p.stderr[-2000:])

@@ -4,7 +4,9 @@ are in export/openvino.py.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +37,56 @@ def _ov():
     import openvino
 
     return openvino
+
+
+# OpenVINO's CPU plugin gives the thread that loads it an alternate signal stack of its own (room for AMX state)
+# and frees it when the plugin goes, from whichever thread drops the last Core, without giving the loading thread
+# its old stack back. The next signal with a Python handler (those run on the alternate stack), e.g. torch's
+# DataLoader SIGCHLD handler when any subprocess exits, then cannot be delivered and the kernel kills the
+# process with SIGSEGV, long after OpenVINO was used. So every call that may load the plugin puts the caller's
+# alternate stack back as it was (Python's faulthandler stack, sized for this CPU's state, or none at all).
+class _StackT(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+_SS_ONSTACK = 1
+
+
+def _libc():
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.sigaltstack.argtypes = [ctypes.POINTER(_StackT), ctypes.POINTER(_StackT)]
+        return libc
+    except (OSError, AttributeError):  # no sigaltstack (not Linux/glibc): nothing to guard
+        return None
+
+
+def signal_stack() -> tuple[int, int, int] | None:
+    """This thread's alternate signal stack as (address, flags, size), or None where it cannot be read."""
+    libc = _libc()
+    now = _StackT()
+    if libc is None or libc.sigaltstack(None, ctypes.byref(now)) != 0:
+        return None
+    return int(now.ss_sp or 0), int(now.ss_flags), int(now.ss_size)
+
+
+def set_signal_stack(stack: tuple[int, int, int] | None) -> None:
+    """Make `stack` (from `signal_stack()`) this thread's alternate signal stack again."""
+    libc = _libc()
+    if stack is None or libc is None or signal_stack() == stack:
+        return
+    sp, flags, size = stack
+    libc.sigaltstack(ctypes.byref(_StackT(sp or None, flags & ~_SS_ONSTACK, size)), None)
+
+
+@contextmanager
+def keep_signal_stack():
+    """Run the body (which may load OpenVINO's CPU plugin) and give this thread its signal stack back."""
+    before = signal_stack()
+    try:
+        yield
+    finally:
+        set_signal_stack(before)
 
 
 def bin_path(xml_path) -> Path:
@@ -93,7 +145,8 @@ def quantize_nncf(model, calib_images: np.ndarray, batch: int | None):
             x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
         items.append(np.ascontiguousarray(x, dtype=np.float32))
     rt = {k: model.get_rt_info([RT_INFO_KEY, k]).astype(str) for k in model.get_rt_info()[RT_INFO_KEY]}
-    quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=True)
+    with keep_signal_stack():
+        quantized = nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), fast_bias_correction=True)
     set_metadata(quantized, rt)
     return quantized
 
@@ -129,7 +182,8 @@ def compile_ir(model_or_path, *, precision: str = "fp32", threads: int | None = 
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
-        return core.compile_model(model, "CPU", config)
+        with keep_signal_stack():
+            return core.compile_model(model, "CPU", config)
     except Exception as e:
         raise MineralNetError(f"OpenVINO cannot compile the model for the CPU with precision {precision} "
                               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
