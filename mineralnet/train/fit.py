@@ -13,6 +13,7 @@ depend on the process count, the worker count, or on a resume in the middle of a
 from __future__ import annotations
 
 import shlex
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from mineralnet.errors import MineralNetError
 from mineralnet.losses import build_loss
 from mineralnet.metrics import confusion_matrix, summarize
 from mineralnet.model import FusionNet
+from mineralnet.precision import cpu_flags, resolve_precision
 from mineralnet.report import write_eval_report
 from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
 from mineralnet.threads import apply_threads
@@ -163,7 +165,10 @@ def fit(cfg: TrainConfig) -> dict:
     """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
     cfg.validate()
     threads, why = apply_threads(cfg.threads)  # before any tensor work: `accelerate launch` leaves one thread
+    cfg.precision, precision_note = resolve_precision(cfg.precision, torch.cuda.is_available(), cpu_flags())
     accelerator = make_accelerator(cfg)
+    if precision_note and accelerator.is_main_process:
+        print(f"note: {precision_note}", file=sys.stderr)
     run = None
     try:
         _check_setup(cfg, accelerator)
