@@ -209,7 +209,7 @@ def ours_step_row(args, device: str, precision: str, batch: int):
                           scheduler="none", lr=0.01)
         accelerator = make_accelerator(cfg)
         model = new_model(args, "cpu")
-        opt = build_optimizer(cfg, model.parameters())
+        opt = build_optimizer(cfg, model)
         model, opt = accelerator.prepare(model, opt)
         loader = resident_batches(args, batch, str(accelerator.device)) * 4
         parts = TrainParts(cfg, run=None, split=None, model=model, loss_fn=build_loss("wtopk"), optimizer=opt,

@@ -211,10 +211,28 @@ def create_with_state_dict(backbone: str, state_dict: dict, **kwargs) -> torch.n
     finally:
         builder_log.removeFilter(notes)
         builder_log.setLevel(level)
-    if notes.missing:
-        raise MineralNetError(f"pretrained weights left part of {backbone!r} untrained ({notes.missing[0][:160]}); "
+    arch_cfg = timm.models.get_pretrained_cfg(backbone)  # a features-only model's own cfg lost its classifier
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or getattr(arch_cfg, "classifier", None)
+    missing = _missing_outside_classifier(notes.missing, heads)
+    if missing:
+        raise MineralNetError(f"pretrained weights left part of {backbone!r} untrained (missing "
+                              f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); "
                               f"pass weights of the same timm architecture")
     return model
+
+
+def _missing_outside_classifier(messages: list[str], heads) -> list[str]:
+    """The keys named in timm's "Missing keys (...)" messages that are not the classifier's: timm drops a
+    pretrained classifier whose class count differs from the model's (it is replaced on purpose, and a
+    features-only model has none), so only a missing backbone tensor means an untrained layer."""
+    import re
+
+    heads = (heads,) if isinstance(heads, str) else tuple(heads or ())
+    keys = []
+    for msg in messages:
+        found = re.search(r"Missing keys \((.*?)\) discovered", msg)
+        keys += [k.strip() for k in found.group(1).split(",")] if found else [msg]
+    return [k for k in keys if k and not any(k == h or k.startswith(h + ".") for h in heads)]
 
 
 class _TimmLoadNotes:

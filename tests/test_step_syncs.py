@@ -20,7 +20,7 @@ def test_step_reads_back_only_every_log_every_steps_and_keeps_channels_last(monk
     accelerator = make_accelerator(cfg)
     model = FusionNet("resnet18", (2, 4), 3).to(memory_format=torch.channels_last)
     loss_fn = build_loss("wtopk", k=0.5, alpha=0.2, equal_sizes=True)
-    opt = build_optimizer(cfg, model.parameters())
+    opt = build_optimizer(cfg, model)
     g = torch.Generator().manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(24, 3, 32, 32, generator=g), torch.randint(0, 3, (24,), generator=g)),
                         batch_size=4, drop_last=True)

@@ -433,7 +433,8 @@ def test_cpu_preset_runs_on_the_real_photos(minet7_dir, tmp_path):
     meta = json.loads((out / "model.json").read_text())
     assert meta["image_size"] == 96 and meta["ema_decay"] == 0.998 and len(meta["classes"]) == 7
     assert meta["backbone"] == "resnet10t"
-    assert json.loads((out / "eval" / "metrics.json").read_text())["n"] == 332
+    n_val = len(read_split(out)["splits"]["val"])  # fold 0 of 5 over 1,656 photos: 331-333 (duplicate groups move a few)
+    assert 320 <= n_val <= 340 and json.loads((out / "eval" / "metrics.json").read_text())["n"] == n_val
 
 
 @pytest.mark.slow
