@@ -259,11 +259,13 @@ class Predictor:
 
     def predict(self, images: Sequence, topk: int = 3, batch_size: int = 32, coverage: float | None = None
                 ) -> list[Prediction]:
-        """Top-k (class name, probability), novelty, unknown and (with `coverage`) the candidate set."""
+        """Top-k (class name, probability), novelty, unknown and (with `coverage`) the candidate set, for
+        photos (paths, arrays or PIL images) or a preprocessed (N, 3, S, S) array (named "<array>")."""
         topk = max(1, min(int(topk), len(self.classes)))
+        batch = isinstance(images, np.ndarray) and images.ndim == 4
         results = []
         for start in range(0, len(images), batch_size):
-            chunk = list(images[start:start + batch_size])
+            chunk = images[start:start + batch_size] if batch else list(images[start:start + batch_size])
             ans = self.answers(chunk, coverage)
             for i, (image, p) in enumerate(zip(chunk, ans["probs"])):
                 order = np.argsort(-p, kind="stable")[:topk]
