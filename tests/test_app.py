@@ -59,11 +59,15 @@ def test_page_fields_equal_predict_json(run, photos, capsys, form, request):
     for path, want in zip(paths, expected):
         got = page.answer(path, coverage=0.9)
         assert got["file"] == Path(path).name and got["reason"] is None
-        for key in ("top", "unknown", "novelty", "set"):
-            assert got[key] == want[key], key
+        # the page answers one photo at a time, predict batches them: the same float model at another batch
+        # size may differ in the last digits (oneDNN picks kernels by shape), so numbers match to 1e-4
+        assert [t["label"] for t in got["top"]] == [t["label"] for t in want["top"]]
+        assert [t["prob"] for t in got["top"]] == pytest.approx([t["prob"] for t in want["top"]], abs=1e-4)
+        assert got["novelty"] == pytest.approx(want["novelty"], abs=1e-4)
+        assert (got["unknown"], got["set"]) == (want["unknown"], want["set"])
         assert got["verdict"].startswith(want["top"][0]["label"]) != want["unknown"]
         block = answer_html(got)
-        assert f"<td>{want['top'][0]['label']}</td><td>{100 * want['top'][0]['prob']:.1f}%</td>" in block
+        assert f"<td>{got['top'][0]['label']}</td><td>{100 * got['top'][0]['prob']:.1f}%</td>" in block
         assert "candidate set: " + ", ".join(want["set"]) in block
         if form == "run":  # Grad-CAM of the top candidate, for PyTorch runs only
             assert got["cam"].shape == (320, 320, 3) and got["cam"].dtype == np.uint8 or got["cam_note"]
