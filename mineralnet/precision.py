@@ -1,8 +1,8 @@
 """Training precision on the machine at hand: bf16 autocast only where the CPU computes bf16 natively.
 
 PyTorch runs bf16 autocast on any x86 CPU, but without bf16 instructions (AVX512-BF16 or AMX-BF16) it
-converts every operand in software: a resnet10t training step at 96 px, batch 32, took 5.6 s in bf16 against
-0.5 s in fp32 on a 2-core AVX2-only AMD EPYC (11x slower; bench/RESULTS.md). The `cpu` and `demo` presets
+converts every operand in software: our resnet10t training step at 96 px, batch 32, took 9.6 s in bf16 against
+0.51 s in fp32 on a 2-core AVX2-only AMD EPYC (19x slower; bench/RESULTS.md). The `cpu` and `demo` presets
 ask for bf16 because it pays on the AVX-512 machines they were tuned on, so on a CPU without bf16 a run
 trains in fp32 instead and says so. GPUs are left alone (Accelerate and autocast decide there).
 """
@@ -39,5 +39,5 @@ def resolve_precision(requested: str, cuda: bool, flags: Optional[Iterable[str]]
     wanted = ARM_BF16_FLAGS if machine in ("aarch64", "arm64") else BF16_FLAGS
     if flags & set(wanted):
         return requested, ""
-    return "fp32", (f"this CPU has no bf16 instructions ({' or '.join(wanted)}), where bf16 autocast runs about "
-                    f"10x slower than fp32: training in fp32 instead")
+    return "fp32", (f"this CPU has no bf16 instructions ({' or '.join(wanted)}), where bf16 autocast runs 10-20x "
+                    f"slower than fp32: training in fp32 instead")
