@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Optional
@@ -211,9 +212,7 @@ def create_with_state_dict(backbone: str, state_dict: dict, **kwargs) -> torch.n
     finally:
         builder_log.removeFilter(notes)
         builder_log.setLevel(level)
-    arch_cfg = timm.models.get_pretrained_cfg(backbone)  # a features-only model's own cfg lost its classifier
-    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or getattr(arch_cfg, "classifier", None)
-    missing = _missing_outside_classifier(notes.missing, heads)
+    missing = _missing_outside_classifier(notes.missing, _classifier_names(model, backbone)) if notes.missing else []
     if missing:
         raise MineralNetError(f"pretrained weights left part of {backbone!r} untrained (missing "
                               f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}); "
@@ -221,13 +220,20 @@ def create_with_state_dict(backbone: str, state_dict: dict, **kwargs) -> torch.n
     return model
 
 
-def _missing_outside_classifier(messages: list[str], heads) -> list[str]:
+def _classifier_names(model, backbone: str) -> tuple[str, ...]:
+    """The classifier module name(s) of `backbone` (timm's pretrained_cfg "classifier"; a features-only model's own
+    cfg has lost it, so the architecture's is the fallback)."""
+    import timm
+
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = heads or getattr(timm.models.get_pretrained_cfg(backbone), "classifier", None)
+    return (heads,) if isinstance(heads, str) else tuple(heads or ())
+
+
+def _missing_outside_classifier(messages: list[str], heads: tuple[str, ...]) -> list[str]:
     """The keys named in timm's "Missing keys (...)" messages that are not the classifier's: timm drops a
     pretrained classifier whose class count differs from the model's (it is replaced on purpose, and a
     features-only model has none), so only a missing backbone tensor means an untrained layer."""
-    import re
-
-    heads = (heads,) if isinstance(heads, str) else tuple(heads or ())
     keys = []
     for msg in messages:
         found = re.search(r"Missing keys \((.*?)\) discovered", msg)

@@ -1,5 +1,4 @@
 import os
-import threading
 
 import pytest
 import torch
@@ -30,18 +29,3 @@ def pytest_collection_modifyitems(config, items):
 def minet7_dir():
     return os.path.abspath(MINET7)
 
-
-
-@pytest.fixture(autouse=True)
-def _keep_the_signal_stack():
-    """OpenVINO's CPU plugin can leave the main thread's alternate signal stack pointing at memory it freed, and
-    the next Python-handled signal (e.g. SIGCHLD of a subprocess, tests later) then kills the whole pytest
-    process with SIGSEGV (mineralnet.export.ir explains). The library guards its own OpenVINO calls; this puts
-    the stack back after any test that reaches OpenVINO some other way."""
-    from mineralnet.export.ir import set_signal_stack, signal_stack
-
-    main = threading.current_thread() is threading.main_thread()
-    before = signal_stack() if main else None
-    yield
-    if main:
-        set_signal_stack(before)

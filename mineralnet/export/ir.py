@@ -5,6 +5,7 @@ are in export/openvino.py.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class _StackT(ctypes.Structure):
 _SS_ONSTACK = 1
 
 
+@functools.lru_cache(maxsize=None)
 def _libc():
     try:
         libc = ctypes.CDLL(None, use_errno=True)
