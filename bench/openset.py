@@ -1,6 +1,6 @@
 """Leave-classes-out test of the unknown-mineral detectors, temperature scaling and conformal sets.
 
-    python bench/openset.py RUN [RUN ...] --data ../shared/data/minet7 [--out bench/results/openset.json]
+    python bench/openset.py RUN [RUN ...] --data ../shared/data/minet7 [--shrinkage 0.1 0.5] [--out bench/results/openset.json]
 
 Each RUN was trained on a subset of the minerals in --data (a folder of class-folder symlinks); the
 other minerals' photos are its "unknown" photos. The run's validation photos are split in two halves
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mineralnet.calibration import calibrate_arrays, core
-from mineralnet.calibration.fit import calibration_report, extract, openset_report
+from mineralnet.calibration.fit import DEFAULT_SHRINKAGE, calibration_report, extract, openset_report
 from mineralnet.data import scan_dataset
 from mineralnet.evaluate import split_samples
 from mineralnet.runs import load_model
@@ -34,20 +34,27 @@ def halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(sorted(a)), np.array(sorted(b))
 
 
-def one_run(run: Path, data: Path, coverage: float, acceptance: float) -> dict:
+def features(run: Path, data: Path) -> dict:
+    """The run's outputs on its training and validation photos and on the photos of the minerals it never saw."""
     model, meta = load_model(run)
-    train = extract(model, split_samples(run, "train").samples, meta)
-    val = extract(model, split_samples(run, "val").samples, meta)
     everything = scan_dataset(data, verify=False)
     held = [c for c in everything.classes if c not in meta["classes"]]
-    unknown = extract(model, [(p, 0) for p, y in everything.samples if everything.classes[y] in held], meta)
+    return {"run": run, "meta": meta, "held": held,
+            "train": extract(model, split_samples(run, "train").samples, meta),
+            "val": extract(model, split_samples(run, "val").samples, meta),
+            "unknown": extract(model, [(p, 0) for p, y in everything.samples if everything.classes[y] in held], meta)}
+
+
+def one_run(f: dict, coverage: float, acceptance: float, shrinkage: float) -> dict:
+    meta, val = f["meta"], f["val"]
     ia, ib = halves(val["labels"])
     part = lambda d, i: {k: v[i] for k, v in d.items()}  # noqa: E731
-    cal = calibrate_arrays(train, part(val, ia), int(meta["num_classes"]), acceptance=acceptance)
+    cal = calibrate_arrays(f["train"], part(val, ia), int(meta["num_classes"]), acceptance=acceptance,
+                           shrinkage=shrinkage)
     known = part(val, ib)
-    rep = openset_report(cal, known, unknown)
-    rep.update({"run": run.name, "held_out": held, "classes": meta["classes"], "temperature": cal.temperature,
-                "calibration_photos": int(len(ia)),
+    rep = openset_report(cal, known, f["unknown"])
+    rep.update({"run": f["run"].name, "held_out": f["held"], "classes": meta["classes"], "temperature": cal.temperature,
+                "calibration_photos": int(len(ia)), "shrinkage": shrinkage,
                 "conformal": calibration_report(known["logits"], known["labels"], meta["classes"], cal,
                                                 coverage=coverage, outputs={"embedding": known["embedding"]})})
     return rep
@@ -81,13 +88,20 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, required=True, help="the full photo set (all minerals)")
     ap.add_argument("--coverage", type=float, default=0.9)
     ap.add_argument("--acceptance", type=float, default=0.95)
+    ap.add_argument("--shrinkage", type=float, nargs="+", default=[DEFAULT_SHRINKAGE],
+                    help="covariance shrinkage of the feature detectors; several values give one table each, "
+                         f"from one pass over the photos (default {DEFAULT_SHRINKAGE})")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the raw numbers")
     args = ap.parse_args(argv)
-    reports = [one_run(r, args.data, args.coverage, args.acceptance) for r in args.runs]
+    feats = [features(r, args.data) for r in args.runs]
+    reports = []
+    for shrinkage in args.shrinkage:
+        table = [one_run(f, args.coverage, args.acceptance, shrinkage) for f in feats]
+        reports += table
+        print(f"shrinkage {shrinkage}\n" + markdown(table, args.coverage) + "\n", flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(reports, indent=2) + "\n")
-    print(markdown(reports, args.coverage))
     return 0
 
 

@@ -43,6 +43,39 @@ def test_mahalanobis_is_the_min_quadratic_form_with_the_shrunk_shared_covariance
     np.testing.assert_allclose(core.mahalanobis_novelty(q, fit["means"], fit["whiten"]), want, rtol=1e-8)
 
 
+def test_relmaha_is_the_class_distance_minus_the_class_blind_distance():
+    x, y = _features()
+    fit = core.fit_mahalanobis(x, y, 3, shrinkage=0.3)
+    bg = core.fit_background(x, shrinkage=0.3)
+    q = np.random.default_rng(6).normal(0, 3, (7, 6))
+
+    # independent: explicit covariances and solve(), one Gaussian per class plus one of all photos
+    def shrunk(resid):
+        cov = np.cov(resid.T, bias=True)
+        return 0.7 * cov + 0.3 * np.trace(cov) / 6 * np.eye(6)
+    means = [x[y == c].mean(0) for c in range(3)]
+    cov = shrunk(np.concatenate([x[y == c] - means[c] for c in range(3)]))
+    cov0, mu0 = shrunk(x - x.mean(0)), x.mean(0)
+    want = [min(float((v - m) @ np.linalg.solve(cov, v - m)) for m in means)
+            - float((v - mu0) @ np.linalg.solve(cov0, v - mu0)) for v in q]
+    got = core.relmaha_novelty(q, fit["means"], fit["whiten"], bg["bg_mean"], bg["bg_whiten"])
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-8)
+
+
+def test_relmaha_discounts_what_is_unusual_for_every_class_alike():
+    # three classes along axis 0 (centres 0, 6, 12, sd 1), sd 1 on axis 1 for all. A known photo of the middle class
+    # 4 sd out on axis 1 is unusual for every class alike; a photo half-way between two classes is a new kind.
+    rng = np.random.default_rng(7)
+    x = np.concatenate([np.c_[rng.normal(6.0 * c, 1, 400), rng.normal(0, 1, 400)] for c in range(3)])
+    y = np.repeat(np.arange(3), 400)
+    fit, bg = core.fit_mahalanobis(x, y, 3, 0.01), core.fit_background(x, 0.01)
+    known_far, between = np.array([[6.0, 4.0]]), np.array([[3.0, 0.0]])
+    maha = lambda f: core.mahalanobis_novelty(f, fit["means"], fit["whiten"])[0]  # noqa: E731
+    rel = lambda f: core.relmaha_novelty(f, fit["means"], fit["whiten"], bg["bg_mean"], bg["bg_whiten"])[0]  # noqa: E731
+    assert maha(known_far) > maha(between)  # ~16 vs ~9: plain Mahalanobis calls the known photo more novel
+    assert rel(between) > rel(known_far) + 5  # ~8.6 vs ~0
+
+
 def test_knn_is_one_minus_the_kth_best_cosine():
     x, _ = _features()
     bank = core.fit_knn(x)

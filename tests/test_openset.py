@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from mineralnet.calibration import Calibration, calibrate_run
+from mineralnet.calibration import Calibration, calibrate_run, core
 from mineralnet.cli import main
 from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.export import ExportOptions, export
@@ -66,7 +66,8 @@ def _run(tmp_path_factory, photos, name):
 def calibrated(tmp_path_factory, photos):
     """A calibrated run exported to fp32 and int8 ONNX (the detector in the graph)."""
     run = _run(tmp_path_factory, photos, "calibrated")
-    assert main(["calibrate", str(run), "--detector", "mahalanobis"]) == 0
+    # relmaha: its graph computes both distances of the feature detectors (class Gaussians, class-blind one)
+    assert main(["calibrate", str(run), "--detector", "relmaha"]) == 0
     export(run, ["int8"], ExportOptions(calib_data=photos, calib_size=12))
     return run
 
@@ -74,8 +75,8 @@ def calibrated(tmp_path_factory, photos):
 def test_calibrate_writes_safetensors_and_json_and_the_threshold_accepts_95pct(calibrated):
     assert (calibrated / "calibration.json").is_file() and (calibrated / "calibration.safetensors").is_file()
     cal = Calibration.load(calibrated)
-    assert cal.detector == "mahalanobis" and cal.acceptance == 0.95 and set(cal.thresholds) == {
-        "msp", "energy", "maxlogit", "mahalanobis", "knn"}
+    assert cal.detector == "relmaha" and cal.acceptance == 0.95 and set(cal.thresholds) == {
+        "msp", "energy", "maxlogit", "mahalanobis", "relmaha", "knn"}
     assert cal.info["val_photos"] == 12 and cal.info["train_photos"] == 24
     assert cal.info["nll"]["after"] <= cal.info["nll"]["before"] + 1e-12
 
@@ -159,3 +160,30 @@ def test_eval_reports_ece_coverage_and_draws_the_reliability_diagram(calibrated,
     assert 0 <= c["coverage"] <= 1 and 1 <= c["mean_set_size"] <= 3
     assert (calibrated / "eval" / "reliability.png").stat().st_size > 1000
     assert "ECE" in capsys.readouterr().out
+
+
+def test_openset_bench_reports_every_detector_for_each_shrinkage(calibrated, tmp_path):
+    """bench/openset.py on a run that knows 3 demo minerals, with a 4th (amethyst) as the unknown one."""
+    import runpy
+
+    data = make_demo_dataset(tmp_path / "all", classes=4, per_class=6, size=96)
+    out = tmp_path / "openset.json"
+    bench = runpy.run_path(str(REPO / "bench" / "openset.py"), run_name="openset_bench")
+    assert bench["main"]([str(calibrated), "--data", str(data), "--shrinkage", "0.1", "0.5", "--out", str(out)]) == 0
+    reports = json.loads(out.read_text())
+    assert [r["shrinkage"] for r in reports] == [0.1, 0.5]
+    for r in reports:
+        assert r["held_out"] == ["amethyst"] and r["unknown_photos"] == 6
+        assert set(r["detectors"]) == set(core.DETECTORS)
+        assert all(0.0 <= d["auroc"] <= 1.0 for d in r["detectors"].values())
+    # shrinkage moves only the covariance-based detectors
+    for det in ("msp", "energy", "maxlogit", "knn"):
+        assert reports[0]["detectors"][det] == reports[1]["detectors"][det]
+
+
+def test_calibrate_refuses_a_shrinkage_outside_0_1_in_one_line(calibrated, capsys):
+    before = (calibrated / "calibration.json").read_bytes()
+    assert main(["calibrate", str(calibrated), "--shrinkage", "1.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--shrinkage 1.5" in err and "\n" not in err
+    assert (calibrated / "calibration.json").read_bytes() == before  # nothing was rewritten

@@ -6,6 +6,10 @@ Novelty detectors (higher = less like the training minerals):
     maxlogit     -max logit                                        (Hendrycks et al. 2022)
     mahalanobis  min_c (f - mu_c)^T S^-1 (f - mu_c), class means and one shared, shrunk covariance
                  of the fused features of the training photos      (Lee et al. 2018)
+    relmaha      the Mahalanobis score above minus the same distance to the one Gaussian of all training
+                 photos (mean and covariance of the class-blind features): "relative Mahalanobis", which
+                 discounts directions every photo varies in and helps with near-novel classes
+                 (Ren et al. 2021, "A Simple Fix to Mahalanobis Distance for Improving Near-OOD Detection")
     knn          1 - cosine similarity to the k-th nearest training photo (Sun et al. 2022)
 Temperature scaling (Guo et al. 2017), split-conformal APS/RAPS sets (Romano et al. 2020,
 Angelopoulos et al. 2021), expected calibration error and AUROC.
@@ -19,7 +23,7 @@ import numpy as np
 from mineralnet.errors import MineralNetError
 
 LOGIT_DETECTORS = ("msp", "energy", "maxlogit")
-FEATURE_DETECTORS = ("mahalanobis", "knn")
+FEATURE_DETECTORS = ("mahalanobis", "relmaha", "knn")
 DETECTORS = LOGIT_DETECTORS + FEATURE_DETECTORS
 
 
@@ -73,6 +77,20 @@ def mahalanobis_novelty(features: np.ndarray, means: np.ndarray, whiten: np.ndar
     mz = np.asarray(means, np.float64) @ whiten  # (C, D)
     d2 = (z * z).sum(1)[:, None] - 2 * z @ mz.T + (mz * mz).sum(1)[None, :]
     return np.maximum(d2, 0.0).min(axis=1)
+
+
+def fit_background(features: np.ndarray, shrinkage: float = 0.1) -> dict[str, np.ndarray]:
+    """The class-blind Gaussian of relative Mahalanobis: mean (1, D) and whitening matrix of the
+    covariance of all training features, shrunk as in `fit_mahalanobis`."""
+    f = np.asarray(features, np.float64)
+    fit = fit_mahalanobis(f, np.zeros(len(f), dtype=int), 1, shrinkage)
+    return {"bg_mean": fit["means"], "bg_whiten": fit["whiten"]}
+
+
+def relmaha_novelty(features: np.ndarray, means: np.ndarray, whiten: np.ndarray, bg_mean: np.ndarray,
+                    bg_whiten: np.ndarray) -> np.ndarray:
+    """min_c (f - mu_c)^T S^-1 (f - mu_c) - (f - mu_0)^T S_0^-1 (f - mu_0); may be negative."""
+    return mahalanobis_novelty(features, means, whiten) - mahalanobis_novelty(features, bg_mean, bg_whiten)
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

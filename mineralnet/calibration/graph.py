@@ -18,15 +18,26 @@ class NoveltyHead(nn.Module):
         self.detector = detector
         self.temperature = float(temperature)
         params = params or {}
-        if detector == "mahalanobis":
-            whiten = torch.as_tensor(np.asarray(params["whiten"]), dtype=torch.float32)
-            self.register_buffer("whiten", whiten)
-            self.register_buffer("means_w", torch.as_tensor(np.asarray(params["means"]) @ np.asarray(params["whiten"]),
-                                                            dtype=torch.float32))
+        if detector in ("mahalanobis", "relmaha"):
+            self._whitened("whiten", "means_w", params["means"], params["whiten"])
+        if detector == "relmaha":
+            self._whitened("bg_whiten", "bg_mean_w", params["bg_mean"], params["bg_whiten"])
         elif detector == "knn":
             bank = torch.as_tensor(np.asarray(params["bank"]), dtype=torch.float32)
             self.register_buffer("bank_t", bank.T.contiguous())  # (D, M)
             self.k = max(1, min(int(k), bank.shape[0]))
+
+    def _whitened(self, whiten_name: str, means_name: str, means, whiten) -> None:
+        whiten = np.asarray(whiten, np.float64)
+        self.register_buffer(whiten_name, torch.as_tensor(whiten, dtype=torch.float32))
+        self.register_buffer(means_name, torch.as_tensor(np.asarray(means, np.float64) @ whiten, dtype=torch.float32))
+
+    @staticmethod
+    def _distances(fused: torch.Tensor, whiten: torch.Tensor, means_w: torch.Tensor) -> torch.Tensor:
+        """(B, C) squared distances to each mean in the whitened space."""
+        z = fused @ whiten  # (B, D)
+        diff = z[:, None, :] - means_w[None, :, :]  # (B, C, D): no cancellation in float32
+        return (diff * diff).sum(dim=2)
 
     def forward(self, fused: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
@@ -38,9 +49,12 @@ class NoveltyHead(nn.Module):
             return -logits.amax(dim=1)
         fused = fused.float()
         if self.detector == "mahalanobis":
-            z = fused @ self.whiten  # (B, D)
-            diff = z[:, None, :] - self.means_w[None, :, :]  # (B, C, D): no cancellation in float32
-            return (diff * diff).sum(dim=2).amin(dim=1)
+            return self._distances(fused, self.whiten, self.means_w).amin(dim=1)
+        if self.detector == "relmaha":
+            # min_c (d_c - d_0) = min_c d_c - d_0, subtracted before the min: ONNX Runtime's symbolic shape
+            # inference (int8 pre-processing) loses the shape of a Sub that follows a ReduceMin
+            return (self._distances(fused, self.whiten, self.means_w)
+                    - self._distances(fused, self.bg_whiten, self.bg_mean_w)).amin(dim=1)
         if self.detector == "knn":
             f = fused / fused.norm(dim=1, keepdim=True).clamp_min(1e-12)
             sims = f @ self.bank_t  # (B, M)

@@ -44,8 +44,12 @@ class Calibration:
 
     def detector_params(self, detector: str | None = None) -> dict[str, np.ndarray]:
         detector = detector or self.detector
-        prefix = "knn." if detector == "knn" else "mahalanobis."
-        out = {k[len(prefix):]: v for k, v in self.params.items() if k.startswith(prefix)}
+        # relmaha = mahalanobis's class means and whitening + its own class-blind Gaussian
+        prefixes = {"knn": ("knn.",), "relmaha": ("mahalanobis.", "relmaha.")}.get(detector, ("mahalanobis.",))
+        out = {k[len(p):]: v for p in prefixes for k, v in self.params.items() if k.startswith(p)}
+        if detector == "relmaha" and "bg_whiten" not in out:  # a calibration made before relmaha existed
+            raise MineralNetError("this calibration has no relmaha arrays (it predates that detector); redo it with "
+                                  "`mineralnet calibrate RUN --detector relmaha`")
         if detector in core.FEATURE_DETECTORS and not out:
             raise MineralNetError(f"this calibration carries no {detector} arrays (an exported model's metadata "
                                   f"holds only the graph's novelty output); use the run directory")
@@ -66,6 +70,8 @@ class Calibration:
         p = self.detector_params(detector)
         if detector == "mahalanobis":
             return core.mahalanobis_novelty(embedding, p["means"], p["whiten"])
+        if detector == "relmaha":
+            return core.relmaha_novelty(embedding, p["means"], p["whiten"], p["bg_mean"], p["bg_whiten"])
         return core.knn_novelty(embedding, p["bank"], self.knn_k)
 
     def qhat(self, coverage: float) -> float:
