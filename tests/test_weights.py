@@ -239,3 +239,32 @@ def test_state_dict_load_is_quiet_about_the_head_and_refuses_a_gap(caplog):
     gap = {k: v for k, v in full.items() if k != "blocks.1.0.conv_pw.weight"}
     with pytest.raises(MineralNetError, match="untrained .*blocks.1.0.conv_pw.weight"):
         weights.create_with_state_dict("tf_efficientnet_lite0", gap, features_only=True)
+
+
+def test_probe_bench_fits_each_feature_set_of_frozen_lite0(tmp_path):
+    """bench/probe.py: frozen installed weights -> pooled features -> a CV-tuned linear probe per feature set."""
+    import json
+    import runpy
+    from pathlib import Path
+
+    from mineralnet.data import make_demo_dataset
+
+    _installed("efficientnet-lite0")
+    photos = make_demo_dataset(tmp_path / "demo", classes=3, per_class=12, size=96)
+    paths = sorted(p.relative_to(photos) for p in photos.rglob("*.jpg"))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"kind": "val_split", "root": str(photos), "classes": ["pyrite", "malachite", "quartz"],
+                                 "train": [str(p) for p in paths[0::3] + paths[1::3]],
+                                 "val": [str(p) for p in paths[2::3]]}))
+    out = tmp_path / "probe.json"
+    probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "probe.py"), run_name="probe_bench")
+    assert probe["main"]([str(split), "--backbone", "tf_efficientnet_lite0:64", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["train_photos"] == 24 and doc["val_photos"] == 12
+    dims = {r["features"]: r["dims"] for r in doc["rows"]}
+    # Lite0's blocks: 16, 24, 40, 112, 320 channels, then the 1280-channel last conv
+    assert dims == {"last conv": 1280, "F4": 320, "F2+F4": 40 + 320,
+                    "all stages + last conv": 16 + 24 + 40 + 112 + 320 + 1280}
+    assert all(0.0 <= r["top1"] <= 1.0 and r["C"] > 0 for r in doc["rows"])
+    # the demo minerals differ in colour and habit: ImageNet features separate them far above chance (1/3)
+    assert max(r["top1"] for r in doc["rows"]) > 0.6
