@@ -7,8 +7,9 @@ For each backbone (its installed offline weights, `mineralnet weights list`) at 
 split goes once through the frozen network (the evaluation preprocessing, plus its mirror image); each stage's
 output and the last conv's output are average pooled. A multinomial logistic regression is fitted on the
 training photos (both views, standardised features, its C picked by 5-fold cross-validation on the training
-photos alone, a photo and its mirror in the same fold) and scored on the validation photos (probabilities of the two views averaged). Feature sets:
-the last conv (the ImageNet classifier's input), the last stage (F4), F2+F4 (the paper's fusion) and all stages.
+photos alone, a photo and its mirror in the same fold) and scored on the validation photos (probabilities of the
+two views averaged). Feature sets: the last conv (the ImageNet classifier's input), the last stage (F4), F2+F4
+(the paper's fusion) and all stages.
 
 Frozen features are a floor for fine-tuning, not its value; what the probe answers cheaply is whether one
 backbone's ImageNet features separate the minerals better than another's before paying for fine-tuning it.
@@ -33,7 +34,8 @@ from mineralnet.data.transforms import build_transforms
 from mineralnet.weights import create_with_state_dict, normalisation, resolve_pretrained
 
 
-def pooled_features(backbone: str, size: int, paths: list[str], batch: int = 32) -> tuple[np.ndarray, np.ndarray, list]:
+def pooled_features(backbone: str, size: int, paths: list[str], batch: int = 32
+                    ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """(N, D) pooled stage + last-conv features of the photos and of their mirror images, and the blocks' widths."""
     model = create_with_state_dict(backbone, resolve_pretrained("installed", backbone)).eval()
     mean, std = normalisation(backbone)
@@ -41,19 +43,18 @@ def pooled_features(backbone: str, size: int, paths: list[str], batch: int = 32)
     levels = len(model.feature_info)
 
     @torch.inference_mode()
-    def run(x):
+    def run(x) -> list[torch.Tensor]:
         final, inter = model.forward_intermediates(x, indices=levels)
-        return torch.cat([f.mean((2, 3)) for f in inter] + [final.mean((2, 3))], 1).numpy()
+        return [f.mean((2, 3)) for f in inter] + [final.mean((2, 3))]
 
-    plain, mirror, widths = [], [], None
+    plain, mirror = [], []
     for i in range(0, len(paths), batch):
         x = torch.stack([t(load_image(p, min_size=t.min_decode_size)) for p in paths[i:i + batch]])
-        plain.append(run(x))
-        mirror.append(run(torch.flip(x, [3])))
+        pooled = run(x)
+        plain.append(torch.cat(pooled, 1).numpy())
+        mirror.append(torch.cat(run(torch.flip(x, [3])), 1).numpy())
         print(f"  {backbone} {size}px: {min(i + batch, len(paths))}/{len(paths)} photos", file=sys.stderr, flush=True)
-    with torch.inference_mode():
-        final, inter = model.forward_intermediates(torch.zeros(1, 3, size, size), indices=levels)
-    widths = [f.shape[1] for f in inter] + [final.shape[1]]
+    widths = [f.shape[1] for f in pooled]
     return np.concatenate(plain), np.concatenate(mirror), widths
 
 

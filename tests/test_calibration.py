@@ -190,3 +190,15 @@ def test_calibration_round_trips_through_safetensors_and_json(tmp_path):
     c = light.answer({"logits": z, "novelty": a["novelty"]}, 0.9)
     assert c["sets"] == a["sets"] and (c["unknown"] == a["unknown"]).all()
     assert Calibration.load(tmp_path / "elsewhere") is None
+
+
+def test_relmaha_on_a_calibration_without_its_arrays_says_to_recalibrate():
+    x, y = _features()
+    cal = calibrate_arrays({"embedding": x, "labels": y},
+                           {"embedding": x[::3], "labels": y[::3], "logits": x[::3, :3] * 2}, 3)
+    cal.params = {k: v for k, v in cal.params.items() if not k.startswith("relmaha.")}  # as saved before relmaha
+    with pytest.raises(MineralNetError, match="predates.*mineralnet calibrate RUN --detector relmaha"):
+        cal.detector_params("relmaha")
+    cal.params = {}  # an exported model's metadata: no arrays at all
+    with pytest.raises(MineralNetError, match="use the run directory"):
+        cal.detector_params("relmaha")

@@ -97,8 +97,7 @@ def calibrate_arrays(train: dict, val: dict, num_classes: int, *, detector: str 
 
 def calibrate_run(run_dir, *, detector: str = DEFAULT_DETECTOR, acceptance: float = DEFAULT_ACCEPTANCE,
                   lam: float = 0.0, k_reg: int = 0, knn_k: int = 10, shrinkage: float = DEFAULT_SHRINKAGE,
-                  batch_size: int = 64, workers: int = 0,
-                  device: str | None = None, log: Callable[[str], None] | None = print) -> Calibration:
+                  batch_size: int = 64, workers: int = 0, device: str | None = None, log: Callable[[str], None] | None = print) -> Calibration:
     """Calibrate the trained run at `run_dir` on its own split and write calibration.json/.safetensors.
 
     Training calls this on the main process after the final model.safetensors is written.
@@ -252,6 +251,6 @@ def run(args) -> int:
         raise MineralNetError(f"--shrinkage {args.shrinkage} must be in [0, 1] (0: the sample covariance, "
                               f"1: a scaled identity), e.g. {DEFAULT_SHRINKAGE}")
     calibrate_run(args.run, detector=args.detector, acceptance=args.acceptance, lam=args.raps_lambda,
-                  k_reg=args.raps_k, knn_k=args.knn_k, shrinkage=args.shrinkage, batch_size=args.batch_size, workers=args.workers,
-                  device=args.device)
+                  k_reg=args.raps_k, knn_k=args.knn_k, shrinkage=args.shrinkage, batch_size=args.batch_size,
+                  workers=args.workers, device=args.device)
     return 0

@@ -20,8 +20,8 @@ class NoveltyHead(nn.Module):
         params = params or {}
         if detector in ("mahalanobis", "relmaha"):
             self._whitened("whiten", "means_w", params["means"], params["whiten"])
-        if detector == "relmaha":
-            self._whitened("bg_whiten", "bg_mean_w", params["bg_mean"], params["bg_whiten"])
+            if detector == "relmaha":
+                self._whitened("bg_whiten", "bg_mean_w", params["bg_mean"], params["bg_whiten"])
         elif detector == "knn":
             bank = torch.as_tensor(np.asarray(params["bank"]), dtype=torch.float32)
             self.register_buffer("bank_t", bank.T.contiguous())  # (D, M)

@@ -47,12 +47,12 @@ class Calibration:
         # relmaha = mahalanobis's class means and whitening + its own class-blind Gaussian
         prefixes = {"knn": ("knn.",), "relmaha": ("mahalanobis.", "relmaha.")}.get(detector, ("mahalanobis.",))
         out = {k[len(p):]: v for p in prefixes for k, v in self.params.items() if k.startswith(p)}
-        if detector == "relmaha" and "bg_whiten" not in out:  # a calibration made before relmaha existed
-            raise MineralNetError("this calibration has no relmaha arrays (it predates that detector); redo it with "
-                                  "`mineralnet calibrate RUN --detector relmaha`")
         if detector in core.FEATURE_DETECTORS and not out:
             raise MineralNetError(f"this calibration carries no {detector} arrays (an exported model's metadata "
                                   f"holds only the graph's novelty output); use the run directory")
+        if detector == "relmaha" and "bg_whiten" not in out:  # a calibration made before relmaha existed
+            raise MineralNetError("this calibration has no relmaha arrays (it predates that detector); redo it with "
+                                  "`mineralnet calibrate RUN --detector relmaha`")
         return out
 
     # ------------------------------------------------------------------ applying it
