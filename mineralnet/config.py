@@ -51,6 +51,13 @@ class TrainConfig:
     cache_images: bool = _f(False, "decode every photo once and keep it in RAM (training photos downscaled to "
                                    "1.25x the eval resize, validation photos resized exactly as evaluation does): "
                                    "much faster epochs on small collections")
+    cache_budget_gb: Optional[float] = _f(None, "RAM for --cache-images per process, in GB (default: half of the "
+                                                "memory available now, divided by the processes on this machine); "
+                                                "photos beyond it are decoded from disk every epoch, with one line "
+                                                "saying how many")
+    index: Optional[str] = _f(None, "the collection index file to read and update (default: one per collection "
+                                    "under $MINERALNET_CACHE/index): each photo is read once, later runs re-read "
+                                    "only new or changed files")
     # --- model ---
     backbone: str = _f("resnet50", "timm backbone name (paper: resnet50; also vgg16, inception_v3, "
                                    "efficientnet_b0, resnet18, ...)")
@@ -138,6 +145,9 @@ class TrainConfig:
     group_duplicates: bool = _f(True, "keep near-duplicate photos (same perceptual hash within a few bits: re-encoded, "
                                       "resized or slightly cropped copies) on one side of the split and in one cv "
                                       "fold; a line says how many groups were merged")
+    max_duplicate_group: int = _f(50, "a near-duplicate group larger than this many photos is look-alike photos "
+                                      "chained by hash matches, not copies: it is not kept on one side of the split "
+                                      "(reported with its size)")
     split_seed: Optional[int] = _f(None, "seed of the validation split / folds and the dataset mean/std sample "
                                          "(default: --seed); fix it to train other --seed values on the same photos")
     deterministic: bool = _f(False, "deterministic algorithms (slower; for exact reproduction)")
@@ -159,6 +169,9 @@ class TrainConfig:
             if not ok:
                 problems.append(msg)
 
+        need(self.max_duplicate_group >= 2, f"--max-duplicate-group {self.max_duplicate_group} must be at least 2")
+        need(self.cache_budget_gb is None or self.cache_budget_gb >= 0,
+             f"--cache-budget-gb {self.cache_budget_gb} must be 0 or more (0 = cache nothing)")
         need(0.0 < self.k <= 1.0, f"--k {self.k} must be in (0, 1] (paper: 0.5)")
         need(0.0 <= self.alpha <= 1.0, f"--alpha {self.alpha} must be in [0, 1] (paper: 0.2)")
         need(self.loss in ("ce", "topk", "wtopk", "center"), f"--loss {self.loss!r} must be ce, topk, wtopk or center")

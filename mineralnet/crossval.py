@@ -49,6 +49,7 @@ NOT_GRIDDABLE = {
     "split_seed": "it fixes the folds, which every variant shares; run cv again with another "
                   "--split-seed and --out",
     "group_duplicates": "it shapes the folds, which every variant shares",
+    "max_duplicate_group": "it shapes the folds, which every variant shares",
 }
 FINISHED = ("finished", "time_budget")
 SIGNIFICANCE = 0.05
@@ -145,7 +146,7 @@ def build_variants(base: dict, config: str | None, grid, variants=None) -> list[
 
 # ----------------------------------------------------------------------------- one fold
 # Settings that may change between calls without invalidating a finished fold.
-RERUN_SAFE = ("resume", "out", "workers", "log_every", "cache_images")
+RERUN_SAFE = ("resume", "out", "workers", "log_every", "cache_images", "cache_budget_gb", "index")
 
 
 def check_same_config(run_dir: Path, cfg) -> None:
@@ -381,7 +382,8 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
     index, train_data, dropped = select_photos(base["data"], int(drop_rare or 0), out)
     variants = build_variants({**base, "data": train_data, "folds": folds, "fold": 0}, config, grid, variants)
     seed = variants[0][1].data_seed
-    fold_info = load_or_save_folds(out, index, folds, seed, group_duplicates=variants[0][1].group_duplicates)
+    fold_info = load_or_save_folds(out, index, folds, seed, group_duplicates=variants[0][1].group_duplicates,
+                                   max_group=variants[0][1].max_duplicate_group)
     announce(fold_info, dropped)
 
     records = [{"name": variant_name(cell), "slug": variant_slug(cell), "overrides": cell, "folds": []}

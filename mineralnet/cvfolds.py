@@ -47,15 +47,25 @@ def select_photos(data, drop_rare: int, out: Path):
         w.writerow(["path", "label"])
         w.writerows((p, index.classes[y]) for p, y in index.samples if index.classes[y] not in dropped)
     os.replace(tmp, manifest)
-    return mdata.scan_dataset(manifest, verify=False), str(manifest), dropped
+    kept_index = mdata.scan_dataset(manifest, verify=False)
+    if index.facts is not None:  # the photos' index facts carry over: nothing is read again
+        row = {p: i for i, (p, _) in enumerate(index.samples)}
+        kept_index.facts = index.facts.take([row[p] for p, _ in kept_index.samples])
+    return kept_index, str(manifest), dropped
 
 
-def make_folds(index, folds: int, seed: int, *, group_duplicates: bool = True) -> dict:
+def make_folds(index, folds: int, seed: int, *, group_duplicates: bool = True,
+               max_group: int = mdata.DEFAULT_MAX_GROUP) -> dict:
     """The stratified folds of `index` as relative paths: {classes, n, val: [[path, ...] per fold], ...}."""
     if len(index.classes) < 2:
         raise MineralNetError(f"{str(index.root)!r} has {len(index.classes)} class folder(s); cross-validation "
                               f"needs at least 2 minerals")
-    groups, merged = mdata.duplicate_groups(index.samples) if group_duplicates else (None, 0)
+    groups, merged = None, 0
+    if group_duplicates:
+        dup = mdata.collection_groups(index, max_group=max_group)
+        groups, merged = dup.ids, dup.merged
+        if dup.oversized:
+            print(f"cv: {dup.oversized_note([p for p, _ in index.samples], max_group)}", flush=True)
     val = mdata.stratified_kfold(index.labels(), folds, seed, classes=index.classes, groups=groups)
     rel = [os.path.relpath(p, index.base) for p, _ in index.samples]
     small = {index.classes[c]: n for c, n in mdata.small_classes(index.labels(), folds).items()}
@@ -65,9 +75,10 @@ def make_folds(index, folds: int, seed: int, *, group_duplicates: bool = True) -
             "val": [sorted(rel[i] for i in fold) for fold in val]}
 
 
-def load_or_save_folds(out: Path, index, folds: int, seed: int, *, group_duplicates: bool = True) -> dict:
+def load_or_save_folds(out: Path, index, folds: int, seed: int, *, group_duplicates: bool = True,
+                       max_group: int = mdata.DEFAULT_MAX_GROUP) -> dict:
     """Compute the folds; write out/folds.json the first time, and check them against it afterwards."""
-    current = make_folds(index, folds, seed, group_duplicates=group_duplicates)
+    current = make_folds(index, folds, seed, group_duplicates=group_duplicates, max_group=max_group)
     path = out / "folds.json"
     if path.is_file():
         saved = json.loads(path.read_text())

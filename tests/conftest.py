@@ -1,7 +1,12 @@
 import os
+import tempfile
 
 import pytest
 import torch
+
+# Collection indexes and the demo set go to a cache of this test session, not the user's ~/.cache
+# (subprocesses of the tests inherit it).
+os.environ.setdefault("MINERALNET_CACHE", tempfile.mkdtemp(prefix="mineralnet-test-cache-"))
 
 # Tests share 2 CPU cores with whatever else runs; keep intra-op threads modest and results stable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

@@ -9,7 +9,9 @@
     device_augment.py  CanvasDataset (uint8 photos) + DeviceAugment (the training augmentation as batched
                    tensor ops on the training device)
     splits.py      stratified_kfold / stratified_split / save_splits / load_splits
-    duplicates.py  perceptual hashes, near_duplicate_pairs, duplicate_groups (splits keep groups together)
+    index.py       the collection index: per photo size, mtime, digest, hash, readability; read once, refreshed
+    duplicates.py  perceptual hashes, near_duplicate_pairs (banded above 8,000 photos), group_duplicates
+                   (splits keep groups together; look-alike giant groups are dissolved)
     demo.py        make_demo_dataset() -> a small synthetic mineral set for demos and tests
     cli.py         `mineralnet data check|demo`
 
@@ -26,8 +28,10 @@ from mineralnet.data.device_augment import CanvasDataset, DeviceAugment, RawPhot
 from mineralnet.data.balance import SAMPLING, ClassBalancedSampler, class_counts, target_distribution
 from mineralnet.data.splits import (SPLITS_FORMAT, load_splits, save_splits, small_classes, stratified_kfold,
                                     stratified_split)
-from mineralnet.data.duplicates import (DEFAULT_MAX_DISTANCE, duplicate_groups, hash_photos, near_duplicate_pairs,
-                                        photo_hash)
+from mineralnet.data.duplicates import (DEFAULT_MAX_DISTANCE, DEFAULT_MAX_GROUP, DuplicateGroups, collection_groups,
+                                        duplicate_groups, false_partner_note, group_duplicates, hash_photos,
+                                        near_duplicate_pairs, photo_hash)
+from mineralnet.data.index import PhotoFacts, default_index_path, load_index, refresh_index
 from mineralnet.data.demo import DEMO_MINERALS, make_demo_dataset
 
 __all__ = [
@@ -40,5 +44,7 @@ __all__ = [
     "SAMPLING", "ClassBalancedSampler", "class_counts", "target_distribution",
     "SPLITS_FORMAT", "load_splits", "save_splits", "small_classes", "stratified_kfold", "stratified_split",
     "DEFAULT_MAX_DISTANCE", "duplicate_groups", "hash_photos", "near_duplicate_pairs", "photo_hash",
+    "DEFAULT_MAX_GROUP", "DuplicateGroups", "collection_groups", "false_partner_note", "group_duplicates",
+    "PhotoFacts", "default_index_path", "load_index", "refresh_index",
     "DEMO_MINERALS", "make_demo_dataset",
 ]

@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from mineralnet.data.demo import make_demo_dataset
-from mineralnet.data.duplicates import DEFAULT_MAX_DISTANCE, hash_photos, near_duplicate_pairs
+from mineralnet.data.duplicates import (DEFAULT_MAX_DISTANCE, DEFAULT_MAX_GROUP, false_partner_note, group_duplicates,
+                                        hash_photos, near_duplicate_pairs)
 from mineralnet.data.splits import load_splits
 from mineralnet.errors import MineralNetError
 from mineralnet.data.scan import identical_groups, scan_dataset
@@ -28,6 +29,9 @@ def add_arguments(parser) -> None:
     check.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE, metavar="BITS",
                        help=f"near-duplicate threshold in bits of the 128-bit hash (default {DEFAULT_MAX_DISTANCE}; "
                             f"lower = stricter)")
+    check.add_argument("--index", default=None, metavar="FILE",
+                       help="the collection index to read and update (default: one per collection under "
+                            "$MINERALNET_CACHE/index); a second check re-reads only new or changed photos")
     check.add_argument("--split", default=None, metavar="RUN_OR_CV",
                        help="with --duplicates: a training run (split.json) or cv folder (folds.json) whose "
                             "validation photos are checked against its training photos")
@@ -50,13 +54,13 @@ def run(args) -> int:
         raise MineralNetError(f"--max-distance {args.max_distance} must be in 0..64 bits (default "
                               f"{DEFAULT_MAX_DISTANCE})")
     return _check(args.path, stats=args.stats, duplicates=args.max_distance if args.duplicates else None,
-                  split=args.split)
+                  split=args.split, index_file=args.index)
 
 
 def _report_identical(index) -> None:
     """Print byte-identical copies: across classes they are label errors, within a class they count twice
     (and can sit on both sides of a split)."""
-    groups = identical_groups(index.samples)
+    groups = identical_groups(index.samples, index.facts.digest_keys() if index.facts is not None else None)
     across = [g for g in groups if len({label for _, label in g}) > 1]
     if not groups:
         return
@@ -87,10 +91,15 @@ def _report_near_duplicates(index, max_distance: int, split=None) -> int:
     """Print near-duplicate pairs within a class, across classes, and across a split's two sides; return
     the number of pairs that sit across a split."""
     samples = index.samples
-    pairs = near_duplicate_pairs(hash_photos([p for p, _ in samples]), max_distance)
+    hashes = index.facts.phash if index.facts is not None else hash_photos([p for p, _ in samples])
+    pairs = near_duplicate_pairs(hashes, max_distance)
     across = [t for t in pairs if samples[t[0]][1] != samples[t[1]][1]]
     print(f"near-duplicate photos (perceptual hash within {max_distance} of 128 bits): {len(pairs)} pair(s), "
-          f"{len(pairs) - len(across)} within a class, {len(across)} across classes (probable label errors)")
+          f"{len(pairs) - len(across)} within a class, {len(across)} across classes (probable label errors); "
+          f"{false_partner_note(len(samples), max_distance)}")
+    groups = group_duplicates(hashes, index.facts.digest_keys() if index.facts is not None else None, max_distance)
+    if groups.oversized:
+        print(groups.oversized_note([p for p, _ in samples], DEFAULT_MAX_GROUP))
     show = lambda t: (f"  {t[2]:>2} bits  {samples[t[0]][0]} [{index.classes[samples[t[0]][1]]}]  ~  "
                       f"{samples[t[1]][0]} [{index.classes[samples[t[1]][1]]}]")
     for t in (across + [t for t in pairs if t not in across])[:30]:
@@ -108,8 +117,8 @@ def _report_near_duplicates(index, max_distance: int, split=None) -> int:
     return leaks
 
 
-def _check(path, *, stats: bool, duplicates: int | None = None, split=None) -> int:
-    index = scan_dataset(path, verify=True, allow_empty=True)
+def _check(path, *, stats: bool, duplicates: int | None = None, split=None, index_file=None) -> int:
+    index = scan_dataset(path, verify=True, allow_empty=True, index_file=index_file)
     counts = index.counts()
     total = sum(counts.values())
     width = max(len("class"), *(len(c) for c in counts))

@@ -27,10 +27,13 @@ class PhotoDataset(Dataset):
         cache_side: decode every photo once, up front, and keep it in RAM: an evaluation
             transform's resized photo (its ``prepare`` step), otherwise the photo with its shorter
             side shrunk to at most `cache_side` pixels. None: decode the file at every access.
+        cache_bytes: RAM the cache may take; the photos after the first that do not fit are decoded
+            at every access (``cached`` says how many are in RAM). None: no bound.
         size_at: epoch -> training crop size (progressive resizing), applied by `set_epoch`.
     """
 
-    def __init__(self, samples, transform, seed: int = 0, cache_side: int | None = None, size_at=None):
+    def __init__(self, samples, transform, seed: int = 0, cache_side: int | None = None, size_at=None,
+                 cache_bytes: int | None = None):
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
@@ -38,13 +41,29 @@ class PhotoDataset(Dataset):
         self.size_at = size_at  # epoch -> training crop (progressive resizing), or None
         self.min_size = getattr(transform, "min_decode_size", None)
         self.cache = None
+        self.cached = 0
         prepare = getattr(transform, "prepare", None)
         if cache_side and prepare is not None:
             # evaluation: cache the resized photo the transform would crop from, so that validation during
             # training scores exactly what `mineralnet eval RUN --split val` scores from the files
-            self.cache = [prepare(load_image(p, min_size=self.min_size)) for p, _ in self.samples]
+            self._fill_cache(lambda p: prepare(load_image(p, min_size=self.min_size)), cache_bytes)
         elif cache_side:
-            self.cache = [_downscale(load_image(p, min_size=cache_side), cache_side) for p, _ in self.samples]
+            self._fill_cache(lambda p: _downscale(load_image(p, min_size=cache_side), cache_side), cache_bytes)
+
+    def _fill_cache(self, decode, budget: int | None) -> None:
+        self.cache, used = [], 0
+        paths = [p for p, _ in self.samples]
+        if len(paths) >= 2000:
+            from tqdm.auto import tqdm
+
+            paths = tqdm(paths, desc="caching photos", unit="photo", leave=False)
+        for p in paths:
+            img = decode(p)
+            used += img.nbytes
+            if budget is not None and used > budget:
+                break
+            self.cache.append(img)
+        self.cached = len(self.cache)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -56,7 +75,8 @@ class PhotoDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        img = self.cache[i] if self.cache is not None else load_image(path, min_size=self.min_size)
+        cached = self.cache is not None and i < len(self.cache)  # a budget may have cached only the first photos
+        img = self.cache[i] if cached else load_image(path, min_size=self.min_size)
         if hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(sample_seed(self.seed, self.epoch, i))
         return self.transform(image=img)["image"], int(label)

@@ -42,7 +42,12 @@ def load_image(path, *, min_size: int | None = None) -> np.ndarray:
             ``PIL.Image.MAX_IMAGE_PIXELS`` (decompression bombs).
     """
     path = os.fspath(path)
-    data = read_photo_bytes(path)
+    return decode_photo(path, read_photo_bytes(path), min_size=min_size)
+
+
+def decode_photo(path: str, data: bytes, *, min_size: int | None = None) -> np.ndarray:
+    """`load_image` of bytes already read from `path` (named in errors): the collection index reads
+    each file once for its digest and its hash."""
     if not data:
         raise ImageDecodeError(path, "empty file (0 bytes)")
     if data[:3] == b"\xff\xd8\xff":

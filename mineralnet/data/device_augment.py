@@ -58,23 +58,36 @@ def letterbox(img: np.ndarray, side: int) -> tuple[np.ndarray, int, int]:
     return canvas, h, w
 
 
+def _progress(items, desc: str):
+    """A progress bar over a long up-front pass (only for large collections)."""
+    if len(items) < 2000:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="photo", leave=False)
+
+
 class CanvasDataset(Dataset):
     """(RawPhotos, label) per (path, label) sample, for `DeviceAugment`. With `cache` every photo is decoded
     and letterboxed once, up front, into one (N, side, side, 3) uint8 tensor; otherwise at every access.
     `set_epoch` changes the per-sample seeds exactly as PhotoDataset's."""
 
-    def __init__(self, samples, side: int, seed: int = 0, cache: bool = True):
+    def __init__(self, samples, side: int, seed: int = 0, cache: bool = True, cache_bytes: int | None = None):
         if int(side) < 8:
             raise MineralNetError(f"canvas side {side} is too small; use at least 8 pixels")
         self.samples, self.side, self.seed, self.epoch = list(samples), int(side), seed, 0
         self.pixels = self.sizes = None
+        self.cached = 0  # the first `cached` photos are in RAM (all of them unless the budget says otherwise)
         if cache:
-            self.pixels = torch.zeros((len(self.samples), self.side, self.side, 3), dtype=torch.uint8)
+            per_photo = self.side * self.side * 3
+            n = len(self.samples) if cache_bytes is None else min(len(self.samples), int(cache_bytes) // per_photo)
+            self.pixels = torch.zeros((n, self.side, self.side, 3), dtype=torch.uint8)
             self.sizes = []
-            for i, (path, _) in enumerate(self.samples):
+            for i, (path, _) in enumerate(_progress(self.samples[:n], "caching photos")):
                 canvas, h, w = letterbox(load_image(path, min_size=self.side), self.side)
                 self.pixels[i] = torch.from_numpy(canvas)
                 self.sizes.append((h, w))
+            self.cached = n
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -84,7 +97,7 @@ class CanvasDataset(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        if self.pixels is not None:
+        if i < self.cached:
             pixels, (h, w) = self.pixels[i], self.sizes[i]
         else:
             canvas, h, w = letterbox(load_image(path, min_size=self.side), self.side)

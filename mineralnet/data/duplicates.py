@@ -2,7 +2,8 @@
 
     photo_hash(img)                         -> (128,) bool: dHash (64 bits) + pHash (64 bits) of the grey photo
     hash_photos(paths)                      -> (N, 128) bool, decoded in threads
-    near_duplicate_pairs(hashes, max_dist)  -> [(i, j, distance)] with i < j
+    near_duplicate_pairs(hashes, max_dist)  -> [(i, j, distance)] with i < j (exact, or banded above 8,000)
+    group_duplicates(hashes, digests)       -> DuplicateGroups: id per photo, giant groups dissolved
     duplicate_groups(samples, max_dist)     -> one group id per sample (union-find over the pairs)
 
 dHash (difference hash): the grey photo shrunk to 9x8 (area averaging), one bit per horizontal neighbour
@@ -17,12 +18,15 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
 from mineralnet.data.decode import load_image
 
 HASH_BITS = 128
+# JPEGs are decoded at reduced scale for the hash (libjpeg DCT scaling), shorter side at least this
+HASH_DECODE_SIDE = 64
 DEFAULT_MAX_DISTANCE = 20
 
 
@@ -40,7 +44,7 @@ def photo_hash(img: np.ndarray) -> np.ndarray:
 
 
 def _hash_file(path: str) -> np.ndarray:
-    return photo_hash(load_image(path))
+    return photo_hash(load_image(path, min_size=HASH_DECODE_SIDE))
 
 
 def hash_photos(paths) -> np.ndarray:
@@ -52,11 +56,35 @@ def hash_photos(paths) -> np.ndarray:
         return np.stack(list(pool.map(_hash_file, paths, chunksize=16)))
 
 
-def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE,
-                         block: int = 512) -> list[tuple[int, int, int]]:
-    """[(i, j, Hamming distance)] for every i < j whose hashes differ in at most `max_distance` bits."""
-    packed = np.packbits(np.asarray(hashes, dtype=bool), axis=1)  # (N, 16) uint8
-    words = np.ascontiguousarray(packed).view(np.uint64)  # (N, 2)
+# Below this many photos every pair is compared (exact); above it, candidate pairs come from banding.
+EXACT_MAX_PHOTOS = 8000
+# Banding (bit-sampling LSH): TABLES keys of BAND_BITS randomly chosen hash bits; photos whose key agrees in
+# at least one table, and that sit within WINDOW places of each other in that table's sorted order, are
+# compared exactly. A pair at d bits shares a table's key with probability ~(1 - d/128)^16: 0.07 at d = 20,
+# 0.12 at 16, 0.29 at 10, so 48 tables find ~96% of the pairs at 20 bits, 99.8% at 16 and all closer ones
+# (bench/data_scale.py measures it). Cost: 48 sorts and at most 48 * WINDOW comparisons per photo.
+BAND_BITS, TABLES, WINDOW = 16, 48, 24
+
+
+def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DISTANCE, *,
+                         exact: bool | None = None, seed: int = 0) -> list[tuple[int, int, int]]:
+    """[(i, j, Hamming distance)] with i < j for the pairs whose hashes differ in at most `max_distance` bits.
+
+    Exact (every pair) for up to EXACT_MAX_PHOTOS photos or with exact=True; beyond that the candidate
+    pairs come from banding (see TABLES), which costs O(N log N) and finds nearly all pairs."""
+    words = _words(hashes)
+    if exact if exact is not None else len(words) <= EXACT_MAX_PHOTOS:
+        return _all_pairs(words, max_distance)
+    return _banded_pairs(words, max_distance, seed)
+
+
+def _words(hashes) -> np.ndarray:
+    h = np.asarray(hashes)
+    packed = h if h.dtype == np.uint8 and h.shape[1:] == (16,) else np.packbits(h.astype(bool), axis=1)
+    return np.ascontiguousarray(packed).view(np.uint64).reshape(len(packed), 2)  # (N, 2)
+
+
+def _all_pairs(words: np.ndarray, max_distance: int, block: int = 512):
     out = []
     for start in range(0, len(words), block):
         rows = words[start:start + block]
@@ -65,6 +93,32 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DIS
         keep = jj > ii + start
         out += [(int(i) + start, int(j), int(dist[i, j])) for i, j in zip(ii[keep], jj[keep])]
     return sorted(out)
+
+
+def _banded_pairs(words: np.ndarray, max_distance: int, seed: int):
+    n = len(words)
+    bits = np.unpackbits(words.view(np.uint8).reshape(n, 16), axis=1)  # (N, 128) uint8
+    rng = np.random.default_rng(seed)
+    weights = (1 << np.arange(BAND_BITS, dtype=np.uint64))
+    found = []
+    for _ in range(TABLES):
+        pick = rng.choice(128, BAND_BITS, replace=False)
+        key = (bits[:, pick].astype(np.uint64) * weights).sum(axis=1)  # (N,)
+        order = np.lexsort((words[:, 1], words[:, 0], key))  # by key, then by the whole hash
+        k = key[order]
+        for off in range(1, min(WINDOW, n - 1) + 1):
+            same = np.nonzero(k[:-off] == k[off:])[0]
+            if not len(same):
+                break  # no bucket is larger than `off`
+            a, b = order[same], order[same + off]
+            d = np.bitwise_count(words[a] ^ words[b]).sum(axis=1)
+            near = d <= max_distance
+            lo, hi = np.minimum(a[near], b[near]), np.maximum(a[near], b[near])
+            found.append(np.stack([lo, hi, d[near]], axis=1))
+    if not found:
+        return []
+    rows = np.unique(np.concatenate(found), axis=0)
+    return [(int(i), int(j), int(d)) for i, j, d in rows]
 
 
 def union_find_groups(n: int, pairs) -> list[int]:
@@ -84,10 +138,84 @@ def union_find_groups(n: int, pairs) -> list[int]:
     return [root(i) for i in range(n)]
 
 
-def duplicate_groups(samples, max_distance: int = DEFAULT_MAX_DISTANCE) -> tuple[list[int], int]:
+# A near-duplicate group larger than this is look-alike photos chained by false matches, not copies of one
+# photo: it is not kept on one side of a split (its byte-identical copies still are). --max-duplicate-group.
+DEFAULT_MAX_GROUP = 50
+# False matches per pair of different minet7 photos (all 1.37 M pairs, by eye; docs/RESULTS.md), by threshold.
+FALSE_MATCH_RATE = {10: 0.0, 16: 2.2e-6, 20: 5.1e-6}
+
+
+@dataclass
+class DuplicateGroups:
+    ids: list            # group id per photo (the smallest index of its group)
+    merged: int          # groups of 2 or more photos that a split keeps together
+    pairs: int           # near-duplicate pairs found
+    oversized: list      # [[indices]] of the groups above the bound, not kept together
+
+    def oversized_note(self, paths, max_group: int) -> str:
+        """One line on the dissolved groups, naming their size and a few members."""
+        if not self.oversized:
+            return ""
+        big = max(self.oversized, key=len)
+        sample = ", ".join(str(paths[i]) for i in big[:3])
+        return (f"{len(self.oversized)} near-duplicate group(s) larger than {max_group} photos were not kept on one "
+                f"side of the split (largest: {len(big)} photos, e.g. {sample}): look-alike photos chained by "
+                f"hash matches rather than copies; --max-duplicate-group {len(big)} keeps such groups together")
+
+
+def false_partner_note(n: int, max_distance: int) -> str:
+    """The expected number of false near-duplicate partners per photo in a collection of n photos."""
+    measured = [d for d in sorted(FALSE_MATCH_RATE) if d >= max_distance]
+    if not measured:
+        return f"the false-match rate at {max_distance} bits was not measured (docs/RESULTS.md has <= 20)"
+    rate = FALSE_MATCH_RATE[measured[0]]
+    return (f"false-match rate {rate:.1e} per pair (measured on minet7 at <= {measured[0]} bits): about "
+            f"{rate * max(n - 1, 0):.2g} false partner(s) per photo among {n}")
+
+
+def group_duplicates(hashes, digests=None, max_distance: int = DEFAULT_MAX_DISTANCE,
+                     max_group: int = DEFAULT_MAX_GROUP) -> DuplicateGroups:
+    """Near-duplicate groups (union-find over the pairs) of N photos from their hashes ((N, 128) bool or
+    (N, 16) packed); `digests` (one content key per photo) join byte-identical files as well. A group
+    larger than `max_group` is dissolved into its byte-identical subsets."""
+    n = len(hashes)
+    pairs = near_duplicate_pairs(hashes, max_distance) if n else []
+    same = []
+    if digests is not None:
+        first: dict = {}
+        for i, key in enumerate(digests):
+            if key in first:
+                same.append((first[key], i))
+            else:
+                first[key] = i
+    ids = union_find_groups(n, pairs + same)
+    sizes = np.bincount(ids, minlength=n) if n else np.zeros(0, int)
+    oversized = [np.nonzero(np.asarray(ids) == g)[0].tolist() for g in np.nonzero(sizes > max_group)[0]]
+    if oversized:
+        copies = union_find_groups(n, same)
+        for members in oversized:
+            for i in members:
+                ids[i] = copies[i]
+        sizes = np.bincount(ids, minlength=n)
+    return DuplicateGroups(ids, int((sizes > 1).sum()), len(pairs), oversized)
+
+
+def duplicate_groups(samples, max_distance: int = DEFAULT_MAX_DISTANCE, *, hashes=None,
+                     max_group: int = DEFAULT_MAX_GROUP) -> tuple[list[int], int]:
     """(group id per sample, number of groups with 2 or more photos) for [(path, label)] samples:
-    near-duplicates (and byte-identical copies) share a group, so a split can keep them together."""
-    paths = [p for p, _ in samples]
-    groups = union_find_groups(len(paths), near_duplicate_pairs(hash_photos(paths), max_distance))
-    sizes = np.bincount(groups, minlength=len(groups)) if groups else np.zeros(0, int)
-    return groups, int((sizes > 1).sum())
+    near-duplicates share a group, so a split can keep them together. `hashes` (from the collection index)
+    saves decoding the photos again."""
+    if hashes is None:
+        hashes = hash_photos([p for p, _ in samples])
+    groups = group_duplicates(hashes, None, max_distance, max_group)
+    return groups.ids, groups.merged
+
+
+def collection_groups(index, max_distance: int = DEFAULT_MAX_DISTANCE,
+                      max_group: int = DEFAULT_MAX_GROUP) -> DuplicateGroups:
+    """`group_duplicates` of a scanned collection (`DatasetIndex`): its index facts when the scan verified
+    the photos (no photo is read again), else the photos hashed now."""
+    facts = getattr(index, "facts", None)
+    if facts is None:
+        return group_duplicates(hash_photos([p for p, _ in index.samples]), None, max_distance, max_group)
+    return group_duplicates(facts.phash, facts.digest_keys(), max_distance, max_group)

@@ -8,12 +8,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from mineralnet.data.decode import verify_image
+from mineralnet.data.index import PhotoFacts, refresh_index
 from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 
@@ -35,6 +34,7 @@ class DatasetIndex:
     samples: list[tuple[str, int]]  # (absolute path, label), sorted by (class, path)
     bad: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), not in samples
     empty: list[str] = field(default_factory=list)  # classes without a single readable photo
+    facts: PhotoFacts | None = None  # per sample (same order): digest, hash, size... (scans with verify)
 
     def labels(self) -> list[int]:
         return [label for _, label in self.samples]
@@ -84,7 +84,7 @@ def list_unsupported(folder) -> list[tuple[str, str]]:
 
 
 def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
-                 allow_empty: bool = False) -> DatasetIndex:
+                 allow_empty: bool = False, index_file=None, exchange=None) -> DatasetIndex:
     """Index a class-folder tree or a CSV manifest (header ``path,label``, label = class name).
 
     Args:
@@ -93,6 +93,9 @@ def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
             a class that is not in it is an error.
         allow_empty: report classes without readable photos in ``.empty`` instead of raising
             (used by ``mineralnet data check``).
+        index_file: the collection index to read and update (default: one per collection under
+            $MINERALNET_CACHE/index, see `data.index`); only with verify.
+        exchange: under DDP, how ranks share the reading (`train.inputs.RankExchange`).
     """
     p = Path(os.path.expanduser(os.fspath(path)))
     if not p.exists():
@@ -104,22 +107,26 @@ def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
     else:
         raise MineralNetError(f"data path {p} is neither a folder nor a .csv manifest; {_LAYOUT_HINT}")
     bad: list[tuple[str, str]] = []
-    if verify and files:
-        paths = [f for f, _ in files]
-        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-            reasons = list(pool.map(verify_image, paths, chunksize=16))
-        bad = [(f, r) for f, r in zip(paths, reasons) if r is not None]
-        files = [s for s, r in zip(files, reasons) if r is None]
+    facts = None
+    if verify and files:  # read through the collection index: only new or changed files are decoded
+        facts = refresh_index(p, [(f, names[label]) for f, label in files], index_file=index_file,
+                              exchange=exchange)
+        bad = [(f, r) for (f, _), r in zip(files, facts.reason) if r]
+        keep = [i for i, r in enumerate(facts.reason) if not r]
+        files, facts = [files[i] for i in keep], facts.take(keep)
     if p.is_dir():
         bad += list_unsupported(p)
-    samples = sorted(files, key=lambda s: (s[1], s[0]))
+    order = sorted(range(len(files)), key=lambda i: (files[i][1], files[i][0]))
+    samples = [files[i] for i in order]
+    facts = facts.take(order) if facts is not None else None
     present = {names[label] for _, label in samples}
     empty = [c for c in names if c in seen and c not in present]
     if empty and not allow_empty:
         raise MineralNetError(
             f"class(es) without readable photos in {p}: {', '.join(empty)}; add photos or remove the "
             f"class (`mineralnet data check {p}` shows the details)")
-    return DatasetIndex(os.path.abspath(p), names, samples, bad, empty)  # not resolve(): keep symlinked roots
+    # not resolve(): keep symlinked roots
+    return DatasetIndex(os.path.abspath(p), names, samples, bad, empty, facts)
 
 
 def _class_list(found: Sequence[str], classes: list[str] | None, where: Path) -> list[str]:
@@ -194,10 +201,15 @@ def _dedupe_rows(csv_path: Path, rows):
     return kept
 
 
-def identical_groups(samples) -> list[list[tuple[str, int]]]:
-    """Groups (2 or more) of byte-identical photos among [(path, label)], by SHA-256 of the file contents."""
-    by_hash: dict[str, list] = {}
-    for path, label in samples:
-        with open(path, "rb") as f:
-            by_hash.setdefault(hashlib.file_digest(f, "sha256").hexdigest(), []).append((path, label))
+def identical_groups(samples, digests=None) -> list[list[tuple[str, int]]]:
+    """Groups (2 or more) of byte-identical photos among [(path, label)], by SHA-256 of the file contents
+    (`digests`, one key per sample from the collection index, saves reading the files)."""
+    by_hash: dict = {}
+    for n, (path, label) in enumerate(samples):
+        if digests is not None:
+            key = digests[n]
+        else:
+            with open(path, "rb") as f:
+                key = hashlib.file_digest(f, "sha256").digest()[:16]
+        by_hash.setdefault(key, []).append((path, label))
     return [g for g in by_hash.values() if len(g) > 1]

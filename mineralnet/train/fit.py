@@ -67,15 +67,26 @@ class TrainParts:
         return self.ema.model if self.ema is not None else self.unwrapped
 
 
+# How long a rank waits in a collective before the run fails. The photos are prepared by all ranks together
+# (the index shares out the reading), so no rank idles through another's preparation; the bound is for a
+# first index of a very large collection on slow storage. MINERALNET_DDP_TIMEOUT_MIN changes it.
+DDP_TIMEOUT_MIN = 60
+
+
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import DataLoaderConfiguration
+    import os
+    from datetime import timedelta
+
+    from accelerate import DataLoaderConfiguration, InitProcessGroupKwargs
 
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[cfg.precision]
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise MineralNetError("--precision fp16 needs a CUDA GPU; on CPU use --precision bf16 or fp32")
     # non_blocking: host-to-device copies from the pinned batches (pin_memory on CUDA) overlap the step
     loading = DataLoaderConfiguration(split_batches=True, non_blocking=torch.cuda.is_available())
-    return fresh_accelerator(mixed_precision=mp, dataloader_config=loading, step_scheduler_with_optimizer=False)
+    timeout = timedelta(minutes=float(os.environ.get("MINERALNET_DDP_TIMEOUT_MIN", DDP_TIMEOUT_MIN)))
+    return fresh_accelerator(mixed_precision=mp, dataloader_config=loading, step_scheduler_with_optimizer=False,
+                             kwargs_handlers=[InitProcessGroupKwargs(timeout=timeout)])
 
 
 def _check_setup(cfg: TrainConfig, accelerator) -> None:

@@ -27,16 +27,57 @@ class DataSplit:
     split_info: dict
 
 
-def _split(cfg: TrainConfig, index, run: RunDir):
+class RankExchange:
+    """How the ranks of a DDP run share the preparation of the photos (`data.refresh_index`): rank, world,
+    gather (every rank's list, concatenated in rank order, on every rank) and broadcast (rank 0's object)."""
+
+    def __init__(self, state):
+        self.state = state
+        self.rank, self.world = state.process_index, state.num_processes
+
+    def gather(self, items: list) -> list:
+        from accelerate.utils import gather_object
+
+        return gather_object(list(items))
+
+    def broadcast(self, obj):
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+
+def rank_exchange() -> RankExchange | None:
+    """The exchange of this process's DDP run, or None when it runs alone."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from accelerate import PartialState
+
+    return RankExchange(PartialState())  # the state the run's Accelerator set up
+
+
+def _groups(cfg: TrainConfig, index, run: RunDir):
+    """(group id per sample or None, groups merged) for the split; says what it merged and dissolved."""
+    if not cfg.group_duplicates:
+        return None, 0
+    dup = mdata.collection_groups(index, max_group=cfg.max_duplicate_group)
+    if run.is_main and (dup.merged or dup.oversized):
+        print(f"split: {dup.merged} group(s) of near-duplicate photos kept on one side of the split "
+              f"({mdata.false_partner_note(len(index.samples), mdata.DEFAULT_MAX_DISTANCE)}; `mineralnet data check "
+              f"{cfg.data} --duplicates` lists them; --no-group-duplicates turns this off)", flush=True)
+    if run.is_main and dup.oversized:
+        print(f"split: {dup.oversized_note([p for p, _ in index.samples], cfg.max_duplicate_group)}", flush=True)
+    return dup.ids, dup.merged
+
+
+def _split(cfg: TrainConfig, index, run: RunDir, exchange=None):
     """(train samples, val samples, split info, unreadable) as the config asks."""
     samples, labels = index.samples, index.labels()
     if cfg.val_data:
-        vindex = mdata.scan_dataset(cfg.val_data, verify=True, classes=index.classes)
+        vindex = mdata.scan_dataset(cfg.val_data, verify=True, classes=index.classes, exchange=exchange)
         return samples, vindex.samples, {"kind": "val_data", "val_data": str(cfg.val_data)}, list(vindex.bad)
-    groups, merged = mdata.duplicate_groups(samples) if cfg.group_duplicates else (None, 0)
-    if merged and run.is_main:
-        print(f"split: {merged} group(s) of near-duplicate photos kept on one side of the split (`mineralnet data "
-              f"check {cfg.data} --duplicates` lists them; --no-group-duplicates turns this off)", flush=True)
+    groups, merged = _groups(cfg, index, run)
     if cfg.folds:
         folds = mdata.stratified_kfold(labels, cfg.folds, seed=cfg.data_seed, classes=index.classes, groups=groups)
         val_idx = set(folds[cfg.fold])
@@ -51,7 +92,8 @@ def _split(cfg: TrainConfig, index, run: RunDir):
 
 def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     """Scan, check, split and measure the photos; write the split (and unreadable list) into the run."""
-    index = mdata.scan_dataset(cfg.data, verify=True)
+    exchange = rank_exchange()
+    index = mdata.scan_dataset(cfg.data, verify=True, index_file=cfg.index, exchange=exchange)
     if len(index.classes) == 1 and Path(cfg.data).is_dir():
         inner = Path(cfg.data) / index.classes[0]
         if sum(1 for d in inner.iterdir() if d.is_dir() and not d.name.startswith(".")) >= 2:
@@ -60,10 +102,12 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     if len(index.classes) < 2:
         raise MineralNetError(f"{cfg.data!r} has only {len(index.classes)} class folder(s) "
                               f"({', '.join(index.classes) or 'none'}); training needs at least 2 minerals")
-    train, val, split_info, vbad = _split(cfg, index, run)
+    train, val, split_info, vbad = _split(cfg, index, run, exchange)
     kept = _resumed_split(cfg, run, index, val if cfg.val_data else [])
     if kept is not None:
         train, val, split_info = kept
+    if exchange is not None:
+        _check_same_split(exchange, train, val)
     bad = list(index.bad) + vbad
     if not val:
         raise MineralNetError(f"the validation split of {cfg.data!r} is empty; add photos or pass --val-data")
@@ -76,7 +120,7 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if kept is None:  # a resumed run keeps its split.json as it was
         if run.is_main:
-            _warn_copies_across_the_split(train, val)
+            _warn_copies_across_the_split(index, train, val)
         run.write_split(index, train, val, split_info)
     run.write_unreadable(bad)
     if bad and run.is_main:
@@ -117,10 +161,32 @@ def ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _warn_copies_across_the_split(train, val) -> None:
+def _check_same_split(exchange, train, val) -> None:
+    """Every rank trains and validates on the same photos, or all stop with one line."""
+    import hashlib
+
+    def digest(samples):
+        return hashlib.sha256("\n".join(f"{p}\t{y}" for p, y in samples).encode("utf-8", "surrogateescape")).hexdigest()
+
+    mine = (digest(train), digest(val), len(train), len(val))
+    every = exchange.gather([mine])
+    for rank, other in enumerate(every):
+        if other != every[0]:
+            raise MineralNetError(f"rank {rank} made another split than rank 0 ({other[2]} training / {other[3]} "
+                                  f"validation photos vs {every[0][2]} / {every[0][3]}); every rank needs the same "
+                                  f"photos, --data and --val-data paths and flags")
+
+
+def _warn_copies_across_the_split(index, train, val) -> None:
     """Byte-identical photos on both sides of the split inflate every validation number: say so."""
     val_paths = {p for p, _ in val}
-    split = [g for g in mdata.identical_groups(list(train) + list(val))
+    samples = list(train) + list(val)
+    digests = None
+    if index.facts is not None:  # the index has every digest: no file is read again
+        key = dict(zip((p for p, _ in index.samples), index.facts.digest_keys()))
+        if all(p in key for p, _ in samples):
+            digests = [key[p] for p, _ in samples]
+    split = [g for g in mdata.identical_groups(samples, digests)
              if any(p in val_paths for p, _ in g) and any(p not in val_paths for p, _ in g)]
     if split:
         warnings.warn(f"{len(split)} byte-identical photo(s) are both in training and validation (e.g. "
@@ -141,12 +207,16 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     train_tf = mdata.build_transforms(cfg.train_size, split.mean, split.std, train=True, resize=cfg.eval_resize,
                                       scale=(cfg.scale_min, 1.0), rotate_limit=cfg.rotate, hflip=cfg.hflip)
     eval_tf = mdata.build_transforms(cfg.image_size, split.mean, split.std, train=False, resize=cfg.eval_resize)
+    budget = cache_budget_bytes(cfg) if cfg.cache_images else None
+    val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side, cache_bytes=budget)
+    left = None if budget is None else max(0, budget - sum(img.nbytes for img in (val_ds.cache or [])))
     if augment_on(cfg) == "device":  # uint8 photos letterboxed into side x side; DeviceAugment warps them
-        train_ds = mdata.CanvasDataset(split.train, side, seed=cfg.seed, cache=cfg.cache_images)
+        train_ds = mdata.CanvasDataset(split.train, side, seed=cfg.seed, cache=cfg.cache_images, cache_bytes=left)
     else:
         train_ds = mdata.PhotoDataset(split.train, train_tf, seed=cfg.seed, cache_side=cache_side,
-                                      size_at=cfg.train_size_at if cfg.train_crop_min else None)
-    val_ds = mdata.PhotoDataset(split.val, eval_tf, seed=cfg.seed, cache_side=cache_side)
+                                      size_at=cfg.train_size_at if cfg.train_crop_min else None, cache_bytes=left)
+    if cfg.cache_images:
+        _say_cache(budget, train_ds.cached + val_ds.cached, len(train_ds) + len(val_ds))
     if cfg.sampling == "uniform":
         sampler = mdata.EpochShuffleSampler(len(train_ds), cfg.seed)
     else:
@@ -157,6 +227,29 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader
+
+
+def cache_budget_bytes(cfg: TrainConfig) -> int:
+    """RAM for --cache-images in this process: --cache-budget-gb, else half the memory available now shared
+    by the processes of this machine."""
+    import os
+
+    if cfg.cache_budget_gb is not None:
+        return int(cfg.cache_budget_gb * 2**30)
+    import psutil
+
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    return int(psutil.virtual_memory().available * 0.5 / local)
+
+
+def _say_cache(budget: int, cached: int, total: int) -> None:
+    import torch.distributed as dist
+
+    if cached >= total or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    print(f"cache: {cached} of {total} photos fit in the {budget / 2**30:.1f} GB cache budget per process; the "
+          f"other {total - cached} are decoded from disk every epoch (--cache-budget-gb raises the budget; "
+          f"`mineralnet data shard` writes pre-resized shards that decode faster)", flush=True)
 
 
 def augment_on(cfg: TrainConfig) -> str:
