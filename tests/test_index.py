@@ -86,7 +86,7 @@ def test_a_photo_truncated_after_indexing_is_read_again_and_reported(tmp_path):
     victim.write_bytes(victim.read_bytes()[:200])
     index = mdata.scan_dataset(root, index_file=idx)
     assert [os.path.basename(p) for p, _ in index.bad] == ["2.jpg"]
-    assert "truncated" in index.bad[0][1]
+    assert "truncated" in index.bad[0][1].lower()
     assert len(index.samples) == 5
 
 
