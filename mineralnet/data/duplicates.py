@@ -16,6 +16,7 @@ is the Hamming distance over the 128 bits; `DEFAULT_MAX_DISTANCE` is the thresho
 """
 from __future__ import annotations
 
+import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -71,28 +72,41 @@ def near_duplicate_pairs(hashes: np.ndarray, max_distance: int = DEFAULT_MAX_DIS
     """[(i, j, Hamming distance)] with i < j for the pairs whose hashes differ in at most `max_distance` bits.
 
     Exact (every pair) for up to EXACT_MAX_PHOTOS photos or with exact=True; beyond that the candidate
-    pairs come from banding (see TABLES), which costs O(N log N) and finds nearly all pairs."""
+    pairs come from banding (see TABLES), which costs O(N log N) and finds nearly all pairs. The list can be
+    long for look-alike photos; `group_duplicates` needs only the groups and never holds it."""
+    rows = [np.stack(e, axis=1) for e in edge_blocks(hashes, max_distance, exact=exact, seed=seed)]
+    rows = [r for r in rows if len(r)]
+    if not rows:
+        return []
+    return [(int(i), int(j), int(d)) for i, j, d in np.unique(np.concatenate(rows), axis=0)]
+
+
+def edge_blocks(hashes, max_distance: int = DEFAULT_MAX_DISTANCE, *, exact: bool | None = None, seed: int = 0):
+    """Yield (i, j, distance) int64 arrays with i < j of near-duplicate pairs, a block at a time (banding may
+    yield a pair more than once)."""
     words = _words(hashes)
     if exact if exact is not None else len(words) <= EXACT_MAX_PHOTOS:
-        return _all_pairs(words, max_distance)
-    return _banded_pairs(words, max_distance, seed)
+        yield from _all_pairs(words, max_distance)
+    else:
+        yield from _banded_pairs(words, max_distance, seed)
 
 
 def _words(hashes) -> np.ndarray:
     h = np.asarray(hashes)
+    if h.ndim != 2 or not len(h):
+        return np.zeros((0, 2), np.uint64)
     packed = h if h.dtype == np.uint8 and h.shape[1:] == (16,) else np.packbits(h.astype(bool), axis=1)
     return np.ascontiguousarray(packed).view(np.uint64).reshape(len(packed), 2)  # (N, 2)
 
 
 def _all_pairs(words: np.ndarray, max_distance: int, block: int = 512):
-    out = []
     for start in range(0, len(words), block):
         rows = words[start:start + block]
         dist = np.bitwise_count(rows[:, None, :] ^ words[None, :, :]).sum(axis=2)  # (b, N)
         ii, jj = np.nonzero(dist <= max_distance)
         keep = jj > ii + start
-        out += [(int(i) + start, int(j), int(dist[i, j])) for i, j in zip(ii[keep], jj[keep])]
-    return sorted(out)
+        ii, jj = ii[keep], jj[keep]
+        yield ii.astype(np.int64) + start, jj.astype(np.int64), dist[ii, jj].astype(np.int64)
 
 
 def _banded_pairs(words: np.ndarray, max_distance: int, seed: int):
@@ -100,7 +114,6 @@ def _banded_pairs(words: np.ndarray, max_distance: int, seed: int):
     bits = np.unpackbits(words.view(np.uint8).reshape(n, 16), axis=1)  # (N, 128) uint8
     rng = np.random.default_rng(seed)
     weights = (1 << np.arange(BAND_BITS, dtype=np.uint64))
-    found = []
     for _ in range(TABLES):
         pick = rng.choice(128, BAND_BITS, replace=False)
         key = (bits[:, pick].astype(np.uint64) * weights).sum(axis=1)  # (N,)
@@ -113,12 +126,8 @@ def _banded_pairs(words: np.ndarray, max_distance: int, seed: int):
             a, b = order[same], order[same + off]
             d = np.bitwise_count(words[a] ^ words[b]).sum(axis=1)
             near = d <= max_distance
-            lo, hi = np.minimum(a[near], b[near]), np.maximum(a[near], b[near])
-            found.append(np.stack([lo, hi, d[near]], axis=1))
-    if not found:
-        return []
-    rows = np.unique(np.concatenate(found), axis=0)
-    return [(int(i), int(j), int(d)) for i, j, d in rows]
+            a, b = a[near], b[near]
+            yield np.minimum(a, b).astype(np.int64), np.maximum(a, b).astype(np.int64), d[near].astype(np.int64)
 
 
 def union_find_groups(n: int, pairs) -> list[int]:
@@ -173,13 +182,46 @@ def false_partner_note(n: int, max_distance: int) -> str:
             f"{rate * max(n - 1, 0):.2g} false partner(s) per photo among {n}")
 
 
+def _components(n: int, blocks) -> tuple[np.ndarray, int]:
+    """(group id per item: the smallest index of its connected component, distinct pairs seen) from blocks
+    of (i, j, ...) edge arrays, merged a block at a time so memory stays O(N + block)."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    comp = np.arange(n, dtype=np.int64)
+    pairs, pending, size = 0, [], 0
+
+    def merge(edges):
+        nonlocal comp
+        a, b = np.concatenate([e[0] for e in edges]), np.concatenate([e[1] for e in edges])
+        ca, cb = comp[a], comp[b]
+        keep = ca != cb
+        graph = coo_matrix((np.ones(int(keep.sum()), np.int8), (ca[keep], cb[keep])), shape=(n, n))
+        _, labels = connected_components(graph, directed=False)
+        first = np.full(labels.max() + 1, n, np.int64)
+        np.minimum.at(first, labels, np.arange(n))
+        comp = first[labels][comp]
+
+    for block in blocks:
+        i, j = block[0], block[1]
+        pairs += len(i)
+        pending.append((i, j))
+        size += len(i)
+        if size > 2_000_000:
+            merge(pending)
+            pending, size = [], 0
+    if pending and size:
+        merge(pending)
+    return comp, pairs
+
+
 def group_duplicates(hashes, digests=None, max_distance: int = DEFAULT_MAX_DISTANCE,
                      max_group: int = DEFAULT_MAX_GROUP) -> DuplicateGroups:
-    """Near-duplicate groups (union-find over the pairs) of N photos from their hashes ((N, 128) bool or
-    (N, 16) packed); `digests` (one content key per photo) join byte-identical files as well. A group
-    larger than `max_group` is dissolved into its byte-identical subsets."""
+    """Near-duplicate groups (connected components of the pairs) of N photos from their hashes ((N, 128)
+    bool or (N, 16) packed); `digests` (one content key per photo) join byte-identical files as well. A group
+    larger than `max_group` is dissolved into its byte-identical subsets. `pairs` counts the pairs found
+    (banding may count a pair twice)."""
     n = len(hashes)
-    pairs = near_duplicate_pairs(hashes, max_distance) if n else []
     same = []
     if digests is not None:
         first: dict = {}
@@ -188,16 +230,22 @@ def group_duplicates(hashes, digests=None, max_distance: int = DEFAULT_MAX_DISTA
                 same.append((first[key], i))
             else:
                 first[key] = i
-    ids = union_find_groups(n, pairs + same)
+    copies = [(np.array([a for a, _ in same], np.int64), np.array([b for _, b in same], np.int64))] if same else []
+    if not n:
+        return DuplicateGroups([], 0, 0, [])
+    ids, pairs = _components(n, itertools.chain(copies, edge_blocks(hashes, max_distance)))
     sizes = np.bincount(ids, minlength=n) if n else np.zeros(0, int)
-    oversized = [np.nonzero(np.asarray(ids) == g)[0].tolist() for g in np.nonzero(sizes > max_group)[0]]
-    if oversized:
-        copies = union_find_groups(n, same)
-        for members in oversized:
-            for i in members:
-                ids[i] = copies[i]
+    big = np.nonzero(sizes > max_group)[0]
+    oversized = []
+    if len(big):
+        members = np.isin(ids, big)
+        order = np.argsort(ids[members], kind="stable")
+        idx = np.nonzero(members)[0][order]
+        oversized = [g.tolist() for g in np.split(idx, np.nonzero(np.diff(ids[idx]))[0] + 1)]
+        dissolved = _components(n, copies)[0]
+        ids = np.where(members, dissolved, ids)
         sizes = np.bincount(ids, minlength=n)
-    return DuplicateGroups(ids, int((sizes > 1).sum()), len(pairs), oversized)
+    return DuplicateGroups(ids.tolist(), int((sizes > 1).sum()), int(pairs), oversized)
 
 
 def duplicate_groups(samples, max_distance: int = DEFAULT_MAX_DISTANCE, *, hashes=None,
