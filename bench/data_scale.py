@@ -199,7 +199,8 @@ def run_sizes(args, results: dict) -> None:
 def markdown(results: dict) -> str:
     env = results["environment"]
     lines = [f"Measured {results['date']} on {env['cpu']} ({env['cores']} cores; flags {env['flags']}), commit "
-             f"{results['commit']}. Command: `{results['command']}`", "",
+             f"{results['commit']}; 1-minute load average {results['loadavg_start']:.1f} at the start, "
+             f"{results['loadavg_end']:.1f} at the end. Command: `{results['command']}`", "",
              "| photos | index (1st) s | index (2nd) s | re-index +1% s | groups + split s | train share | "
              "1st launch to 1st batch s | 2nd launch s | loader img/s | peak RSS MB (2nd launch) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
                    ["bench/data_scale.py"] + [a if not a.startswith("/") else "WORK" for a in (argv or sys.argv[1:])]),
                "environment": {"cpu": cpu.get("model", "?"), "cores": os.cpu_count(),
                                "flags": " ".join(cpu.get("simd", [])) or "none of avx2/avx512/amx"},
-               "sizes": [], "pairs": []}
+               "sizes": [], "pairs": [], "loadavg_start": os.getloadavg()[0]}
     args.work.mkdir(parents=True, exist_ok=True)
     for n in args.pairs:
         results["pairs"].append({"hashes": n, **pair_search(n)})
@@ -262,6 +263,7 @@ def main(argv=None) -> int:
         results["look_alike"] = {"photos": args.look_alike, "index": index_stage(root, index_file),
                                  "split": split_stage(root, index_file)}
         print(json.dumps(results["look_alike"]), flush=True)
+    results["loadavg_end"] = os.getloadavg()[0]
     md = markdown(results)
     print(md)
     if args.md:
