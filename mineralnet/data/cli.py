@@ -1,4 +1,5 @@
-"""`mineralnet data check DIR` (counts, unreadable files, optional mean/std and near-duplicates) and
+"""`mineralnet data check DIR` (counts, unreadable files, optional mean/std and near-duplicates),
+`mineralnet data shard PHOTOS --out SHARDS` (WebDataset shards for streaming training) and
 `mineralnet data demo`."""
 from __future__ import annotations
 
@@ -35,6 +36,31 @@ def add_arguments(parser) -> None:
     check.add_argument("--split", default=None, metavar="RUN_OR_CV",
                        help="with --duplicates: a training run (split.json) or cv folder (folds.json) whose "
                             "validation photos are checked against its training photos")
+    shard = sub.add_parser("shard", help="write the photos as WebDataset tar shards (re-encoded JPEGs, split fixed "
+                                         "now) that `mineralnet train --data SHARDS` streams on every rank")
+    shard.add_argument("path", metavar="PHOTOS", help="class-folder root (PHOTOS/<class>/*.jpg) or CSV manifest")
+    shard.add_argument("--out", required=True, metavar="SHARDS", help="folder to write (new or empty)")
+    shard.add_argument("--size", type=int, default=256,
+                       help="shorter side of each stored photo in pixels, never enlarged (default 256: enough for "
+                            "--image-size 224, which resizes to 256 before its centre crop)")
+    shard.add_argument("--shard-size", default="1000", metavar="N|SIZE",
+                       help="photos per shard (default 1000), or a size such as 500MB; use at least as many "
+                            "training shards as processes x workers")
+    shard.add_argument("--val-split", type=float, default=0.1,
+                       help="fraction held out for validation (stratified, near-duplicates kept together; default 0.1)")
+    shard.add_argument("--folds", type=int, default=0, metavar="K",
+                       help="write K stratified folds (fold0-*.tar ...) instead of train/val: train with "
+                            "--folds K --fold i")
+    shard.add_argument("--seed", type=int, default=0,
+                       help="seed of the split, the shuffle before writing and the mean/std sample (default 0; "
+                            "a folder run with the same --seed or --split-seed validates on the same photos)")
+    shard.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored photos (default 90)")
+    shard.add_argument("--max-duplicate-group", type=int, default=DEFAULT_MAX_GROUP,
+                       help=f"as in training: larger near-duplicate groups are not kept on one side (default "
+                            f"{DEFAULT_MAX_GROUP})")
+    shard.add_argument("--no-group-duplicates", action="store_true",
+                       help="split photo by photo, ignoring near-duplicates (as train --no-group-duplicates)")
+    shard.add_argument("--index", default=None, metavar="FILE", help="the collection index to read and update")
     demo = sub.add_parser("demo", help="write the synthetic demo set (reused if present) and print its folder")
     demo.add_argument("--out", default=None, help="folder (default: $MINERALNET_CACHE or ~/.cache/mineralnet)")
     demo.add_argument("--classes", type=int, default=6, help="number of minerals (2..8; default 6)")
@@ -48,6 +74,8 @@ def run(args) -> int:
         print(make_demo_dataset(args.out, classes=args.classes, per_class=args.per_class, size=args.size,
                                 seed=args.seed))
         return 0
+    if args.action == "shard":
+        return _shard(args)
     if args.split and not args.duplicates:
         raise MineralNetError("--split is read with --duplicates; add --duplicates")
     if not 0 <= args.max_distance <= 64:
@@ -55,6 +83,22 @@ def run(args) -> int:
                               f"{DEFAULT_MAX_DISTANCE})")
     return _check(args.path, stats=args.stats, duplicates=args.max_distance if args.duplicates else None,
                   split=args.split, index_file=args.index)
+
+
+def _shard(args) -> int:
+    from mineralnet.data.shards import write_shards
+
+    if not 0.0 < args.val_split < 1.0:
+        raise MineralNetError(f"--val-split {args.val_split} must be in (0, 1)")
+    if args.folds and args.folds < 2:
+        raise MineralNetError(f"--folds {args.folds} must be 0 (a train/val split) or at least 2")
+    if args.max_duplicate_group < 2:
+        raise MineralNetError(f"--max-duplicate-group {args.max_duplicate_group} must be at least 2")
+    write_shards(args.path, args.out, size=args.size, shard_size=args.shard_size, val_split=args.val_split,
+                 folds=args.folds, seed=args.seed, quality=args.quality,
+                 group_duplicates=not args.no_group_duplicates, max_group=args.max_duplicate_group,
+                 index_file=args.index)
+    return 0
 
 
 def _report_identical(index) -> None:

@@ -101,6 +101,11 @@ def scan_dataset(path, *, verify: bool = True, classes: list[str] | None = None,
     if not p.exists():
         raise MineralNetError(f"data path {p} does not exist; {_LAYOUT_HINT}")
     if p.is_dir():
+        from mineralnet.data.shards import shard_source_note
+
+        note = shard_source_note(p)
+        if note:
+            raise MineralNetError(note)
         names, files, seen = _scan_folder(p, classes)
     elif p.suffix.lower() == ".csv":
         names, files, seen = _scan_csv(p, classes)

@@ -92,6 +92,10 @@ def _split(cfg: TrainConfig, index, run: RunDir, exchange=None):
 
 def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     """Scan, check, split and measure the photos; write the split (and unreadable list) into the run."""
+    from mineralnet.train import shard_inputs
+
+    if shard_inputs.is_shards(cfg.data):  # WebDataset shards: the split was fixed when they were written
+        return shard_inputs.prepare_shards(cfg, run)
     exchange = rank_exchange()
     index = mdata.scan_dataset(cfg.data, verify=True, index_file=cfg.index, exchange=exchange)
     if len(index.classes) == 1 and Path(cfg.data).is_dir():
@@ -198,6 +202,11 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     """(train loader, validation loader): global batches, the sampler's order a function of (seed, epoch)."""
     import cv2
 
+    from mineralnet.train import shard_inputs
+
+    if isinstance(split, shard_inputs.ShardSplit):
+        return shard_inputs.build_shard_loaders(cfg, split)
+
     # Photos are small: OpenCV's own thread pool only fights the model's threads (and, loaded,
     # spins for seconds per image). Workers, when used, are the data parallelism.
     cv2.setNumThreads(1)
@@ -257,7 +266,10 @@ def augment_on(cfg: TrainConfig) -> str:
     and a CUDA GPU is there)."""
     if cfg.augment_on != "auto":
         return cfg.augment_on
-    return "device" if cfg.cache_images and torch.cuda.is_available() else "workers"
+    from mineralnet.data.shards import is_shard_source
+
+    cached = cfg.cache_images and not is_shard_source(cfg.data)  # shards stream: nothing is cached
+    return "device" if cached and torch.cuda.is_available() else "workers"
 
 
 def build_device_augment(cfg: TrainConfig, split: DataSplit):

@@ -50,7 +50,10 @@ def train_one_epoch(parts, accelerator, stop: StopFlag | None = None, bar=None) 
         _set_bn_eval(model)
     loader = parts.train_loader
     if progress.step_in_epoch:
-        loader = accelerator.skip_first_batches(loader, progress.step_in_epoch)
+        # a stream (train.shard_inputs.ShardLoader) cannot seek: it resumes its own way, never by reading and
+        # dropping batches of an endless IterableDataset
+        own = getattr(loader, "skip_first_batches", None)
+        loader = own(progress.step_in_epoch) if own else accelerator.skip_first_batches(loader, progress.step_in_epoch)
         loader.set_epoch(progress.epoch)
     first_step = progress.step_in_epoch
     total_loss, images, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
