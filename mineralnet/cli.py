@@ -64,7 +64,9 @@ def fast_checks(name: str, argv: list[str]) -> None:
         return
     for flag in ("--data", "--val-data"):
         value = _flag_value(argv, flag)
-        if value and not os.path.exists(os.path.expanduser(value)):
+        stream = name == "train" and flag == "--data" and value and (
+            value.startswith("pipe:") or "://" in value or ".tar" in value)  # shards: checked when read
+        if value and not stream and not os.path.exists(os.path.expanduser(value)):
             raise MineralNetError(f"data path {value} does not exist; expected one sub-folder per mineral "
                                   f"(DIR/quartz/*.jpg) or a CSV with columns path,label")
 

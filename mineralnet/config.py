@@ -40,7 +40,9 @@ def _known_backbone(name) -> bool:
 class TrainConfig:
     # --- data ---
     data: Optional[str] = _f(None, "training photos: a folder with one sub-folder per mineral, or a CSV "
-                                   "manifest (path,label). Unset: the built-in synthetic demo set")
+                                   "manifest (path,label), or WebDataset shards of `mineralnet data shard` (their "
+                                   "folder, or a pattern / pipe: spec such as 'pipe:cat s/train-{000000..000009}.tar'"
+                                   "). Unset: the built-in synthetic demo set")
     val_data: Optional[str] = _f(None, "separate labelled folder/CSV for validation (same class names)")
     val_split: float = _f(0.1, "fraction of --data held out (stratified, seeded) for validation when "
                                "neither --val-data nor --folds is given")
