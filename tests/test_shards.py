@@ -36,7 +36,7 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def shards(photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "s"
-    mshards.write_shards(photos, out, size=38, shard_size="5", val_split=0.2, seed=0, progress=False, log=None)
+    mshards.write_shards(mdata.scan_dataset(photos), out, size=38, shard_size="5", val_split=0.2, seed=0, progress=False, log=None)
     return out
 
 
@@ -92,7 +92,7 @@ def test_shards_hold_every_readable_photo_once_with_its_class_split_and_size(pho
 
 def test_shard_split_and_mean_std_equal_the_folder_paths(photos, shards, tmp_path):
     folder = inputs.prepare_data(_cfg(photos), RunDir.open(tmp_path / "a", resuming=False, is_main=True))
-    streamed = inputs.prepare_data(_cfg(shards), RunDir.open(tmp_path / "b", resuming=False, is_main=True))
+    streamed = shard_inputs.prepare_shards(_cfg(shards), RunDir.open(tmp_path / "b", resuming=False, is_main=True))
     assert isinstance(streamed, shard_inputs.ShardSplit)
     assert sorted(streamed.train) == sorted(folder.train) and sorted(streamed.val) == sorted(folder.val)
     assert streamed.mean == pytest.approx(folder.mean, abs=1e-12) and streamed.std == pytest.approx(folder.std, abs=1e-12)
@@ -103,19 +103,19 @@ def test_shard_split_and_mean_std_equal_the_folder_paths(photos, shards, tmp_pat
 
 def test_folds_match_the_folder_paths_folds(photos, tmp_path):
     out = tmp_path / "k"
-    info = mshards.write_shards(photos, out, size=36, shard_size="4", folds=3, seed=2, progress=False, log=None)
+    info = mshards.write_shards(mdata.scan_dataset(photos), out, size=36, shard_size="4", folds=3, seed=2, progress=False, log=None)
     assert list(info["splits"]) == ["fold0", "fold1", "fold2"] and "without_fold1" in info["stats"]
     for fold in range(3):
         folder = inputs.prepare_data(_cfg(photos, folds=3, fold=fold, seed=2),
                                      RunDir.open(tmp_path / f"a{fold}", resuming=False, is_main=True))
-        streamed = inputs.prepare_data(_cfg(out, folds=3, fold=fold, seed=2),
+        streamed = shard_inputs.prepare_shards(_cfg(out, folds=3, fold=fold, seed=2),
                                        RunDir.open(tmp_path / f"b{fold}", resuming=False, is_main=True))
         assert sorted(streamed.val) == sorted(folder.val) and sorted(streamed.train) == sorted(folder.train)
         assert streamed.mean == pytest.approx(folder.mean, abs=1e-12)
         assert all(u.split("/")[-1].startswith(("fold0", "fold1", "fold2")) and f"fold{fold}-" not in u
                    for u in streamed.train_urls)
     with pytest.raises(MineralNetError, match="written in 3 folds; pass --folds 3"):
-        inputs.prepare_data(_cfg(out), RunDir.open(tmp_path / "c", resuming=False, is_main=True))
+        shard_inputs.prepare_shards(_cfg(out), RunDir.open(tmp_path / "c", resuming=False, is_main=True))
 
 
 def test_unreadable_photos_are_skipped_and_counted(photos, tmp_path):
@@ -126,7 +126,7 @@ def test_unreadable_photos_are_skipped_and_counted(photos, tmp_path):
     victim = sorted((src / "quartz").iterdir())[0]
     victim.write_bytes(victim.read_bytes()[:60])  # truncated JPEG
     lines = []
-    info = mshards.write_shards(src, tmp_path / "s", size=36, shard_size="50", progress=False, log=lines.append)
+    info = mshards.write_shards(mdata.scan_dataset(src), tmp_path / "s", size=36, shard_size="50", progress=False, log=lines.append)
     assert info["skipped"]["unreadable"] == 1
     assert sum(s["num_samples"] for s in info["splits"].values()) == 41
     assert any("skipped 1 unreadable" in l and victim.name in l for l in lines)
@@ -144,17 +144,17 @@ def test_a_failed_write_leaves_no_half_shard_and_no_info(photos, tmp_path, monke
     monkeypatch.setattr(mshards, "reencode", disk_full)
     out = tmp_path / "s"
     with pytest.raises(MineralNetError, match="No space left on device.*free space or pass another --out"):
-        mshards.write_shards(photos, out, size=36, shard_size="5", progress=False, log=None, threads=1)
+        mshards.write_shards(mdata.scan_dataset(photos), out, size=36, shard_size="5", progress=False, log=None, threads=1)
     assert not (out / "_info.json").exists() and not list(out.glob(".*"))
     done = sorted(out.glob("*.tar"))
     assert [p.name for p in done] == ["train-000000.tar", "train-000001.tar"]
     assert all(len(_members(p)) == 5 for p in done)  # every file named as a shard is complete
     with pytest.raises(MineralNetError, match="no _info.json.*unfinished"):
-        inputs.prepare_data(_cfg(out), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+        shard_inputs.prepare_shards(_cfg(out), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
     monkeypatch.setattr(mshards, "reencode", real)  # a second attempt into the same folder finishes
-    mshards.write_shards(photos, out, size=36, shard_size="5", progress=False, log=None)
+    mshards.write_shards(mdata.scan_dataset(photos), out, size=36, shard_size="5", progress=False, log=None)
     with pytest.raises(MineralNetError, match="already holds finished shards"):
-        mshards.write_shards(photos, out, size=36, progress=False, log=None)
+        mshards.write_shards(mdata.scan_dataset(photos), out, size=36, progress=False, log=None)
 
 
 @pytest.mark.parametrize("text,expect", [("1000", (1000, 10**15)), ("500MB", (10**12, 500 * 2**20)),
@@ -173,8 +173,8 @@ def test_bad_shard_size_and_options_are_one_line(photos, tmp_path, capsys):
 # ---- reading -------------------------------------------------------------------------------------------
 
 def test_validation_stream_reads_every_photo_once(shards, tmp_path):
-    split = inputs.prepare_data(_cfg(shards), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
-    _, val_loader = inputs.build_loaders(_cfg(shards), split)
+    split = shard_inputs.prepare_shards(_cfg(shards), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+    _, val_loader = shard_inputs.build_shard_loaders(_cfg(shards), split)
     labels = torch.cat([y for _, y in val_loader]).tolist()
     assert sorted(labels) == sorted(y for _, y in split.val)
 
@@ -189,7 +189,7 @@ def _rank_loader(split, cfg, rank, world):
 
 def test_ranks_take_the_same_steps_from_disjoint_shards(shards, tmp_path):
     cfg = _cfg(shards, batch_size=8)
-    split = inputs.prepare_data(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+    split = shard_inputs.prepare_shards(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
     assert len(split.train_urls) == 7  # 33 photos in shards of 5: unequal shares over 2 ranks
     for epoch in (0, 1):
         opened, steps = [], []
@@ -206,7 +206,7 @@ def test_ranks_take_the_same_steps_from_disjoint_shards(shards, tmp_path):
 
 def test_resume_mid_epoch_streams_only_the_steps_left(shards, tmp_path):
     cfg = _cfg(shards, batch_size=8)
-    split = inputs.prepare_data(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+    split = shard_inputs.prepare_shards(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
     loader = _rank_loader(split, cfg, 0, 1)
     rest = loader.skip_first_batches(3)
     assert len(rest) == len(loader) - 3 and rest.dataset.restart == 3 and loader.dataset.restart == 0
@@ -290,7 +290,7 @@ def test_bad_members_and_a_truncated_shard_are_skipped_and_counted(shards, tmp_p
     second = bad / "train-000001.tar"
     second.write_bytes(second.read_bytes()[:3000])  # a shard cut off in its middle
     cfg = _cfg(bad, batch_size=4)
-    split = inputs.prepare_data(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+    split = shard_inputs.prepare_shards(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
     loader = _rank_loader(split, cfg, 0, 1)
     assert sum(1 for _ in loader) == len(loader)  # the epoch keeps its length
     err = capfd.readouterr().err
@@ -306,7 +306,7 @@ def test_a_rank_whose_shards_yield_nothing_stops_with_one_line(shards, tmp_path)
     for p in bad.glob("train-*.tar"):
         p.write_bytes(b"not a tar at all")
     cfg = _cfg(bad, batch_size=4)
-    split = inputs.prepare_data(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+    split = shard_inputs.prepare_shards(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
     with pytest.raises(MineralNetError, match="yields a sample"):
         list(_rank_loader(split, cfg, 0, 1))
 
@@ -319,15 +319,15 @@ def test_missing_info_other_version_and_missing_shard_are_one_line(shards, tmp_p
     info = json.loads((other / "_info.json").read_text())
     (other / "_info.json").write_text(json.dumps(dict(info, format="mineralnet-shards/0", version="0.0.1")))
     with pytest.raises(MineralNetError, match=r"format 'mineralnet-shards/0' \(written by MineralNet 0.0.1\).*again"):
-        inputs.prepare_data(_cfg(other), RunDir.open(tmp_path / "a", resuming=False, is_main=True))
+        shard_inputs.prepare_shards(_cfg(other), RunDir.open(tmp_path / "a", resuming=False, is_main=True))
     (other / "_info.json").write_text("{ not json")
     with pytest.raises(MineralNetError, match="cannot read the shard description"):
-        inputs.prepare_data(_cfg(other), RunDir.open(tmp_path / "b", resuming=False, is_main=True))
+        shard_inputs.prepare_shards(_cfg(other), RunDir.open(tmp_path / "b", resuming=False, is_main=True))
     gone = tmp_path / "gone"
     shutil.copytree(shards, gone)
     (gone / "val-000000.tar").unlink()
     with pytest.raises(MineralNetError, match="val-000000.tar listed in .* is missing"):
-        inputs.prepare_data(_cfg(gone), RunDir.open(tmp_path / "c", resuming=False, is_main=True))
+        shard_inputs.prepare_shards(_cfg(gone), RunDir.open(tmp_path / "c", resuming=False, is_main=True))
 
 
 def test_options_shards_cannot_honour_are_one_line(shards, tmp_path):
@@ -335,18 +335,18 @@ def test_options_shards_cannot_honour_are_one_line(shards, tmp_path):
                       (dict(sampling="balanced"), "--sampling uniform with shards"),
                       (dict(augment_on="device"), "--augment-on workers")):
         with pytest.raises(MineralNetError, match=match):
-            inputs.prepare_data(_cfg(shards, **kw), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+            shard_inputs.prepare_shards(_cfg(shards, **kw), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
 
 
 def test_a_pipe_spec_finds_its_info_and_trains_on_the_shards_it_names(shards, tmp_path):
     spec = f"pipe:cat {shards}/train-{{000000..000002}}.tar"
     assert mshards.is_shard_source(spec) and mshards.is_shard_source(shards)
     assert not mshards.is_shard_source(shards.parent.parent) and not mshards.is_shard_source(None)
-    split = inputs.prepare_data(_cfg(spec), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
+    split = shard_inputs.prepare_shards(_cfg(spec), RunDir.open(tmp_path / "r", resuming=False, is_main=True))
     assert split.train_urls == [f"pipe:cat {shards}/train-00000{i}.tar" for i in range(3)]
     assert split.n_train == 15 and split.val_urls == [f"pipe:cat {shards}/val-00000{i}.tar" for i in range(2)]
     with pytest.raises(MineralNetError, match="not a shard of the training set"):
-        inputs.prepare_data(_cfg(f"pipe:cat {shards}/val-000000.tar"),
+        shard_inputs.prepare_shards(_cfg(f"pipe:cat {shards}/val-000000.tar"),
                             RunDir.open(tmp_path / "s", resuming=False, is_main=True))
 
 
@@ -407,8 +407,8 @@ def _rank_main(rank, world, port, shards, out):
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
     cfg = _cfg(shards, batch_size=8)
     run = RunDir.open(Path(out) / "run", resuming=False, is_main=acc.is_main_process)
-    split = inputs.prepare_data(cfg, run)
-    train_loader, val_loader = inputs.build_loaders(cfg, split)
+    split = shard_inputs.prepare_shards(cfg, run)
+    train_loader, val_loader = shard_inputs.build_shard_loaders(cfg, split)
     model = torch.nn.Conv2d(3, 3, 32)
 
     class Net(torch.nn.Module):

@@ -94,10 +94,10 @@ def _shard(args) -> int:
         raise MineralNetError(f"--folds {args.folds} must be 0 (a train/val split) or at least 2")
     if args.max_duplicate_group < 2:
         raise MineralNetError(f"--max-duplicate-group {args.max_duplicate_group} must be at least 2")
-    write_shards(args.path, args.out, size=args.size, shard_size=args.shard_size, val_split=args.val_split,
+    index = scan_dataset(args.path, verify=True, index_file=args.index)
+    write_shards(index, args.out, size=args.size, shard_size=args.shard_size, val_split=args.val_split,
                  folds=args.folds, seed=args.seed, quality=args.quality,
-                 group_duplicates=not args.no_group_duplicates, max_group=args.max_duplicate_group,
-                 index_file=args.index)
+                 group_duplicates=not args.no_group_duplicates, max_group=args.max_duplicate_group)
     return 0
 
 

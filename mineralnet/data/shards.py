@@ -1,6 +1,6 @@
 """WebDataset shards of a photo collection: written once, streamed by training on any number of ranks.
 
-    write_shards(PHOTOS, OUT, size=256, shard_size="1000", val_split=0.1, folds=0, seed=0) -> info dict
+    write_shards(scan_dataset(PHOTOS), OUT, size=256, shard_size="1000", val_split=0.1, folds=0, seed=0) -> info dict
     read_shard_info(SHARDS or spec)  -> ShardInfo (the _info.json, checked, and where the shards are)
     is_shard_source(data)            -> True for a shard folder, a .tar pattern, a pipe: or URL spec
 
@@ -132,10 +132,11 @@ def training_sets(names: list) -> dict:
     return {f"without_{k}": [n for n in names if n != k] for k in names}
 
 
-def write_shards(photos, out, *, size: int = 256, shard_size="1000", val_split: float = 0.1, folds: int = 0,
+def write_shards(index, out, *, size: int = 256, shard_size="1000", val_split: float = 0.1, folds: int = 0,
                  seed: int = 0, quality: int = 90, group_duplicates: bool = True, max_group: int | None = None,
-                 index_file=None, threads: int | None = None, progress: bool = True, log=print) -> dict:
-    """Write the photos under `photos` (class folders or CSV) as WebDataset shards in `out`; returns _info.
+                 threads: int | None = None, progress: bool = True, log=print) -> dict:
+    """Write the photos of a scanned collection (`scan_dataset(PHOTOS)`, verified: its index facts give the
+    duplicate groups and the digest) as WebDataset shards in `out`; returns the _info.json written.
 
     Raises MineralNetError (one line) for a folder that already holds finished shards, bad options, and a
     write that fails (full disk, no permission): the shard being written is removed, _info.json not written.
@@ -145,7 +146,6 @@ def write_shards(photos, out, *, size: int = 256, shard_size="1000", val_split: 
     from mineralnet import __version__
     from mineralnet.data.decode import ImageDecodeError
     from mineralnet.data.index import listing_digest
-    from mineralnet.data.scan import DatasetIndex, scan_dataset
     from mineralnet.data.splits import save_splits
     from mineralnet.data.stats import channel_stats
 
@@ -158,9 +158,8 @@ def write_shards(photos, out, *, size: int = 256, shard_size="1000", val_split: 
     if (out / INFO_FILE).exists():
         raise MineralNetError(f"{out} already holds finished shards ({INFO_FILE}); delete the folder or pass another "
                               f"--out")
-    index = scan_dataset(photos, verify=True, index_file=index_file)
     if len(index.classes) < 2:
-        raise MineralNetError(f"{photos} has {len(index.classes)} class folder(s); shards for training need at least 2")
+        raise MineralNetError(f"{index.root} has {len(index.classes)} class folder(s); shards for training need at least 2")
     plan = plan_split(index, val_split=val_split, folds=folds, seed=seed, group_duplicates=group_duplicates,
                       max_group=max_group)
     try:
@@ -207,8 +206,7 @@ def write_shards(photos, out, *, size: int = 256, shard_size="1000", val_split: 
         "jpeg_quality": quality, "split": plan.info, "stats": stats, "splits": splits,
         "skipped": {"unreadable": len(index.bad), "failed_when_sharding": len(failed)},
     }
-    view = DatasetIndex(index.root, index.classes, index.samples)
-    save_splits(out / SPLIT_FILE, view, {name: sorted(written[name]) for name in plan.names},
+    save_splits(out / SPLIT_FILE, index, {name: sorted(written[name]) for name in plan.names},
                 info=dict(plan.info, shards=True))
     _write_json_atomic(out / INFO_FILE, info)
     if log:

@@ -33,6 +33,7 @@ from mineralnet.report import write_eval_report
 from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
 from mineralnet.threads import apply_threads
 from mineralnet.train.inputs import DataSplit, build_device_augment, build_loaders, prepare_data
+from mineralnet.train.shard_inputs import build_shard_loaders, is_shards, prepare_shards
 from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
 from mineralnet.weights import resolve_pretrained
@@ -139,8 +140,12 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # the weights first: a missing weights package or an unreachable hub fails before the photo scan
     pretrained = resolve_pretrained(cfg.pretrained_value, cfg.backbone) if cfg.resume is None else False
-    split = prepare_data(cfg, run)
-    train_loader, val_loader = build_loaders(cfg, split)
+    if is_shards(cfg.data):  # WebDataset shards (`mineralnet data shard`): streamed, the split fixed in them
+        split = prepare_shards(cfg, run)
+        train_loader, val_loader = build_shard_loaders(cfg, split)
+    else:
+        split = prepare_data(cfg, run)
+        train_loader, val_loader = build_loaders(cfg, split)
     model, loss_fn = _build_model(cfg, split, run, pretrained)
     optimizer = build_optimizer(cfg, model, loss_fn.parameters())
     if cfg.compile:

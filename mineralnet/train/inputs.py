@@ -92,10 +92,6 @@ def _split(cfg: TrainConfig, index, run: RunDir, exchange=None):
 
 def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     """Scan, check, split and measure the photos; write the split (and unreadable list) into the run."""
-    from mineralnet.train import shard_inputs
-
-    if shard_inputs.is_shards(cfg.data):  # WebDataset shards: the split was fixed when they were written
-        return shard_inputs.prepare_shards(cfg, run)
     exchange = rank_exchange()
     index = mdata.scan_dataset(cfg.data, verify=True, index_file=cfg.index, exchange=exchange)
     if len(index.classes) == 1 and Path(cfg.data).is_dir():
@@ -201,11 +197,6 @@ def _warn_copies_across_the_split(index, train, val) -> None:
 def build_loaders(cfg: TrainConfig, split: DataSplit):
     """(train loader, validation loader): global batches, the sampler's order a function of (seed, epoch)."""
     import cv2
-
-    from mineralnet.train import shard_inputs
-
-    if isinstance(split, shard_inputs.ShardSplit):
-        return shard_inputs.build_shard_loaders(cfg, split)
 
     # Photos are small: OpenCV's own thread pool only fights the model's threads (and, loaded,
     # spins for seconds per image). Workers, when used, are the data parallelism.
