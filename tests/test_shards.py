@@ -356,6 +356,17 @@ def test_shards_given_where_photos_are_needed_say_what_to_pass(photos, shards, t
     assert cli_main(["cv", "--data", str(shards), "--out", str(tmp_path / "cv"), "--folds", "2"]) == 2
     err = capsys.readouterr().err
     assert "folder of WebDataset shards" in err and len(err.strip().splitlines()) == 1
+    from mineralnet.model import FusionNet
+    from mineralnet.runs import model_meta, save_model
+
+    model = FusionNet("resnet18", (2, 4), 3)
+    save_model(tmp_path / "run", model, model_meta(model, classes=["malachite", "pyrite", "quartz"], image_size=32,
+                                                   mean=[.5] * 3, std=[.2] * 3, resize=37))
+    for argv in (["eval", str(tmp_path / "run"), "--data", str(shards)], ["data", "check", str(shards)],
+                 ["calibrate", str(shards)]):
+        assert cli_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "WebDataset shards" in err and len(err.strip().splitlines()) == 1, (argv, err)
 
 
 # ---- training ------------------------------------------------------------------------------------------

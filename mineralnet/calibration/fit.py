@@ -243,6 +243,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from mineralnet.data.shards import shard_source_note
+
+    if shard_source_note(args.run):
+        raise MineralNetError(f"{args.run} is a folder of WebDataset shards, not a training run; calibrate the run "
+                              f"trained from them (mineralnet train --data {args.run} --out RUN, then "
+                              f"mineralnet calibrate RUN)")
     if not 0.0 < args.acceptance <= 1.0:
         raise MineralNetError(f"--acceptance {args.acceptance} must be in (0, 1], e.g. 0.95")
     if args.raps_lambda < 0 or args.raps_k < 0 or args.knn_k < 1:
