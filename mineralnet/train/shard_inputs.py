@@ -13,6 +13,7 @@ How the streams are laid out over processes:
   least R x workers of them, avoid that). Augmentation is seeded per (seed, epoch, photo, repeat).
 - Validation: the validation shards are read once per pass on the main process and Accelerate dispatches
   each global batch over the ranks (its IterableDataset mode), so every photo is scored exactly once.
+- Every rank checks that it reads the same shards (a digest of _info.json's shard names and counts).
 - Resume in the middle of an epoch: a stream cannot seek, so the epoch continues with a NEW stream (its shard
   order seeded by the step it resumes at) for the steps that were left; the step count, learning-rate
   schedule and later epochs are as without the interruption, the photos of the rest of that one epoch are
@@ -41,7 +42,7 @@ from mineralnet.data.scan import DatasetIndex
 from mineralnet.data.shards import _TAR, is_shard_source, read_shard_info, read_shard_split
 from mineralnet.errors import MineralNetError
 from mineralnet.runs import SPLIT_FILE, RunDir, read_split
-from mineralnet.train.inputs import IMAGENET_MEAN, IMAGENET_STD, DataSplit, ignore_stop_signals
+from mineralnet.train.inputs import IMAGENET_MEAN, IMAGENET_STD, DataSplit, ignore_stop_signals, rank_exchange
 
 SHUFFLE_BUFFER = 2000  # samples (JPEG bytes, ~20 KB each at 256 px) held per worker for the streaming shuffle
 _SLOTS = 257  # bad-member counters: slot 0 for the main process, 1.. for DataLoader workers
@@ -144,6 +145,7 @@ def prepare_shards(cfg: TrainConfig, run: RunDir) -> ShardSplit:
                       shards_digest=digest, shard_image_size=info["image_size"])
     if cfg.folds:
         split_info["fold"] = cfg.fold
+    _check_ranks_agree(digest, where)
     if run.is_main:
         _notes(cfg, info)
     if cfg.resume is not None and (run / SPLIT_FILE).is_file():
@@ -155,6 +157,18 @@ def prepare_shards(cfg: TrainConfig, run: RunDir) -> ShardSplit:
         run.write_split(DatasetIndex(doc["root"], list(info["classes"]), []), train, val, split_info)
     return ShardSplit(list(info["classes"]), train, val, [float(m) for m in mean], [float(s) for s in std], [],
                       split_info, train_urls, train_lengths, val_urls, list(val_entry["shard_lengths"]), info)
+
+
+def _check_ranks_agree(digest: str, where: str) -> None:
+    """Every rank of every machine reads the same shards (same names and counts), or all stop with one line."""
+    exchange = rank_exchange()
+    if exchange is None:
+        return
+    every = exchange.gather([digest])
+    for rank, other in enumerate(every):
+        if other != every[0]:
+            raise MineralNetError(f"rank {rank} sees other shards at {where} than rank 0 (another _info.json); give "
+                                  f"every machine the same shards")
 
 
 def _notes(cfg: TrainConfig, info: dict) -> None:
@@ -201,9 +215,10 @@ class ShardStream(IterableDataset):
 
     # which shards this process reads
     def rank_shards(self) -> list:
-        """This rank's shards in this epoch (all of them for validation)."""
+        """This rank's shards in this epoch (for validation: all on the main process, none elsewhere, since
+        Accelerate reads validation batches on the main process and hands them out)."""
         if not self.train:
-            return list(self.urls)
+            return list(self.urls) if self.rank == 0 else []
         order = list(self.urls)
         random.Random(f"{self.seed}:{self.epoch}:{self.restart}").shuffle(order)
         return order[self.rank::self.world]
@@ -371,7 +386,8 @@ def build_shard_loaders(cfg: TrainConfig, split: ShardSplit):
     n = len(split.classes)
     train_ds = ShardStream(split.train_urls, split.train_lengths, train_tf, n, train=True, seed=cfg.seed, rank=rank,
                            world=world, size_at=cfg.train_size_at if cfg.train_crop_min else None)
-    val_ds = ShardStream(split.val_urls, split.val_lengths, eval_tf, n, train=False, seed=cfg.seed)
+    val_ds = ShardStream(split.val_urls, split.val_lengths, eval_tf, n, train=False, seed=cfg.seed, rank=rank,
+                         world=world)
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(), persistent_workers=False,
                   prefetch_factor=4 if cfg.workers else None,
                   worker_init_fn=ignore_stop_signals if cfg.workers else None)
