@@ -296,10 +296,10 @@ def _summary(log, out: Path, info: dict, index, failed: list) -> None:
                      for n, s in info["splits"].items())
     log(f"wrote {total} photos of {info['num_classes']} classes to {out} ({sets}; {mb:.1f} MB, shorter side at most "
         f"{info['image_size']} px)")
-    if index.bad or failed:
-        log(f"skipped {len(index.bad)} unreadable photo(s) and {len(failed)} that failed to re-encode"
-            + (f", e.g. {(index.bad + failed)[0][0]}: {(index.bad + failed)[0][1]}" if index.bad or failed else "")
-            + " (`mineralnet data check` lists them)")
+    skipped = list(index.bad) + failed
+    if skipped:
+        log(f"skipped {len(index.bad)} unreadable photo(s) and {len(failed)} that failed to re-encode, e.g. "
+            f"{skipped[0][0]}: {skipped[0][1]} (`mineralnet data check` lists them)")
     if info["split"]["duplicate_groups_merged"]:
         log(f"split: {info['split']['duplicate_groups_merged']} group(s) of near-duplicate photos kept on one side")
     fold = " --folds {0} --fold 0".format(info["split"]["folds"]) if info["split"]["kind"] == "kfold" else ""
