@@ -12,8 +12,9 @@
     index.py       the collection index: per photo size, mtime, digest, hash, readability; read once, refreshed
     duplicates.py  perceptual hashes, near_duplicate_pairs (banded above 8,000 photos), group_duplicates
                    (splits keep groups together; look-alike giant groups are dissolved)
+    shards.py      write_shards (WebDataset tar shards, split fixed when written), read_shard_info, is_shard_source
     demo.py        make_demo_dataset() -> a small synthetic mineral set for demos and tests
-    cli.py         `mineralnet data check|demo`
+    cli.py         `mineralnet data check|shard|demo`
 
 Every public name is importable from `mineralnet.data`.
 """
@@ -32,6 +33,7 @@ from mineralnet.data.duplicates import (DEFAULT_MAX_DISTANCE, DEFAULT_MAX_GROUP,
                                         duplicate_groups, false_partner_note, group_duplicates, hash_photos,
                                         near_duplicate_pairs, photo_hash)
 from mineralnet.data.index import PhotoFacts, default_index_path, load_index, refresh_index
+from mineralnet.data.shards import SHARDS_FORMAT, is_shard_source, read_shard_info, write_shards
 from mineralnet.data.demo import DEMO_MINERALS, make_demo_dataset
 
 __all__ = [
@@ -46,5 +48,6 @@ __all__ = [
     "DEFAULT_MAX_DISTANCE", "duplicate_groups", "hash_photos", "near_duplicate_pairs", "photo_hash",
     "DEFAULT_MAX_GROUP", "DuplicateGroups", "collection_groups", "false_partner_note", "group_duplicates",
     "PhotoFacts", "default_index_path", "load_index", "refresh_index",
+    "SHARDS_FORMAT", "is_shard_source", "read_shard_info", "write_shards",
     "DEMO_MINERALS", "make_demo_dataset",
 ]
