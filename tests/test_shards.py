@@ -179,12 +179,12 @@ def test_validation_stream_reads_every_photo_once(shards, tmp_path):
     assert sorted(labels) == sorted(y for _, y in split.val)
 
 
-def _rank_loader(split, cfg, rank, world):
+def _rank_loader(split, cfg, rank, world, workers=0):
     tf = mdata.build_transforms(cfg.train_size, split.mean, split.std, train=True, resize=cfg.eval_resize)
     ds = shard_inputs.ShardStream(split.train_urls, split.train_lengths, tf, len(split.classes), train=True,
                                   seed=cfg.seed, rank=rank, world=world)
     return shard_inputs.ShardLoader(ds, cfg.batch_size // world, split.n_train // cfg.batch_size,
-                                    torch.device("cpu"), dict(num_workers=0))
+                                    torch.device("cpu"), dict(num_workers=workers))
 
 
 def test_ranks_take_the_same_steps_from_disjoint_shards(shards, tmp_path):
@@ -270,7 +270,8 @@ def _write_tar(path, samples):
             t.addfile(info, io.BytesIO(data))
 
 
-def test_bad_members_and_a_truncated_shard_are_skipped_and_counted(shards, tmp_path, capfd):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_bad_members_and_a_truncated_shard_are_skipped_and_counted(shards, tmp_path, capfd, workers):
     import shutil
 
     bad = tmp_path / "bad"
@@ -291,7 +292,7 @@ def test_bad_members_and_a_truncated_shard_are_skipped_and_counted(shards, tmp_p
     second.write_bytes(second.read_bytes()[:3000])  # a shard cut off in its middle
     cfg = _cfg(bad, batch_size=4)
     split = shard_inputs.prepare_shards(cfg, RunDir.open(tmp_path / "r", resuming=False, is_main=True))
-    loader = _rank_loader(split, cfg, 0, 1)
+    loader = _rank_loader(split, cfg, 0, 1, workers)
     assert sum(1 for _ in loader) == len(loader)  # the epoch keeps its length
     err = capfd.readouterr().err
     assert "shards: skipped" in err and "unreadable or incomplete shard member(s) skipped in this epoch" in err
