@@ -71,10 +71,37 @@ def test_import_graph_check_catches_a_cycle(tmp_path, monkeypatch):
     assert "mineralnet.b" in graph["mineralnet.a"] and "mineralnet.a" in graph["mineralnet.b"]
 
 
-def test_launch_configs_equal_the_packaged_presets():
-    packaged = {p.name: p.read_text() for p in (PKG / "presets").glob("*.yaml")}
-    shown = {p.name: p.read_text() for p in (REPO / "launch" / "configs").glob("*.yaml")}
-    assert packaged and packaged == shown, "launch/configs/ must hold the same files as mineralnet/presets/"
+def _preset_copies(repo: Path) -> list[str]:
+    """YAML files outside mineralnet/presets/ that hold the same text as a packaged preset."""
+    packaged = {p.read_text() for p in (repo / "mineralnet" / "presets").glob("*.yaml")}
+    skip = {".git", ".venv", "node_modules"}
+    return sorted(str(p.relative_to(repo)) for p in repo.rglob("*.yaml")
+                  if not skip & set(p.relative_to(repo).parts) and p.parent != repo / "mineralnet" / "presets"
+                  and p.read_text() in packaged)
+
+
+def test_presets_have_one_home():
+    assert {p.stem for p in (PKG / "presets").glob("*.yaml")} >= {"base", "cpu", "cpu-pretrained", "demo", "paper"}
+    copies = _preset_copies(REPO)
+    assert not copies, f"copies of mineralnet/presets/ files (point at the package presets instead): {copies}"
+
+
+def test_preset_copy_check_catches_a_copy(tmp_path):
+    # the check itself must be able to fail: a byte-identical copy under launch/ is found
+    (tmp_path / "mineralnet" / "presets").mkdir(parents=True)
+    (tmp_path / "mineralnet" / "presets" / "cpu.yaml").write_text("epochs: 3\n")
+    (tmp_path / "launch" / "configs").mkdir(parents=True)
+    (tmp_path / "launch" / "configs" / "cpu.yaml").write_text("epochs: 3\n")
+    (tmp_path / "launch" / "configs" / "mine.yaml").write_text("epochs: 4\n")
+    assert _preset_copies(tmp_path) == [str(Path("launch/configs/cpu.yaml"))]
+
+
+def test_readme_names_only_packaged_presets():
+    import re
+
+    names = set(re.findall(r"--config[ =]([a-z][a-z0-9-]*)\b", (REPO / "README.md").read_text()))
+    packaged = {p.stem for p in (PKG / "presets").glob("*.yaml")}
+    assert names and names <= packaged, f"README names presets that mineralnet/presets/ lacks: {names - packaged}"
 
 
 @pytest.mark.slow
