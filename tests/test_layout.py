@@ -104,6 +104,34 @@ def test_readme_names_only_packaged_presets():
     assert names and names <= packaged, f"README names presets that mineralnet/presets/ lacks: {names - packaged}"
 
 
+
+def _script_clashes(repo: Path) -> list[str]:
+    """bench/ and studies/ scripts named like a mineralnet module or package (`python bench/x.py` puts bench/
+    first on sys.path, and a reader looking for `inference` should find one file)."""
+    lib = {p.stem for p in (repo / "mineralnet").rglob("*.py") if p.stem != "__init__"}
+    lib |= {p.name for p in (repo / "mineralnet").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    return sorted(str(p.relative_to(repo)) for folder in ("bench", "studies")
+                  for p in (repo / folder).glob("*.py") if p.stem in lib)
+
+
+def test_bench_and_study_scripts_are_not_named_like_library_modules():
+    assert (REPO / "studies" / "README.md").is_file()
+    clashes = _script_clashes(REPO)
+    assert not clashes, f"scripts named like a mineralnet module (rename the script): {clashes}"
+
+
+def test_script_name_check_catches_a_clash(tmp_path):
+    # the check itself must be able to fail: bench/inference.py beside mineralnet/bench/inference.py, studies/data.py
+    # beside the mineralnet/data/ package
+    (tmp_path / "mineralnet" / "bench").mkdir(parents=True)
+    (tmp_path / "mineralnet" / "data").mkdir()
+    (tmp_path / "mineralnet" / "bench" / "inference.py").write_text("")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "studies").mkdir()
+    for name in ("bench/inference.py", "bench/inference_runtimes.py", "studies/data.py"):
+        (tmp_path / name).write_text("")
+    assert _script_clashes(tmp_path) == [str(Path("bench/inference.py")), str(Path("studies/data.py"))]
+
 @pytest.mark.slow
 def test_wheel_ships_the_presets_and_train_help_works_installed(tmp_path):
     import zipfile
