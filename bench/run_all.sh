@@ -5,8 +5,8 @@
 #   bash bench/run_all.sh inference train # only some steps; RESULTS.md is re-assembled either way
 #   bash bench/run_all.sh assemble        # only re-assemble RESULTS.md from the existing results
 #
-# Steps: inference (bench/inference.py), train (bench/train_step.py, with 1 vs 2 processes),
-# data (bench/data.py), export (bench/export.py; set AGREEMENT_RUN=RUN to add the int8 agreement of a
+# Steps: inference (bench/inference_runtimes.py), train (bench/train_throughput.py, with 1 vs 2 processes),
+# data (bench/data_pipeline.py), export (bench/export_ort.py; set AGREEMENT_RUN=RUN to add the int8 agreement of a
 # run trained on minet7), gpu (bench/gpu_suite.py, only where torch sees a CUDA GPU).
 # Each step writes its own bench/results/<topic>.md (+ .json). Run on an otherwise idle machine:
 # other processes on the same cores change every number here.
@@ -31,15 +31,15 @@ run_step() {  # name, command...: a failed step is reported, the others still ru
 
 for step in "${steps[@]}"; do
     case $step in
-        inference) run_step inference python bench/inference.py ;;
-        train)     run_step train python bench/train_step.py ;;
-        data)      run_step data python bench/data.py --md "$RESULTS/data.md" --json "$RESULTS/data.json" ;;
+        inference) run_step inference python bench/inference_runtimes.py ;;
+        train)     run_step train python bench/train_throughput.py ;;
+        data)      run_step data python bench/data_pipeline.py --md "$RESULTS/data.md" --json "$RESULTS/data.json" ;;
         export)    # prepare -> latency (batch 1, 8) -> agreement (+ a trained run if AGREEMENT_RUN is set)
                    W=$(mktemp -d -t mineralnet-bench-export.XXXX)
-                   run_step export-prepare python bench/export.py prepare --work "$W"
-                   run_step export-latency-1 python bench/export.py latency --work "$W" --batch 1
-                   run_step export-latency-8 python bench/export.py latency --work "$W" --batch 8
-                   run_step export-agreement python bench/export.py agreement --work "$W" \
+                   run_step export-prepare python bench/export_ort.py prepare --work "$W"
+                   run_step export-latency-1 python bench/export_ort.py latency --work "$W" --batch 1
+                   run_step export-latency-8 python bench/export_ort.py latency --work "$W" --batch 8
+                   run_step export-agreement python bench/export_ort.py agreement --work "$W" \
                        ${AGREEMENT_RUN:+--agreement-run "$AGREEMENT_RUN"}
                    rm -rf "$W" ;;
         gpu)       if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then

@@ -269,12 +269,12 @@ def test_bench_data_script_writes_its_markdown_section(tmp_path):
     root = Path(__file__).resolve().parents[1]
     demo = make_demo_dataset(tmp_path / "demo", classes=2, per_class=4, size=48, seed=0)
     md, js = tmp_path / "data.md", tmp_path / "data.json"
-    p = subprocess.run([sys.executable, str(root / "bench" / "data.py"), "--data", str(demo), "--image-size", "32",
+    p = subprocess.run([sys.executable, str(root / "bench" / "data_pipeline.py"), "--data", str(demo), "--image-size", "32",
                         "--n", "6", "--repeats", "2", "--md", str(md), "--json", str(js)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     text = md.read_text()
-    assert text.startswith("# Data pipeline throughput") and "python bench/data.py --data" in text
+    assert text.startswith("# Data pipeline throughput") and "python bench/data_pipeline.py --data" in text
     assert "Load average" in text and "Target (ours >= 1.5x torchvision)" in text
     rows = json.loads(js.read_text())["results"]
     ours = next(r for r in rows if r["pipeline"] == "ours")
@@ -303,14 +303,14 @@ def test_recipe_table_lists_changes_and_best_epochs(tmp_path):
         (run / "split.json").write_text(json.dumps({"val": ["a.jpg", "b.jpg"]}))
         runs.append(str(run))
     out = tmp_path / "recipe.md"
-    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), *runs, "--out", str(out)],
+    p = subprocess.run([sys.executable, str(root / "studies" / "recipe_table.py"), *runs, "--out", str(out)],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     text = out.read_text()
     assert "| base | (base) | 3 | 3.0 | 60.0 | 55.0 | 2 | 55.0 | - |" in text
     assert "| mix | cutmix=1.0 | 3 | 3.0 | 70.0 | 65.0 | 2 | 70.0 | - |" in text  # first epoch at the best
     assert "same photos" in text
-    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), str(tmp_path / "nope")],
+    p = subprocess.run([sys.executable, str(root / "studies" / "recipe_table.py"), str(tmp_path / "nope")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "not a training run" in p.stderr
     assert yaml.safe_load((tmp_path / "base" / "config.yaml").read_text())["epochs"] == 3
@@ -340,7 +340,7 @@ def test_recipe_table_by_fold_groups_runs_into_recipes(tmp_path):
             {"epoch": i + 1, "val_top1": t, "val_mean_class_acc": t - 0.1, "seconds": 30.0}) + "\n"
             for i, t in enumerate(tops)))
         runs.append(str(run))
-    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", *runs],
+    p = subprocess.run([sys.executable, str(root / "studies" / "recipe_table.py"), "--by-fold", *runs],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     lines = [l for l in p.stdout.splitlines() if l.startswith("| ")]
@@ -350,11 +350,11 @@ def test_recipe_table_by_fold_groups_runs_into_recipes(tmp_path):
     assert lines[0].endswith("| mean train min | best Top1 on the common folds (0) |")
     assert lines[1] == "| (base) (a0, a1) | 60.0 / 50.0 | 70.0 / 60.0 | - | **65.0** | 55.0 | 62.5 | 1.0 | 60.0 |"
     assert lines[2] == "| lr=0.01 (b0, b2) | 90.0 / 80.0 | - | 60.0 / 50.0 | **75.0** | 65.0 | 70.0 | 1.0 | 90.0 |"
-    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", *runs[:2]],
+    p = subprocess.run([sys.executable, str(root / "studies" / "recipe_table.py"), "--by-fold", *runs[:2]],
                        capture_output=True, text=True, timeout=120)
     assert "common folds" not in p.stdout  # one recipe: nothing to line up
     # the same recipe twice on one fold is refused
-    p = subprocess.run([sys.executable, str(root / "bench" / "recipe_table.py"), "--by-fold", runs[0], runs[0]],
+    p = subprocess.run([sys.executable, str(root / "studies" / "recipe_table.py"), "--by-fold", runs[0], runs[0]],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and "same recipe on the same fold 0" in p.stderr
 

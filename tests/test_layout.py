@@ -71,11 +71,66 @@ def test_import_graph_check_catches_a_cycle(tmp_path, monkeypatch):
     assert "mineralnet.b" in graph["mineralnet.a"] and "mineralnet.a" in graph["mineralnet.b"]
 
 
-def test_launch_configs_equal_the_packaged_presets():
-    packaged = {p.name: p.read_text() for p in (PKG / "presets").glob("*.yaml")}
-    shown = {p.name: p.read_text() for p in (REPO / "launch" / "configs").glob("*.yaml")}
-    assert packaged and packaged == shown, "launch/configs/ must hold the same files as mineralnet/presets/"
+def _preset_copies(repo: Path) -> list[str]:
+    """YAML files outside mineralnet/presets/ that hold the same text as a packaged preset."""
+    packaged = {p.read_text() for p in (repo / "mineralnet" / "presets").glob("*.yaml")}
+    skip = {".git", ".venv", "node_modules"}
+    return sorted(str(p.relative_to(repo)) for p in repo.rglob("*.yaml")
+                  if not skip & set(p.relative_to(repo).parts) and p.parent != repo / "mineralnet" / "presets"
+                  and p.read_text() in packaged)
 
+
+def test_presets_have_one_home():
+    assert {p.stem for p in (PKG / "presets").glob("*.yaml")} >= {"base", "cpu", "cpu-pretrained", "demo", "paper"}
+    copies = _preset_copies(REPO)
+    assert not copies, f"copies of mineralnet/presets/ files (point at the package presets instead): {copies}"
+
+
+def test_preset_copy_check_catches_a_copy(tmp_path):
+    # the check itself must be able to fail: a byte-identical copy under launch/ is found
+    (tmp_path / "mineralnet" / "presets").mkdir(parents=True)
+    (tmp_path / "mineralnet" / "presets" / "cpu.yaml").write_text("epochs: 3\n")
+    (tmp_path / "launch" / "configs").mkdir(parents=True)
+    (tmp_path / "launch" / "configs" / "cpu.yaml").write_text("epochs: 3\n")
+    (tmp_path / "launch" / "configs" / "mine.yaml").write_text("epochs: 4\n")
+    assert _preset_copies(tmp_path) == [str(Path("launch/configs/cpu.yaml"))]
+
+
+def test_readme_names_only_packaged_presets():
+    import re
+
+    names = set(re.findall(r"--config[ =]([a-z][a-z0-9-]*)\b", (REPO / "README.md").read_text()))
+    packaged = {p.stem for p in (PKG / "presets").glob("*.yaml")}
+    assert names and names <= packaged, f"README names presets that mineralnet/presets/ lacks: {names - packaged}"
+
+
+
+def _script_clashes(repo: Path) -> list[str]:
+    """bench/ and studies/ scripts named like a mineralnet module or package (`python bench/x.py` puts bench/
+    first on sys.path, and a reader looking for `inference` should find one file)."""
+    lib = {p.stem for p in (repo / "mineralnet").rglob("*.py") if p.stem != "__init__"}
+    lib |= {p.name for p in (repo / "mineralnet").rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    return sorted(str(p.relative_to(repo)) for folder in ("bench", "studies")
+                  for p in (repo / folder).glob("*.py") if p.stem in lib)
+
+
+def test_bench_and_study_scripts_are_not_named_like_library_modules():
+    assert (REPO / "studies" / "README.md").is_file()
+    clashes = _script_clashes(REPO)
+    assert not clashes, f"scripts named like a mineralnet module (rename the script): {clashes}"
+
+
+def test_script_name_check_catches_a_clash(tmp_path):
+    # the check itself must be able to fail: bench/inference.py beside mineralnet/bench/inference.py, studies/data.py
+    # beside the mineralnet/data/ package
+    (tmp_path / "mineralnet" / "bench").mkdir(parents=True)
+    (tmp_path / "mineralnet" / "data").mkdir()
+    (tmp_path / "mineralnet" / "bench" / "inference.py").write_text("")
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "studies").mkdir()
+    for name in ("bench/inference.py", "bench/inference_runtimes.py", "studies/data.py"):
+        (tmp_path / name).write_text("")
+    assert _script_clashes(tmp_path) == [str(Path("bench/inference.py")), str(Path("studies/data.py"))]
 
 @pytest.mark.slow
 def test_wheel_ships_the_presets_and_train_help_works_installed(tmp_path):

@@ -163,12 +163,12 @@ def test_eval_reports_ece_coverage_and_draws_the_reliability_diagram(calibrated,
 
 
 def test_openset_bench_reports_every_detector_for_each_shrinkage(calibrated, tmp_path):
-    """bench/openset.py on a run that knows 3 demo minerals, with a 4th (amethyst) as the unknown one."""
+    """studies/openset.py on a run that knows 3 demo minerals, with a 4th (amethyst) as the unknown one."""
     import runpy
 
     data = make_demo_dataset(tmp_path / "all", classes=4, per_class=6, size=96)
     out = tmp_path / "openset.json"
-    bench = runpy.run_path(str(REPO / "bench" / "openset.py"), run_name="openset_bench")
+    bench = runpy.run_path(str(REPO / "studies" / "openset.py"), run_name="openset_study")
     assert bench["main"]([str(calibrated), "--data", str(data), "--shrinkage", "0.1", "0.5", "--out", str(out)]) == 0
     reports = json.loads(out.read_text())
     assert [r["shrinkage"] for r in reports] == [0.1, 0.5]

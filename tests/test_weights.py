@@ -242,7 +242,7 @@ def test_state_dict_load_is_quiet_about_the_head_and_refuses_a_gap(caplog):
 
 
 def test_probe_bench_fits_each_feature_set_of_frozen_lite0(tmp_path):
-    """bench/probe.py: frozen installed weights -> pooled features -> a CV-tuned linear probe per feature set."""
+    """studies/probe.py: frozen installed weights -> pooled features -> a CV-tuned linear probe per feature set."""
     import json
     import runpy
     from pathlib import Path
@@ -257,7 +257,7 @@ def test_probe_bench_fits_each_feature_set_of_frozen_lite0(tmp_path):
                                  "train": [str(p) for p in paths[0::3] + paths[1::3]],
                                  "val": [str(p) for p in paths[2::3]]}))
     out = tmp_path / "probe.json"
-    probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "probe.py"), run_name="probe_bench")
+    probe = runpy.run_path(str(Path(__file__).resolve().parents[1] / "studies" / "probe.py"), run_name="probe_study")
     assert probe["main"]([str(split), "--backbone", "tf_efficientnet_lite0:64", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     assert doc["train_photos"] == 24 and doc["val_photos"] == 12

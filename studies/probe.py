@@ -1,7 +1,7 @@
 """Would a larger pretrained backbone help? A linear probe of frozen ImageNet features on a run's split.
 
-    python bench/probe.py RUN/split.json --backbone tf_efficientnet_lite0:224 tf_efficientnet_lite2:260 \
-        [--out bench/results/probe.json]
+    python studies/probe.py RUN/split.json --backbone tf_efficientnet_lite0:224 tf_efficientnet_lite2:260 \
+        [--out studies/results/probe.json]
 
 For each backbone (its installed offline weights, `mineralnet weights list`) at its image size, every photo of the
 split goes once through the frozen network (the evaluation preprocessing, plus its mirror image); each stage's

@@ -1,6 +1,6 @@
 """Leave-classes-out test of the unknown-mineral detectors, temperature scaling and conformal sets.
 
-    python bench/openset.py RUN [RUN ...] --data ../shared/data/minet7 [--shrinkage 0.1 0.5] [--out bench/results/openset.json]
+    python studies/openset.py RUN [RUN ...] --data ../shared/data/minet7 [--shrinkage 0.1 0.5] [--out studies/results/openset.json]
 
 Each RUN was trained on a subset of the minerals in --data (a folder of class-folder symlinks); the
 other minerals' photos are its "unknown" photos. The run's validation photos are split in two halves

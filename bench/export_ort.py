@@ -3,10 +3,10 @@
 In steps that each stay under ~10 minutes on the shared 2-core machine, sharing a work folder:
 
     W=/tmp/mineralnet-bench-export
-    python bench/export.py prepare   --work $W            # model, ONNX fp32 + int8 variants
-    python bench/export.py latency   --work $W --batch 1  # interleaved timing, 2 and 1 threads
-    python bench/export.py latency   --work $W --batch 8
-    python bench/export.py agreement --work $W --agreement-run runs/cv-minet7/stages-4_loss-ce/fold0
+    python bench/export_ort.py prepare   --work $W            # model, ONNX fp32 + int8 variants
+    python bench/export_ort.py latency   --work $W --batch 1  # interleaved timing, 2 and 1 threads
+    python bench/export_ort.py latency   --work $W --batch 8
+    python bench/export_ort.py agreement --work $W --agreement-run runs/cv-minet7/stages-4_loss-ce/fold0
     rm -rf $W
 
 Each step adds its numbers to bench/results/export.json and re-renders export.md.
@@ -319,7 +319,7 @@ def main() -> int:
         {"prepare": step_prepare, "latency": step_latency, "agreement": step_agreement}[args.step](args, work, results)
         results["environment"] = bench.environment()
         results["date"] = _dt.date.today().isoformat()
-        cmd = "python bench/export.py " + " ".join(sys.argv[1:])
+        cmd = "python bench/export_ort.py " + " ".join(sys.argv[1:])
         results.setdefault("commands", []).append(f"{cmd}   # {(time.time() - t0) / 60:.1f} min")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -1,6 +1,6 @@
 """Training throughput on this machine -> bench/results/train.{md} (+ train_step.json, ddp.json).
 
-    python bench/train_step.py [--image-size 128] [--batch-size 32] [--duration 10] [--no-ddp]
+    python bench/train_throughput.py [--image-size 128] [--batch-size 32] [--duration 10] [--no-ddp]
 
 1. Our training step (`mineralnet.train.train_one_epoch` under Accelerate, a synthetic in-memory
    loader) against a bare timm-style loop (autocast, forward, loss, zero_grad, backward, step) on the
@@ -96,7 +96,7 @@ def write_markdown(report: dict, ddp: dict | None, out: Path) -> None:
     size = report["rows"][0]["image_size"] if report["rows"] else "?"
     batch = s["batch_sizes"][0] if s.get("batch_sizes") else "?"
     md = ["## Training throughput (CPU)", "",
-          f"Regenerate: `python bench/train_step.py` (part of `bash bench/run_all.sh`). Model: ResNet-50 FusionNet "
+          f"Regenerate: `python bench/train_throughput.py` (part of `bash bench/run_all.sh`). Model: ResNet-50 FusionNet "
           f"(stages 2,4; 7 classes; random weights) at {size} px, global batch {batch}, "
           f"SGD momentum 0.9, weighted top-k loss (k=0.5, alpha=0.2), synthetic in-memory batches (no decoding: "
           f"the data pipeline is measured in its own section). One step = the wall time between consecutive "

@@ -1,6 +1,6 @@
 """Upload-to-answer time of `mineralnet app` for one 12-megapixel photo on this CPU (PyTorch, batch 1).
 
-    python bench/app.py RUN --photo ../shared/data/minet7/quartz/X.jpg \
+    python bench/app_latency.py RUN --photo ../shared/data/minet7/quartz/X.jpg \
         [--repeat 10] [--browser] [--json bench/results/app.json]
 
 The photo is upscaled to 4000x3000 and written as a JPEG (quality 92) into a temporary folder. Through the

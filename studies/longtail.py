@@ -1,6 +1,6 @@
 """Class-balance options on a long-tailed version of a collection, over several folds with paired tests.
 
-    python bench/longtail.py --data ../shared/data/minet7 --out LT --folds 5 --only-folds 0,1,2 --ratio 10 \
+    python studies/longtail.py --data ../shared/data/minet7 --out LT --folds 5 --only-folds 0,1,2 --ratio 10 \
         --variant "sampling=uniform" --variant "sampling=sqrt" --variant "logit_adjust=1.0" \
         --config cpu-pretrained --epochs 6
 
@@ -103,7 +103,7 @@ def run(args, base: dict) -> dict:
     crossval.summarize_variants(records, only)
     summary = {"data": str(index.root), "n": len(index.samples), "classes": index.classes, "folds": args.folds,
                "seed": cfg0.data_seed, "folds_run": only, "out": str(out), "variants": records,
-               "command": "python bench/longtail.py " + " ".join(sys.argv[1:]), "kept": kept_by_fold}
+               "command": "python studies/longtail.py " + " ".join(sys.argv[1:]), "kept": kept_by_fold}
     text = crossval.results_markdown(summary) + tail_table(records, kept_by_fold, args.ratio)
     atomic_write_text(out / "results.md", text)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))

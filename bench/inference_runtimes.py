@@ -1,6 +1,6 @@
 """Inference benchmark of the paper's model on this machine -> bench/results/inference.{json,md}.
 
-    python bench/inference.py [--duration 3] [--batch-sizes 1,8,32]
+    python bench/inference_runtimes.py [--duration 3] [--batch-sizes 1,8,32]
 
 ResNet-50 FusionNet (stages 2,4, 7 classes, random weights: speed does not depend on them) at 224 px:
 1. a run directory with `mineralnet.bench.make_random_run`,
@@ -96,7 +96,7 @@ def targets_section(report: dict, matmul: float, control: dict | None = None) ->
                       f"then stalls at OpenMP barriers whenever one of its threads is descheduled, which inflates "
                       f"its latency far more than ONNX Runtime's, so the ratios of the main table flatter ONNX "
                       f"Runtime. The one-thread control run (last table) is much less sensitive to this; on an "
-                      f"idle machine rerun `python bench/inference.py` for the real 2-thread numbers."]
+                      f"idle machine rerun `python bench/inference_runtimes.py` for the real 2-thread numbers."]
     over = [r for r in rows if r["status"] == "ok" and r["precision"] == "fp32" and r["gflops"] and peak
             and r["gflops"] > peak]
     if over:
@@ -173,7 +173,7 @@ def write_markdown(main_rep: dict, out: Path) -> None:
     extra, matmul = main_rep.get("extra", {}), main_rep["settings"]["matmul_gflops"]
     title = "ResNet-50 FusionNet (stages 2,4; 7 classes) at 224 px"
     md = ["## Inference (CPU)", "",
-          "Regenerate: `python bench/inference.py` (part of `bash bench/run_all.sh`). It makes a random-weight "
+          "Regenerate: `python bench/inference_runtimes.py` (part of `bash bench/run_all.sh`). It makes a random-weight "
           "run RUN with `mineralnet.bench.make_random_run`, exports it with `mineralnet-export RUN --dynamic "
           "--max-batch 32 --int8 --calib-data DIR --calib-size 64` (DIR: the minet7 photos), then runs the "
           "`mineralnet bench` commands shown with each table.", "",

@@ -1,7 +1,7 @@
 """Tabulate training runs of one recipe search: what each run changed and what it reached.
 
-    python bench/recipe_table.py RUN [RUN ...] [--base RUN] [--out bench/results/recipe.md] [--note TEXT]
-    python bench/recipe_table.py --by-fold RUN [RUN ...]   # one row per recipe, one column per fold
+    python studies/recipe_table.py RUN [RUN ...] [--base RUN] [--out studies/results/recipe.md] [--note TEXT]
+    python studies/recipe_table.py --by-fold RUN [RUN ...]   # one row per recipe, one column per fold
 
 Every row is one run directory made by `mineralnet train` (or launch/train.py): the config fields that
 differ from the base run (default: the first run), its training minutes (training steps only, not
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("runs", nargs="+", help="run directories")
     ap.add_argument("--base", default=None, help="run whose config the others are compared with (default: first)")
-    ap.add_argument("--out", default=None, help="write the markdown here too (e.g. bench/results/recipe.md)")
+    ap.add_argument("--out", default=None, help="write the markdown here too (e.g. studies/results/recipe.md)")
     ap.add_argument("--title", default="Training recipe search", help="section title")
     ap.add_argument("--note", default="", help="text placed under the title (machine, commands, conclusions)")
     ap.add_argument("--by-fold", action="store_true",

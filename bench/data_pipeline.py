@@ -1,7 +1,7 @@
 """Decode + augment throughput of the training input pipeline, one worker (a plain loop in the
 main process, one CPU thread), against the equivalent torchvision pipeline.
 
-    python bench/data.py [--data DIR] [--image-size 224 128] [--n 300] [--repeats 5] [--json OUT] [--md OUT]
+    python bench/data_pipeline.py [--data DIR] [--image-size 224 128] [--n 300] [--repeats 5] [--json OUT] [--md OUT]
 
 `bash bench/run_all.sh data` runs it with --md bench/results/data.md --json bench/results/data.json.
 
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"env": env, "results": results}, indent=1) + "\n")
     if args.md:
-        cmd = "python bench/data.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        cmd = "python bench/data_pipeline.py " + " ".join(sys.argv[1:] if argv is None else argv)
         Path(args.md).write_text(render_markdown(env, results, cmd, load_start, os.getloadavg()))
     return 0
 
