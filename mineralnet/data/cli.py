@@ -1,6 +1,6 @@
 """`mineralnet data check DIR` (counts, unreadable files, optional mean/std and near-duplicates),
-`mineralnet data shard PHOTOS --out SHARDS` (WebDataset shards for streaming training) and
-`mineralnet data demo`."""
+`mineralnet data shard PHOTOS --out SHARDS` (WebDataset shards for streaming training),
+`mineralnet data issues CV_OR_RUN` (photos whose label looks wrong) and `mineralnet data demo`."""
 from __future__ import annotations
 
 
@@ -61,6 +61,22 @@ def add_arguments(parser) -> None:
     shard.add_argument("--no-group-duplicates", action="store_true",
                        help="split photo by photo, ignoring near-duplicates (as train --no-group-duplicates)")
     shard.add_argument("--index", default=None, metavar="FILE", help="the collection index to read and update")
+    issues = sub.add_parser(
+        "issues", help="rank photos whose given mineral looks wrong, from held-out predictions (cleanlab)",
+        description="Confident learning (cleanlab) on out-of-fold probabilities: every photo of a `mineralnet cv` "
+                    "folder is predicted by the fold model that did not train on it (training runs: only their "
+                    "validation photos). Writes label_issues.csv (most likely first), label_issues.png (a gallery "
+                    "of the top suspects with the suggested mineral) and label_issues.json.")
+    issues.add_argument("source", nargs="+", metavar="CV_OR_RUN",
+                        help="a `mineralnet cv --out` folder, or one or more training run folders")
+    issues.add_argument("--out", default=None, metavar="DIR",
+                        help="where the CSV and gallery go (default: the cv folder, or the first run's folder)")
+    issues.add_argument("--variant", default=None, metavar="NAME",
+                        help="with a cv folder: the variant whose fold runs predict (name or folder; default the "
+                             "first, the baseline)")
+    issues.add_argument("--top", type=int, default=24, metavar="N", help="photos in the gallery (default 24)")
+    issues.add_argument("--batch-size", type=int, default=32)
+    issues.add_argument("--device", default=None, help="PyTorch device (default: CUDA when available)")
     demo = sub.add_parser("demo", help="write the synthetic demo set (reused if present) and print its folder")
     demo.add_argument("--out", default=None, help="folder (default: $MINERALNET_CACHE or ~/.cache/mineralnet)")
     demo.add_argument("--classes", type=int, default=6, help="number of minerals (2..8; default 6)")
@@ -76,6 +92,8 @@ def run(args) -> int:
         return 0
     if args.action == "shard":
         return _shard(args)
+    if args.action == "issues":
+        return _issues(args)
     if args.split and not args.duplicates:
         raise MineralNetError("--split is read with --duplicates; add --duplicates")
     if not 0 <= args.max_distance <= 64:
@@ -98,6 +116,22 @@ def _shard(args) -> int:
     write_shards(index, args.out, size=args.size, shard_size=args.shard_size, val_split=args.val_split,
                  folds=args.folds, seed=args.seed, quality=args.quality,
                  group_duplicates=not args.no_group_duplicates, max_group=args.max_duplicate_group)
+def _issues(args) -> int:
+    from mineralnet.analysis.label_issues import CSV_NAME, PNG_NAME, label_issues
+
+    if args.top < 0:
+        raise MineralNetError(f"--top {args.top} must be 0 or more (photos in the gallery)")
+    out = Path(args.out or args.source[0])
+    summary = label_issues(args.source if len(args.source) > 1 else args.source[0], out, variant=args.variant,
+                           top=args.top, batch_size=args.batch_size, device=args.device)
+    n, k = summary["photos"], summary["suspects"]
+    print(f"{k} of {n} photos ({100 * k / n:.1f}%) look mislabelled, from {len(summary['fold_runs'])} fold run(s)'s "
+          f"held-out predictions; per given class: "
+          + ", ".join(f"{c} {v}" for c, v in summary["suspects_per_given_class"].items() if v))
+    print(f"wrote {out / CSV_NAME}" + (f" and {out / PNG_NAME}" if summary["gallery"] else ""))
+    if k:
+        print("look at each suspect: move a misfiled photo to its mineral's folder, delete one that shows no "
+              "mineral, keep one the model gets wrong; then `mineralnet data check` and train again")
     return 0
 
 

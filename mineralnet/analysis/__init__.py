@@ -1,0 +1,1 @@
+"""Analyses of trained runs: label issues from held-out predictions."""
