@@ -174,6 +174,19 @@ def export_triton(ctx) -> list[tuple[Path, dict]]:
             for folder, backend, precision in written]
 
 
+def check(options) -> None:
+    if not options.triton_dir:
+        raise MineralNetError("the triton format needs a repository folder: --triton DIR (ExportOptions.triton_dir)")
+
+
+def write(ctx) -> list:
+    """The table row: the model repository of `export_triton`, as artifacts (one per model folder)."""
+    from mineralnet.export.context import Artifact
+
+    check(ctx.options)
+    return [Artifact(path, record) for path, record in export_triton(ctx)]
+
+
 def _check_engine_profile(engine: Path, side: dict) -> None:
     p = side.get("profile") or {}
     if p.get("dynamic") and int(p.get("min", 1)) > 1:
