@@ -201,7 +201,7 @@ class ExportContext:
 
     def save(self, name: str, data: bytes, record: dict) -> Artifact:
         """Write a checked file atomically and add its record to the manifest (model.json)."""
-        from mineralnet.runs import atomic_write_bytes
+        from mineralnet.files import atomic_write_bytes
 
         path = self.path(name)
         atomic_write_bytes(path, data)

@@ -131,7 +131,7 @@ def file_record(name: str, data: bytes, record: dict) -> dict:
 
 def update_manifest(path: Path, meta: dict, run: Path, name: str, record: dict) -> None:
     """Add (or replace) `name`'s record in the manifest at `path`, keeping the other files' records."""
-    from mineralnet.runs import atomic_write_json
+    from mineralnet.files import atomic_write_json
 
     exports = {}
     if path.is_file():

@@ -44,7 +44,7 @@ def write(ctx) -> list:
 def _export_ir(ctx, precision: str, method: str):
     from mineralnet.export import gates
     from mineralnet.export.metadata import onnx_props
-    from mineralnet.runs import atomic_write_bytes
+    from mineralnet.files import atomic_write_bytes
 
     o = ctx.options
     source = ctx.files["int8" if precision == "int8" and method == "qdq" else "fp32"]

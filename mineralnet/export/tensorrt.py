@@ -259,7 +259,7 @@ def build_engine(onnx_path, *, precision: str, profile: BatchProfile, image_size
     `precision` in its graph (ENGINE_SOURCES: model.onnx, model.fp16.onnx, model.int8.onnx; checked
     from its metadata). A timing cache file, when given, is read first and updated after the build.
     """
-    from mineralnet.runs import atomic_write_bytes
+    from mineralnet.files import atomic_write_bytes
 
     if precision not in ENGINE_PRECISIONS:
         raise MineralNetError(f"engine precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
@@ -429,7 +429,7 @@ def write(ctx) -> list:
 def build_engines(ctx, precisions) -> list:
     """The engines of `precisions`, each from the ONNX file of its precision in ctx.files."""
     from mineralnet.export import metadata
-    from mineralnet.runs import atomic_write_json
+    from mineralnet.files import atomic_write_json
 
     o = ctx.options
     plans = trt_plans(ctx, precisions)

@@ -128,7 +128,7 @@ def config_text(name: str, backend: str, io: ModelIO, *, profile: dict, kind: st
 
 def _write_model(repo: Path, name: str, model_file: Path, target: str, config: str, classes) -> Path:
     """repo/name/{config.pbtxt, labels.txt, 1/target}; the model copied first, the config last."""
-    from mineralnet.runs import atomic_write_text
+    from mineralnet.files import atomic_write_text
 
     folder = repo / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
