@@ -53,12 +53,13 @@ def session(path, level="all", threads=None):
 def export_with_variants(run, out: Path, data, calib_size: int, variants: bool) -> dict:
     """fp32 + int8 (uint8) ONNX through the library pipeline, plus the other int8 variants."""
     from mineralnet.export import BatchProfile, ExportOptions, export
-    from mineralnet.export.formats import _spread, list_images
-    from mineralnet.export.onnx import quantize_int8
+    from mineralnet.data import list_images
+    from mineralnet.export.context import spread as _spread
+    from mineralnet.export.int8 import quantize_int8
     from mineralnet.predict import Preprocessor
     from mineralnet.runs import read_meta
 
-    opts = ExportOptions(out_dir=out, calib_data=data, calib_size=calib_size, profile=BatchProfile.range(1, 8, 8),
+    opts = ExportOptions(out_dir=out, quant_data=data, quant_size=calib_size, profile=BatchProfile.range(1, 8, 8),
                          outputs=("logits", "probs", "embedding"), min_agreement=0.0)
     arts = export(run, ["int8"], opts, log=print)
     calib_paths = _spread(list_images(data), calib_size)  # the photos export() calibrated on
@@ -73,7 +74,7 @@ def step_prepare(args, work: Path, results: dict) -> None:
     import onnx
 
     from mineralnet import bench
-    from mineralnet.export.onnx import quantized_coverage
+    from mineralnet.export.int8 import quantized_coverage
 
     run = bench.make_random_run(work / "run", "resnet50", (2, 4), 7, 224)
     info = export_with_variants(run, work / "export", args.data, args.calib_size, variants=True)
@@ -182,7 +183,7 @@ def agreement(export_dir: Path, meta: dict, samples, classes: int, probe: bool) 
 
 def step_agreement(args, work: Path, results: dict) -> None:
     from mineralnet.data import scan_dataset
-    from mineralnet.export.formats import _spread
+    from mineralnet.export.context import spread as _spread
     from mineralnet.runs import read_meta
 
     index = scan_dataset(args.data, verify=True)

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         work = Path(tmp)
         train = _link_split(split, split["train"], work / "train")
         val = _link_split(split, split["val"], work / "val")
-        opts = ExportOptions(out_dir=work / "export", calib_data=train, calib_size=args.calib_size, val_data=val,
+        opts = ExportOptions(out_dir=work / "export", quant_data=train, quant_size=args.calib_size, val_data=val,
                              profile=BatchProfile.range(1, 8, 32))
         t0 = time.perf_counter()
         try:

@@ -92,7 +92,8 @@ class OnnxBackend:
     kind = "onnx"
 
     def __init__(self, path, providers: Sequence[str] | None = None, threads: int | None = None):
-        from mineralnet.export.onnx import ort_session, parse_metadata
+        from mineralnet.export.metadata import parse_metadata
+        from mineralnet.export.onnx import ort_session
 
         if providers is None:
             import onnxruntime as ort

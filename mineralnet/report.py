@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mineralnet.metrics import compute_metrics, row_percent
-from mineralnet.runs import atomic_write_json, atomic_write_text
+from mineralnet.files import atomic_write_json, atomic_write_text
 
 EVAL_DIR = "eval"
 CSV_FIELDS = ("class", "support", "correct", "predicted", "accuracy", "precision", "recall", "f1")

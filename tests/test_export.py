@@ -20,8 +20,10 @@ import torch
 from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.export import BatchProfile, ExportOptions, export
-from mineralnet.export import formats as xformats
 from mineralnet.export import onnx as xonnx
+from mineralnet.export import metadata as xmeta
+from mineralnet.export import int8 as xint8
+from mineralnet.export import gates as xgates
 from mineralnet.export import tensorrt as xtrt
 from mineralnet.model import FusionNet
 from mineralnet.runs import model_meta, save_model
@@ -72,7 +74,7 @@ def run_dir(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def exported(run_dir, photos):
     """fp32 + fp16 + int8 (uint8 activations) ONNX, dynamic batch, all three outputs."""
-    opts = ExportOptions(calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4),
+    opts = ExportOptions(quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4),
                          outputs=("logits", "probs", "embedding"))
     arts = export(run_dir, ["fp16", "int8"], opts)
     return {a.path.name: a for a in arts}
@@ -100,7 +102,7 @@ def test_fp32_onnx_is_checked_self_contained_and_carries_metadata(exported, run_
     assert inp.name == "images"
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, SIZE, SIZE]
     assert [o.name for o in proto.graph.output] == ["logits", "probs", "embedding"]
-    props = xonnx.parse_metadata({p.key: p.value for p in proto.metadata_props})
+    props = xmeta.parse_metadata({p.key: p.value for p in proto.metadata_props})
     meta = json.loads((run_dir / "model.json").read_text())
     for key in ("classes", "image_size", "resize", "mean", "std", "backbone", "stages", "num_classes"):
         assert props[key] == meta[key], key
@@ -134,22 +136,22 @@ def test_fp16_onnx_is_half_the_size_and_within_its_tolerance(exported, run_dir):
     logits = session.run(["logits"], {"images": x})[0]
     ref, _ = _torch_reference(run_dir, x)
     diff = np.abs(logits - ref).max()
-    assert 0 < diff <= xonnx.FP16_RTOL * max(1.0, np.abs(ref).max())  # really rounded, still close
+    assert 0 < diff <= xgates.FP16_RTOL * max(1.0, np.abs(ref).max())  # really rounded, still close
     record = json.loads((out / "model.json").read_text())["exports"]["model.fp16.onnx"]
     assert record["precision"] == "fp16" and record["parity"]["passed"]
 
 
 def test_compare_applies_the_stated_tolerances():
     ref = {"logits": np.array([[2.0, 1.0, 0.0], [0.0, 0.5, 0.50001]])}
-    ok = xonnx.compare(ref, {"logits": ref["logits"] + 5e-5}, precision="fp32", source="t")
+    ok = xgates.compare(ref, {"logits": ref["logits"] + 5e-5}, precision="fp32", source="t")
     assert ok.passed and ok.max_abs_diff["logits"] == pytest.approx(5e-5)
-    assert not xonnx.compare(ref, {"logits": ref["logits"] + 2e-4}, precision="fp32", source="t").passed
+    assert not xgates.compare(ref, {"logits": ref["logits"] + 2e-4}, precision="fp32", source="t").passed
     flipped = ref["logits"].copy()
     flipped[1, 1] += 2e-5  # within 1e-4 but changes the top-1 of the near-tie: fp32 fails
-    assert not xonnx.compare(ref, {"logits": flipped}, precision="fp32", source="t").passed
-    half = xonnx.compare(ref, {"logits": flipped}, precision="fp16", source="t")
+    assert not xgates.compare(ref, {"logits": flipped}, precision="fp32", source="t").passed
+    half = xgates.compare(ref, {"logits": flipped}, precision="fp16", source="t")
     assert half.passed and half.top1_required == 1  # fp16 exempts the near-tie only
-    assert not xonnx.compare(ref, {"logits": ref["logits"] + 0.05}, precision="fp16", source="t").passed
+    assert not xgates.compare(ref, {"logits": ref["logits"] + 0.05}, precision="fp16", source="t").passed
 
 
 def test_parity_gate_failure_is_an_error_and_leaves_no_file(exported, run_dir, tmp_path, monkeypatch, capsys):
@@ -209,7 +211,7 @@ def test_int8_qdq_runs_agrees_with_fp32_and_is_smaller(exported, run_dir, photos
     assert (fp32.argmax(1) == int8.argmax(1)).mean() >= 0.8
     assert not np.allclose(fp32, int8, atol=1e-4)  # it is really quantized
     record = json.loads((out / "model.json").read_text())["exports"]["model.int8.onnx"]["int8"]
-    assert record["calibration"]["images"] == 24 and record["agreement"]["top1"] >= 0.8
+    assert record["quantization_photos"]["images"] == 24 and record["agreement"]["top1"] >= 0.8
     assert record["coverage"]["quantized"] == record["coverage"]["conv_gemm_matmul"] == len(conv)
 
 
@@ -217,7 +219,7 @@ def test_int8_symmetric_activations_have_zero_points_of_zero(exported, run_dir, 
     import onnx
 
     x = _preprocess(_photos(photos)[::3]).numpy()
-    data = xonnx.quantize_int8(run_dir / "export" / "model.onnx", x, activations="int8", batch=2)
+    data = xint8.quantize_int8(run_dir / "export" / "model.onnx", x, activations="int8", batch=2)
     proto = onnx.load_from_string(data)
     inits = {t.name: t for t in proto.graph.initializer}
     zps = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 2]
@@ -237,19 +239,19 @@ def test_int8_calibration_uses_every_batch(exported, run_dir, photos):
 
     src = run_dir / "export" / "model.onnx"
     x = _preprocess(_photos(photos)[:18]).numpy()  # 18 batches of 1: more than 16
-    ours = onnx.load_from_string(xonnx.quantize_int8(src, x, batch=1))
+    ours = onnx.load_from_string(xint8.quantize_int8(src, x, batch=1))
     pre, ref = run_dir / "pre.onnx", run_dir / "ref.onnx"
     quant_pre_process(str(src), str(pre))
-    quantize_static(str(pre), str(ref), xonnx._Batches(x, 1), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(pre), str(ref), xint8._Batches(x, 1), quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                    nodes_to_exclude=xonnx.float_tail_nodes(onnx.load(str(pre))),  # head/softmax stay float
+                    nodes_to_exclude=xint8.float_tail_nodes(onnx.load(str(pre))),  # head/softmax stay float
                     extra_options={"WeightSymmetric": True})
     a = {t.name: onnx.numpy_helper.to_array(t) for t in ours.graph.initializer}
     b = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(ref)).graph.initializer}
     assert a.keys() == b.keys()
     assert all(np.array_equal(a[k], b[k]) for k in a)
     # and the scales really depend on the last batches: dropping them changes some
-    fewer = onnx.load_from_string(xonnx.quantize_int8(src, x[:2], batch=1))
+    fewer = onnx.load_from_string(xint8.quantize_int8(src, x[:2], batch=1))
     c = {t.name: onnx.numpy_helper.to_array(t) for t in fewer.graph.initializer}
     assert any(not np.array_equal(a[k], c[k]) for k in a if k.endswith("_scale"))
 

@@ -19,6 +19,7 @@ from mineralnet.data import make_demo_dataset  # noqa: E402
 from mineralnet.errors import MineralNetError  # noqa: E402
 from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
 from mineralnet.export import onnx as xonnx  # noqa: E402
+from mineralnet.export import gates as xgates  # noqa: E402
 from mineralnet.export import openvino as xov  # noqa: E402
 from mineralnet.predict import Predictor, score_photos  # noqa: E402
 from mineralnet.runs import model_meta, save_model  # noqa: E402
@@ -40,7 +41,7 @@ def run_dir(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def exported(run_dir, photos):
     """fp32 + int8 ONNX and IR, fixed batch 2 (the last chunk of an odd count is padded)."""
-    opts = ExportOptions(calib_data=photos, calib_size=24, profile=BatchProfile.static(2), val_data=photos)
+    opts = ExportOptions(quant_data=photos, quant_size=24, profile=BatchProfile.static(2), val_data=photos)
     arts = export(run_dir, ["int8", "openvino"], opts)
     return {a.path.name: a for a in arts}
 
@@ -64,11 +65,11 @@ def test_fp32_ir_equals_pytorch_within_the_onnx_tolerance(exported, run_dir):
     got = runner.run(x)
     ref = _torch_logits(run_dir, x)
     assert got["logits"].shape == (5, 3)
-    assert np.abs(got["logits"] - ref).max() <= xonnx.FP32_ATOL
-    np.testing.assert_allclose(got["probs"], xonnx.torch_outputs(runner_model(run_dir), x, ["probs"])["probs"],
+    assert np.abs(got["logits"] - ref).max() <= xgates.FP32_ATOL
+    np.testing.assert_allclose(got["probs"], xgates.torch_outputs(runner_model(run_dir), x, ["probs"])["probs"],
                                atol=1e-5)
     record = json.loads((out / "model.json").read_text())["exports"]["model.xml"]
-    assert record["parity"]["passed"] and record["parity"]["max_abs_diff"]["logits"] <= xonnx.FP32_ATOL
+    assert record["parity"]["passed"] and record["parity"]["max_abs_diff"]["logits"] <= xgates.FP32_ATOL
     assert record["weights"]["file"] == "model.bin"
 
 
@@ -114,10 +115,10 @@ def test_predictor_over_ir_equals_predictor_over_onnx(exported, run_dir, photos)
 
 def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
     pytest.importorskip("nncf")
-    opts = ExportOptions(calib_data=photos, calib_size=16, out_dir=tmp_path, openvino_int8="nncf")
+    opts = ExportOptions(quant_data=photos, quant_size=16, out_dir=tmp_path, openvino_int8="nncf")
     arts = {a.path.name: a for a in export(run_dir, ["int8", "openvino"], opts)}
     record = arts["model.int8.xml"].record
-    assert record["quantization"]["method"] == "nncf" and record["quantization"]["calib_images"] == 16
+    assert record["quantization"]["method"] == "nncf" and record["quantization"]["photos"] == 16
     assert record["int8"]["agreement"]["top1"] >= 0.9
     x = np.random.default_rng(1).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
     assert xov.IRRunner(tmp_path / "model.int8.xml").run(x)["logits"].shape == (2, 3)

@@ -372,7 +372,7 @@ def test_weak_gate_needs_its_flag_and_int8_accuracy_drop_is_gated(small_export_r
     o = options_from_args(parser.parse_args([str(run), "--min-agreement", "0.3", "--allow-weak-gate"]))
     assert o.min_agreement == 0.3 and o.max_acc_drop == pytest.approx(0.02)
     # a drop larger than allowed fails the gate and writes no int8 model (a negative bound: any drop fails)
-    opts = ExportOptions(out_dir=tmp_path / "o", calib_data=photos, calib_size=8, val_data=photos,
+    opts = ExportOptions(out_dir=tmp_path / "o", quant_data=photos, quant_size=8, val_data=photos,
                          min_agreement=0.0, max_acc_drop=-1.0)
     with pytest.raises(MineralNetError, match="more than --max-acc-drop -100 points"):
         export(run, ["int8"], opts)

@@ -18,6 +18,9 @@ import pytest
 from mineralnet.errors import MineralNetError
 from mineralnet.export import BatchProfile, ExportOptions, export
 from mineralnet.export import onnx as xonnx
+from mineralnet.export import metadata as xmeta
+from mineralnet.export import int8 as xint8
+from mineralnet.export import gates as xgates
 from mineralnet.export import tensorrt as xtrt
 from test_export import CLASSES, MEAN, SIZE, STD, _photos, _preprocess, photos, run_dir  # noqa: F401 (fixtures)
 
@@ -256,7 +259,7 @@ DEVICE = {"tensorrt_version": "10.3.0", "gpu": "Orin", "compute_capability": "8.
 
 
 def _sidecar(precision="int8", device=DEVICE):
-    return xtrt.engine_sidecar(META, precision=precision, profile=BatchProfile.range(1, 4, 8),
+    return xmeta.engine_sidecar(META, precision=precision, profile=BatchProfile.range(1, 4, 8),
                                onnx_file=xtrt.ENGINE_SOURCES[precision], onnx_sha256="ab" * 32, device=device,
                                outputs=("logits", "probs"), workspace_mib=1024)
 
@@ -300,7 +303,7 @@ def trt_export(run_dir, photos, tmp_path_factory):
 
     Without TensorRT the export writes and checks the ONNX files, then fails naming trtexec."""
     out = tmp_path_factory.mktemp("trt")
-    opts = ExportOptions(out_dir=out, calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4),
+    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4),
                          min_agreement=0.8)
     try:
         export(run_dir, ["fp16", "int8", "trt"], opts)
@@ -324,7 +327,7 @@ def test_fp16_onnx_for_tensorrt_computes_in_fp16_with_fp32_io_and_passes_its_gat
     x = _preprocess(_photos(photos)).numpy()  # ORT on this CPU: fp16 file vs fp32 file, the stated tolerance
     ref = xonnx.run_session(xonnx.ort_session(out / "model.onnx"), x)["logits"]
     got = xonnx.run_session(xonnx.ort_session(out / "model.fp16.onnx"), x)["logits"]
-    assert 0 < np.abs(got - ref).max() <= xonnx.FP16_RTOL * max(1.0, np.abs(ref).max())
+    assert 0 < np.abs(got - ref).max() <= xgates.FP16_RTOL * max(1.0, np.abs(ref).max())
 
 
 def test_int8_onnx_for_tensorrt_is_symmetric_qdq_with_fp16_float_parts(trt_export, photos):
@@ -334,11 +337,11 @@ def test_int8_onnx_for_tensorrt_is_symmetric_qdq_with_fp16_float_parts(trt_expor
     proto = onnx.load(str(out / "model.int8.onnx"))
     onnx.checker.check_model(proto, full_check=True)
     f32, f16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
-    assert next(o.version for o in proto.opset_import if o.domain == "") == xonnx.TRT_INT8_OPSET
+    assert next(o.version for o in proto.opset_import if o.domain == "") == xint8.TRT_INT8_OPSET
     assert [v.type.tensor_type.elem_type for v in [*proto.graph.input, *proto.graph.output]] == [f32, f32, f32]
     inits = {t.name: t for t in proto.graph.initializer}
     producer = {o: n for n in proto.graph.node for o in n.output}
-    tail = set(xonnx.float_tail_nodes(proto))  # pooling, head, softmax, novelty: float by design (issue 16)
+    tail = set(xint8.float_tail_nodes(proto))  # pooling, head, softmax, novelty: float by design (issue 16)
     head = [n for n in proto.graph.node if n.op_type == "Gemm" and n.name in tail]
     assert head and all(producer.get(n.input[1]) is None or producer[n.input[1]].op_type != "DequantizeLinear"
                         for n in head)  # logits come from a float head
@@ -372,11 +375,11 @@ def test_int8_onnx_for_tensorrt_runs_in_onnx_runtime_and_passes_its_gate(trt_exp
         "onnxruntime_optimization"]
     assert level == "disable"  # ORT 1.32's CPU optimiser miscomputes fp16 Q/DQ graphs (bench/RESULTS.md)
     got = xonnx.run_session(xonnx.ort_session(out / "model.int8.onnx", optimization=level), x)
-    assert xonnx.agreement(fp32["logits"], got["logits"]) >= 0.8
+    assert xgates.agreement(fp32["logits"], got["logits"]) >= 0.8
     assert not np.allclose(fp32["logits"], got["logits"], atol=1e-3)  # really quantized
     np.testing.assert_allclose(got["probs"].sum(1), 1.0, atol=1e-5)  # the softmax runs in fp32
     record = json.loads((out / "model.json").read_text())["exports"]["model.int8.onnx"]
-    assert record["opset"] == xonnx.TRT_INT8_OPSET and record["quantization"]["float_parts"] == "fp16"
+    assert record["opset"] == xint8.TRT_INT8_OPSET and record["quantization"]["float_parts"] == "fp16"
     assert record["int8"]["agreement"]["top1"] >= 0.8 and record["int8"]["seconds"] > 0
     assert record["int8"]["coverage"]["quantized"] == record["int8"]["coverage"]["conv_gemm_matmul"]
 
@@ -429,11 +432,11 @@ def test_export_drives_the_fake_builder_on_tensorrt_11(trt_export, run_dir, monk
     monkeypatch.setattr(xtrt, "_tensorrt", lambda: fake)
     monkeypatch.setattr(xtrt, "tensorrt_missing", lambda: None)
     monkeypatch.setattr(xtrt, "device_info", lambda: {**DEVICE, "tensorrt_version": fake.__version__})
-    from mineralnet.export.formats import ExportContext, export_trt
+    from mineralnet.export.context import ExportContext
 
     ctx = ExportContext(run_dir, ExportOptions(out_dir=tmp_path, profile=BatchProfile.range(1, 2, 4)))
     ctx.files = {p: out / xtrt.ENGINE_SOURCES[p] for p in xtrt.ENGINE_PRECISIONS}
-    arts = export_trt(ctx, ["fp32", "fp16", "int8"])
+    arts = xtrt.build_engines(ctx, ["fp32", "fp16", "int8"])
     assert [a.path.name for a in arts] == ["model.engine", "model.fp16.engine", "model.int8.engine"]
     assert [c[1] for c in fake.calls if c[0] == "parse_from_file"] == [str(ctx.files[p]) for p in ("fp32", "fp16",
                                                                                                    "int8")]
@@ -448,7 +451,7 @@ def test_export_drives_the_fake_builder_on_tensorrt_11(trt_export, run_dir, monk
 def test_tensorrt_engines_build_and_match_onnx_runtime(run_dir, photos, tmp_path):
     from mineralnet.predict import Predictor
 
-    opts = ExportOptions(out_dir=tmp_path, calib_data=photos, calib_size=24, profile=BatchProfile.range(1, 2, 4),
+    opts = ExportOptions(out_dir=tmp_path, quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4),
                          min_agreement=0.5)
     arts = export(run_dir, ["fp16", "int8", "trt"], opts)
     assert {"model.fp16.engine", "model.int8.engine"} <= {a.path.name for a in arts}

@@ -22,6 +22,7 @@ from mineralnet.data import make_demo_dataset  # noqa: E402
 from mineralnet.errors import MineralNetError  # noqa: E402
 from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
 from mineralnet.export import tensorrt as xtrt  # noqa: E402
+from mineralnet.export import metadata as xmeta  # noqa: E402
 from mineralnet.export import triton as xtriton  # noqa: E402
 from mineralnet.runs import model_meta, save_model  # noqa: E402
 
@@ -50,7 +51,7 @@ def _fake_engine(out_dir: Path, meta: dict, profile: BatchProfile, precision: st
     out_dir.mkdir(parents=True, exist_ok=True)
     engine = out_dir / {"fp32": "model.engine", "fp16": "model.fp16.engine", "int8": "model.int8.engine"}[precision]
     engine.write_bytes(b"not a real plan")
-    side = xtrt.engine_sidecar(meta, precision=precision, profile=profile, onnx_file=xtrt.ENGINE_SOURCES[precision],
+    side = xmeta.engine_sidecar(meta, precision=precision, profile=profile, onnx_file=xtrt.ENGINE_SOURCES[precision],
                                onnx_sha256="0" * 64, device=DEVICE, outputs=outputs,
                                workspace_mib=xtrt.DEFAULT_WORKSPACE_MIB)
     xtrt.sidecar_path(engine).write_text(json.dumps(side))
@@ -62,7 +63,7 @@ def static_repo(run, photos, tmp_path_factory):
     """fp32 + int8 ONNX at a fixed batch of 2, no engine."""
     repo = tmp_path_factory.mktemp("triton_static")
     out = tmp_path_factory.mktemp("export_static")
-    opts = ExportOptions(out_dir=out, calib_data=photos, calib_size=16, profile=BatchProfile.static(2),
+    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=16, profile=BatchProfile.static(2),
                          triton_dir=repo, triton_kind="cpu", triton_instances=2)
     arts = export(run.dir, ["int8"], opts)
     return SimpleNamespace(repo=repo, out=out, arts=arts)
@@ -84,7 +85,7 @@ def dynamic_repo(run, calibrated, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_dynamic")
     outputs = ("logits", "probs", "embedding", "novelty")
     _fake_engine(out, run.meta, DYNAMIC, "fp16", outputs)
-    opts = ExportOptions(out_dir=out, outputs=outputs, calib_data=photos, calib_size=16, profile=DYNAMIC,
+    opts = ExportOptions(out_dir=out, outputs=outputs, quant_data=photos, quant_size=16, profile=DYNAMIC,
                          triton_dir=repo)
     arts = export(calibrated, ["int8", "triton"], opts)
     return SimpleNamespace(repo=repo, out=out, arts=arts)

@@ -17,7 +17,7 @@ import numpy as np
 from mineralnet.calibration import core
 from mineralnet.calibration.graph import NoveltyHead
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import atomic_write_bytes, atomic_write_json
+from mineralnet.files import atomic_write_bytes, atomic_write_json
 
 JSON_FILE = "calibration.json"
 ARRAYS_FILE = "calibration.safetensors"

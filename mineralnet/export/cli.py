@@ -21,7 +21,8 @@ commands to run on the device.
 
 def add_arguments(parser) -> None:
     from mineralnet.export.formats import FORMATS
-    from mineralnet.export.onnx import CALIB_METHODS, DEFAULT_OPSET, INT8_ACTIVATIONS, OUTPUT_NAMES
+    from mineralnet.export.int8 import INT8_ACTIVATIONS, RANGE_METHODS
+    from mineralnet.export.onnx import DEFAULT_OPSET, OUTPUT_NAMES
     from mineralnet.export.tensorrt import DEFAULT_WORKSPACE_MIB
 
     parser.epilog = EXAMPLES
@@ -39,11 +40,14 @@ def add_arguments(parser) -> None:
     shape.add_argument("--min-batch", type=int, default=None, help="smallest batch with --dynamic (default 1)")
     shape.add_argument("--opt-batch", type=int, default=None, help="batch TensorRT tunes for (default 8, <= max)")
     shape.add_argument("--max-batch", type=int, default=None, help="largest batch with --dynamic (default 32)")
-    q = parser.add_argument_group("int8")
-    q.add_argument("--calib-data", default=None, metavar="DIR",
-                   help="photos for int8 calibration, any folder layout (e.g. the training set)")
-    q.add_argument("--calib-size", type=int, default=128, help="calibration photos, spread over DIR (default 128)")
-    q.add_argument("--calib-method", choices=CALIB_METHODS, default="minmax", help="range estimation (default minmax)")
+    q = parser.add_argument_group("int8 (the quantization photos; --calib-* and --quant-* are the same flags)")
+    q.add_argument("--calib-data", "--quant-data", dest="quant_data", default=None, metavar="DIR",
+                   help="quantization photos: the int8 ranges are measured on them; any folder layout "
+                        "(e.g. the training set)")
+    q.add_argument("--calib-size", "--quant-size", dest="quant_size", type=int, default=128,
+                   help="how many quantization photos, spread over DIR (default 128)")
+    q.add_argument("--calib-method", "--quant-method", dest="quant_method", choices=RANGE_METHODS, default="minmax",
+                   help="how the int8 ranges are estimated from them (default minmax)")
     q.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=None,
                    help="uint8: fastest in ONNX Runtime on x86; int8: symmetric, needed by TensorRT and "
                         "preferred on ARM (default: int8 with --trt, and then the float parts are fp16 too; "
@@ -68,7 +72,7 @@ def add_arguments(parser) -> None:
     t.add_argument("--timing-cache", default=None, metavar="FILE", help="timing cache file (default OUT/timing.cache)")
     v = parser.add_argument_group("OpenVINO and Triton")
     v.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
-                   help="int8 IR from model.int8.onnx (qdq, default) or by NNCF on the calibration photos (nncf)")
+                   help="int8 IR from model.int8.onnx (qdq, default) or by NNCF on the quantization photos (nncf)")
     v.add_argument("--triton-instances", type=int, default=1, help="instances per model in config.pbtxt (default 1)")
     v.add_argument("--triton-kind", choices=("gpu", "cpu"), default="gpu",
                    help="where Triton runs the ONNX models (default gpu; TensorRT engines always run on the GPU)")
@@ -96,7 +100,7 @@ def profile_from_args(args):
 
 
 def options_from_args(args):
-    from mineralnet.export.formats import ExportOptions
+    from mineralnet.export.context import ExportOptions
     from mineralnet.export.onnx import parse_outputs
 
     if not 0.0 <= args.min_agreement <= 1.0:
@@ -110,8 +114,8 @@ def options_from_args(args):
     if args.workspace < 1:
         raise MineralNetError(f"--workspace {args.workspace} must be a positive number of MiB")
     return ExportOptions(out_dir=args.out, outputs=parse_outputs(args.outputs), profile=profile_from_args(args),
-                         opset=args.opset, calib_data=args.calib_data, calib_size=args.calib_size,
-                         calib_method=args.calib_method, int8_activations=args.int8_activations,
+                         opset=args.opset, quant_data=args.quant_data, quant_size=args.quant_size,
+                         quant_method=args.quant_method, int8_activations=args.int8_activations,
                          min_agreement=args.min_agreement, max_acc_drop=max_drop / 100.0,
                          val_data=args.val_data, workspace_mib=args.workspace,
                          timing_cache=args.timing_cache, openvino_int8=args.openvino_int8,

@@ -104,7 +104,7 @@ def set_metadata(model, props: dict[str, str]) -> None:
 
 def read_metadata(model, where: str) -> dict:
     """The model meta dict (classes, mean, std, ...) from an ov.Model's rt_info."""
-    from mineralnet.export.onnx import parse_metadata
+    from mineralnet.export.metadata import parse_metadata
 
     if not model.has_rt_info([RT_INFO_KEY]):
         raise MineralNetError(f"OpenVINO IR {where!r} carries no MineralNet metadata (rt_info `{RT_INFO_KEY}`): "
@@ -128,7 +128,7 @@ def convert(onnx_path, props: dict[str, str]):
     return model
 
 
-def quantize_nncf(model, calib_images: np.ndarray, batch: int | None):
+def quantize_nncf(model, photos: np.ndarray, batch: int | None):
     """NNCF post-training int8 quantization of an fp32 ov.Model on preprocessed (N, 3, S, S) images.
 
     Symmetric int8 weights and activations (NNCF's `performance` preset), the MinMax ranges NNCF
@@ -141,8 +141,8 @@ def quantize_nncf(model, calib_images: np.ndarray, batch: int | None):
                               "--openvino-int8 qdq") from None
     step = batch or 1
     items = []
-    for start in range(0, len(calib_images), step):
-        x = calib_images[start:start + step]
+    for start in range(0, len(photos), step):
+        x = photos[start:start + step]
         if batch and len(x) < batch:
             x = np.concatenate([x, np.repeat(x[-1:], batch - len(x), axis=0)])
         items.append(np.ascontiguousarray(x, dtype=np.float32))

@@ -6,7 +6,7 @@
 The IR is converted from the parity-gated ONNX file, never from PyTorch directly, so every format
 of one export computes the same graph. int8 comes either from the int8 QDQ ONNX (`qdq`, the
 default: OpenVINO turns its Q/DQ pairs into FakeQuantize and runs them with its own int8 kernels),
-or from NNCF post-training quantization of the fp32 IR on the same calibration photos (`nncf`).
+or from NNCF post-training quantization of the fp32 IR on the same quantization photos (`nncf`).
 bench/RESULTS.md ("OpenVINO on this CPU") has the measurement behind the default.
 
 The metadata of the ONNX file (classes, preprocessing, precision, ...) is carried in the IR's
@@ -22,92 +22,58 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
-
 from mineralnet.errors import MineralNetError
 from mineralnet.export.ir import (IR_NAMES, INT8_METHODS, INSTALL, PRECISION_HINTS, RT_INFO_KEY, IRRunner, TimingRuntime,  # noqa: F401
                                   _ov, bin_path, compile_ir, convert, openvino_missing, quantize_nncf, read_ir,
                                   read_metadata, save_ir, set_metadata, timing_runtime)
-from mineralnet.predict import Predictor, score_photos
 
 
-def export_openvino(ctx, precisions: Sequence[str], method: str = "qdq") -> list:
+def check(options) -> None:
+    if options.openvino_int8 not in INT8_METHODS:
+        raise MineralNetError(f"--openvino-int8 {options.openvino_int8!r}: choose one of {', '.join(INT8_METHODS)}")
+
+
+def write(ctx) -> list:
     """model.xml (fp32, parity-gated like model.onnx) and, when int8 is asked, model.int8.xml
-    (from model.int8.onnx, or NNCF on the calibration photos; gated on top-1 agreement)."""
-    if method not in INT8_METHODS:
-        raise MineralNetError(f"--openvino-int8 {method!r}: choose one of {', '.join(INT8_METHODS)}")
+    (from model.int8.onnx, or NNCF on the quantization photos; gated on top-1 agreement)."""
+    check(ctx.options)
     _ov()
-    return [_export_ir(ctx, p, method) for p in precisions]
+    return [_export_ir(ctx, p, ctx.options.openvino_int8) for p in ["fp32", *(["int8"] if "int8" in ctx.formats else [])]]
 
 
 def _export_ir(ctx, precision: str, method: str):
-    from mineralnet.export import onnx as xonnx
+    from mineralnet.export import gates
+    from mineralnet.export.metadata import onnx_props
+    from mineralnet.files import atomic_write_bytes
 
     o = ctx.options
     source = ctx.files["int8" if precision == "int8" and method == "qdq" else "fp32"]
-    props = xonnx.metadata_props(ctx.meta, precision=precision, outputs=o.outputs, batch=ctx.batch_info())
-    model = convert(source, props)
+    model = convert(source, onnx_props(ctx.meta, precision=precision, outputs=o.outputs, batch=ctx.batch_info()))
     record = {"format": "openvino", "precision": precision, "source": Path(source).name,
               "outputs": list(o.outputs), "batch": ctx.batch_info()}
     if precision == "int8" and method == "nncf":
-        calib = ctx.calibration_images()
-        model = quantize_nncf(model, calib, None if o.profile.dynamic else o.profile.max)
+        photos, _ = ctx.quantization_photos()
+        model = quantize_nncf(model, photos, None if o.profile.dynamic else o.profile.max)
         record["quantization"] = {"method": "nncf", "preset": "performance (symmetric int8)",
-                                  "calib_images": int(len(calib))}
+                                  "photos": int(len(photos))}
     elif precision == "int8":
         record["quantization"] = {"method": "qdq", "from": Path(source).name}
     with tempfile.TemporaryDirectory(prefix="mineralnet-ov-") as tmp:
         xml = save_ir(model, tmp, IR_NAMES[precision])
         runner = IRRunner(xml, precision="fp32")
-        images, src = ctx.check_images()
-        got = runner.run(images)
         if precision == "fp32":
-            record["parity"] = _parity(ctx, got, images, src)
+            record["parity"] = gates.parity(ctx, runner.run, precision="fp32", what="OpenVINO parity gate",
+                                            hint="the IR does not reproduce the PyTorch model (report it with the "
+                                                 "OpenVINO version)")
         else:
-            agreement = _agreement(ctx, xml, got, images, src)
-            accuracy = agreement.pop("accuracy", None)
-            record["int8"] = {"agreement": agreement, **({"accuracy": accuracy} if accuracy else {})}
+            record["int8"] = gates.int8_gate(ctx, lambda x: gates.reference(ctx, x), runner.run,
+                                             what="OpenVINO int8 gate",
+                                             hint="measure the ranges on more representative photos (--calib-data, "
+                                                  "--calib-size) or try the other --openvino-int8 method")
         xml_bytes, bin_bytes = xml.read_bytes(), bin_path(xml).read_bytes()
-    from mineralnet.runs import atomic_write_bytes
-
     ir_bin = bin_path(ctx.path(IR_NAMES[precision]))
     atomic_write_bytes(ir_bin, bin_bytes)  # weights first: an .xml without its .bin cannot load
     record.update(weights={"file": ir_bin.name, "bytes": len(bin_bytes)}, openvino=_ov().__version__)
-    art = ctx.write(IR_NAMES[precision], xml_bytes, record)
+    art = ctx.save(IR_NAMES[precision], xml_bytes, record)
     art.record["bytes"] += len(bin_bytes)  # the log line gives the size of the pair
     return art
-
-
-def _parity(ctx, got: dict, images: np.ndarray, source: str) -> dict:
-    from mineralnet.export import onnx as xonnx
-
-    reference = xonnx.torch_outputs(ctx.model, images, ctx.options.outputs)
-    report = xonnx.compare(reference, got, precision="fp32", source=source)
-    if not report.passed:
-        raise MineralNetError(f"OpenVINO parity gate FAILED, nothing written: {report.summary()}; the IR does "
-                              f"not reproduce the PyTorch model (report it with the OpenVINO version)")
-    return report.to_dict()
-
-
-def _agreement(ctx, xml: Path, got: dict, images: np.ndarray, source: str) -> dict:
-    """Top-1 agreement of the int8 IR with PyTorch fp32 (on --val-data when given, with both accuracies)."""
-    from mineralnet.export import onnx as xonnx
-
-    o = ctx.options
-    if o.val_data:
-        fp32 = score_photos(Predictor(ctx.run, device="cpu"), o.val_data)
-        int8 = score_photos(Predictor(xml), o.val_data, reference=fp32["preds"])
-        result = {"top1": int8["agreement"], "images": int8["images"], "source": "--val-data photos",
-                  "accuracy": {"fp32": fp32["top1"], "int8": int8["top1"], "images": int8["images"]}}
-    else:
-        reference = xonnx.torch_outputs(ctx.model, images, o.outputs)
-        key = "logits" if "logits" in reference else next(iter(reference))
-        result = {"top1": xonnx.agreement(reference[key], got[key]), "images": len(images), "source": source}
-    if not result["top1"] >= o.min_agreement:
-        raise MineralNetError(f"OpenVINO int8 gate FAILED, nothing written: top-1 agreement with fp32 is "
-                              f"{result['top1']:.1%} on {result['images']} {result['source']} (minimum "
-                              f"{o.min_agreement:.0%}); calibrate on more representative photos (--calib-data, "
-                              f"--calib-size) or try the other --openvino-int8 method")
-    return result

@@ -24,18 +24,18 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mineralnet import __version__
 from mineralnet.errors import MineralNetError
+from mineralnet.export.metadata import SIDECAR_FORMAT, major_of  # noqa: F401 (the sidecar's, used here too)
 
 INPUT_NAME = "images"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
 DEFAULT_WORKSPACE_MIB = 4096
-SIDECAR_FORMAT = "mineralnet-engine/2"  # /2: records tensorrt_major and strongly_typed
 TRT_MAJORS = (10, 11)
 DEFAULT_MAJOR = 10  # when TensorRT is not installed here: what JetPack 6 and most servers have
 # The ONNX file each engine precision is built from (strong typing: the graph carries the precision).
@@ -90,14 +90,6 @@ def tensorrt_version() -> str | None:
     except Exception:  # not installed, or a broken install (tensorrt_missing says which)
         return None
     return str(trt.__version__)
-
-
-def major_of(version: str | None) -> int | None:
-    """"10.3.0.30" -> 10; None or an unparsable string -> None."""
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return None
 
 
 def target_major(major: int | None = None) -> int:
@@ -165,30 +157,6 @@ def device_info() -> dict:
     major, minor = torch.cuda.get_device_capability(index)
     return {"tensorrt_version": str(trt.__version__), "gpu": torch.cuda.get_device_name(index),
             "compute_capability": f"{major}.{minor}", "cuda": torch.version.cuda}
-
-
-def engine_sidecar(meta: dict, *, precision: str, profile: BatchProfile, onnx_file: str, onnx_sha256: str,
-                   device: dict, outputs, workspace_mib: int) -> dict:
-    """The `<engine>.json` contents: what the plan file cannot carry."""
-    s = int(meta["image_size"])
-    return {
-        "format": SIDECAR_FORMAT,
-        "classes": list(meta["classes"]), "num_classes": int(meta["num_classes"]),
-        "image_size": s, "resize": int(meta["resize"]),
-        "mean": [float(m) for m in meta["mean"]], "std": [float(v) for v in meta["std"]],
-        "backbone": meta.get("backbone"), "stages": meta.get("stages"), "feature_dim": meta.get("feature_dim"),
-        "input": {"name": INPUT_NAME, "dtype": "float32", "layout": "NCHW", "color": "RGB",
-                  "preprocess": "resize shorter side to `resize`, centre crop image_size, x/255, (x-mean)/std"},
-        "outputs": list(outputs),
-        "precision": precision,
-        "profile": {**profile.to_dict(), "shapes": profile.shapes(s)},
-        "tensorrt_version": device["tensorrt_version"], "tensorrt_major": major_of(device["tensorrt_version"]),
-        "strongly_typed": True, "gpu": device["gpu"],
-        "compute_capability": device["compute_capability"], "cuda": device.get("cuda"),
-        "workspace_mib": int(workspace_mib),
-        "onnx": {"file": onnx_file, "sha256": onnx_sha256},
-        "mineralnet_version": __version__,
-    }
 
 
 def sidecar_path(engine_path) -> Path:
@@ -291,7 +259,7 @@ def build_engine(onnx_path, *, precision: str, profile: BatchProfile, image_size
     `precision` in its graph (ENGINE_SOURCES: model.onnx, model.fp16.onnx, model.int8.onnx; checked
     from its metadata). A timing cache file, when given, is read first and updated after the build.
     """
-    from mineralnet.runs import atomic_write_bytes
+    from mineralnet.files import atomic_write_bytes
 
     if precision not in ENGINE_PRECISIONS:
         raise MineralNetError(f"engine precision {precision!r}: choose one of {', '.join(ENGINE_PRECISIONS)}")
@@ -410,3 +378,86 @@ class TRTRunner:
                 parts[name].append(value[:n].float().cpu().numpy())
         torch.cuda.synchronize()
         return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- the table row
+ENGINE_NAMES = {"fp32": "model.engine", "fp16": "model.fp16.engine", "int8": "model.int8.engine"}
+
+
+def precisions_for(formats) -> list[str]:
+    """The engines `--trt` builds: one per precision asked (fp16, int8), fp32 when neither is."""
+    return [p for p in ("fp16", "int8") if p in formats] or ["fp32"]
+
+
+def trt_plans(ctx, precisions, major: int | None = None) -> list[tuple[str, Path, Path, str]]:
+    """(precision, ONNX source, engine path, trtexec command for TensorRT `major`) per engine to build.
+
+    Strongly typed builds take the precision from the graph, so each engine has its own source:
+    model.onnx (fp32), model.fp16.onnx (fp16), model.int8.onnx (int8; ENGINE_SOURCES).
+    """
+    o = ctx.options
+    cache = Path(o.timing_cache) if o.timing_cache else ctx.path("timing.cache")
+    plans = []
+    for precision in precisions:
+        if precision not in ctx.files:
+            raise MineralNetError(f"a {precision} engine is built from {ENGINE_SOURCES[precision]}; export it in "
+                                  f"the same call (mineralnet-export RUN --trt --{precision})")
+        source = ctx.files[precision]
+        engine = ctx.path(ENGINE_NAMES[precision])
+        cmd = trtexec_command(source, engine, precision=precision, profile=o.profile,
+                              image_size=ctx.meta["image_size"], workspace_mib=o.workspace_mib,
+                              timing_cache=cache, major=major)
+        plans.append((precision, source, engine, cmd))
+    return plans
+
+
+def _device_command(ctx, precisions) -> str:
+    """The mineralnet-export command that builds the same engines on the device (the same on 10.x and 11.x)."""
+    p = ctx.options.profile
+    flags = {"fp32": [], "fp16": ["--fp16"], "int8": ["--int8", "--calib-data", "DIR"]}
+    batch = (["--dynamic", "--min-batch", str(p.min), "--opt-batch", str(p.opt), "--max-batch", str(p.max)]
+             if p.dynamic else ["--batch", str(p.max)])
+    return " ".join(["mineralnet-export", "RUN", "--trt", *(f for pr in precisions for f in flags[pr]), *batch])
+
+
+def write(ctx) -> list:
+    """TensorRT plans (+ sidecars) from the ONNX files of this export, one per precision asked;
+    needs TensorRT and a GPU (without them: one error naming the commands to run on the device)."""
+    return build_engines(ctx, precisions_for(ctx.formats))
+
+
+def build_engines(ctx, precisions) -> list:
+    """The engines of `precisions`, each from the ONNX file of its precision in ctx.files."""
+    from mineralnet.export import metadata
+    from mineralnet.files import atomic_write_json
+
+    o = ctx.options
+    plans = trt_plans(ctx, precisions)
+    for precision, source, _, _ in plans:  # before anything else: a wrong file fails on any machine
+        check_engine_source(source, precision)
+    missing = tensorrt_missing()
+    if missing:
+        by_major = {m: " && ".join(cmd for *_, cmd in trt_plans(ctx, precisions, major=m)) for m in TRT_MAJORS}
+        raise MineralNetError(f"cannot build TensorRT engines: {missing}; the checked ONNX files are in "
+                              f"{ctx.out_dir}; on the NVIDIA device (TensorRT 10 or 11) run "
+                              f"`{_device_command(ctx, precisions)}`, or copy the ONNX files there and run "
+                              + "; or ".join(f"with TensorRT {m}.x: {cmd}" for m, cmd in by_major.items()))
+    device = device_info()
+    cache = Path(o.timing_cache) if o.timing_cache else ctx.path("timing.cache")
+    artifacts = []
+    for precision, source, engine, _ in plans:
+        t0 = time.perf_counter()
+        plan = build_engine(source, precision=precision, profile=o.profile, image_size=ctx.meta["image_size"],
+                            workspace_mib=o.workspace_mib, timing_cache=cache)
+        side = metadata.engine_sidecar(ctx.meta, precision=precision, profile=o.profile, onnx_file=source.name,
+                                       onnx_sha256=metadata.sha256(Path(source).read_bytes()), device=device,
+                                       outputs=o.outputs, workspace_mib=o.workspace_mib)
+        side["build_seconds"] = round(time.perf_counter() - t0, 1)
+        # sidecar first: an engine without its sidecar would be unusable by `mineralnet predict`
+        atomic_write_json(sidecar_path(engine), side)
+        keys = ("tensorrt_version", "tensorrt_major", "strongly_typed", "gpu", "compute_capability")
+        artifacts.append(ctx.save(engine.name, plan, {"format": "tensorrt", "precision": precision,
+                                                      "sidecar": sidecar_path(engine).name,
+                                                      "tensorrt": {k: side[k] for k in keys},
+                                                      "profile": side["profile"]}))
+    return artifacts

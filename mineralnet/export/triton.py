@@ -128,7 +128,7 @@ def config_text(name: str, backend: str, io: ModelIO, *, profile: dict, kind: st
 
 def _write_model(repo: Path, name: str, model_file: Path, target: str, config: str, classes) -> Path:
     """repo/name/{config.pbtxt, labels.txt, 1/target}; the model copied first, the config last."""
-    from mineralnet.runs import atomic_write_text
+    from mineralnet.files import atomic_write_text
 
     folder = repo / name
     (folder / "1").mkdir(parents=True, exist_ok=True)
@@ -172,6 +172,19 @@ def export_triton(ctx) -> list[tuple[Path, dict]]:
     return [(folder, {"format": "triton", "backend": backend, "precision": f"Triton {backend} {precision}",
                       "bytes": sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())})
             for folder, backend, precision in written]
+
+
+def check(options) -> None:
+    if not options.triton_dir:
+        raise MineralNetError("the triton format needs a repository folder: --triton DIR (ExportOptions.triton_dir)")
+
+
+def write(ctx) -> list:
+    """The table row: the model repository of `export_triton`, as artifacts (one per model folder)."""
+    from mineralnet.export.context import Artifact
+
+    check(ctx.options)
+    return [Artifact(path, record) for path, record in export_triton(ctx)]
 
 
 def _check_engine_profile(engine: Path, side: dict) -> None:

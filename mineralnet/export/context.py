@@ -1,0 +1,210 @@
+"""What every format's `write(ctx)` gets: the run, its loaded model, the check photos, the options,
+the output folder, and the files written so far in this export.
+
+    ctx = ExportContext(run, options, formats=["onnx", "int8"])
+    ctx.model, ctx.meta, ctx.novelty     # FusionNet, its model.json (+ the open-set calibration), detector
+    ctx.check_images()                   # photos the gates compare on (--val-data, quantization photos, synthetic)
+    ctx.quantization_photos()            # the photos int8 ranges are measured on (--calib-data)
+    ctx.save(name, data, record)         # atomic write + one record in model.json
+
+"Calibration" in MineralNet means the open-set calibration of a run (temperature, unknown threshold,
+conformal sets); the photos int8 ranges are measured on are the *quantization photos* (`quant_*` options,
+CLI `--calib-data/--calib-size/--calib-method`, also spelled `--quant-data/--quant-size/--quant-method`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from mineralnet.data import list_images
+from mineralnet.errors import MineralNetError
+from mineralnet.export import metadata
+from mineralnet.export.onnx import DEFAULT_OPSET, DEFAULT_OUTPUTS, parse_outputs
+from mineralnet.export.tensorrt import DEFAULT_WORKSPACE_MIB, BatchProfile
+
+CHECK_IMAGES = 32  # images for the parity gate / int8 agreement when no --val-data is given
+
+
+@dataclass
+class ExportOptions:
+    """Knobs of `export()`; the CLI fills them from its flags."""
+
+    out_dir: str | os.PathLike | None = None  # default: RUN/export
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
+    profile: BatchProfile = field(default_factory=lambda: BatchProfile.static(1))
+    opset: int = DEFAULT_OPSET
+    quant_data: str | os.PathLike | None = None  # --calib-data: the quantization photos of int8
+    quant_size: int = 128  # --calib-size: how many of them, spread over the folder
+    quant_method: str = "minmax"  # --calib-method: how the int8 ranges are estimated from them
+    int8_activations: str | None = None  # None: int8 when a TensorRT engine is asked for, else uint8
+    min_agreement: float = 0.9  # int8 top-1 agreement with fp32 below this is an error
+    max_acc_drop: float = 0.02  # with val_data: int8 top-1 accuracy below fp32's by more than this is an error
+    val_data: str | os.PathLike | None = None
+    workspace_mib: int = DEFAULT_WORKSPACE_MIB
+    timing_cache: str | os.PathLike | None = None  # default: OUT/timing.cache
+    openvino_int8: str = "qdq"  # int8 IR from model.int8.onnx ("qdq") or NNCF on the quantization photos
+    triton_dir: str | os.PathLike | None = None  # --triton DIR: the model repository
+    triton_instances: int = 1  # instances per model in config.pbtxt
+    triton_kind: str = "gpu"  # instance kind of the ONNX models (engines always run on the GPU)
+
+
+@dataclass
+class Artifact:
+    """One written file (or Triton model folder) and its record in model.json."""
+
+    path: Path
+    record: dict
+
+    def line(self) -> str:
+        r = self.record
+        notes = [r["precision"], f"{r['bytes'] / 1e6:.1f} MB"]
+        if "parity" in r:
+            p = r["parity"]
+            d = p["max_abs_diff"].get("logits", max(p["max_abs_diff"].values()))
+            ties = p["images"] - p["top1_required"]
+            notes.append(f"max|d logit| {d:.1e} on {p['images']} {p['source']}, top-1 identical "
+                         f"{p['top1_equal']}/{p['top1_required']}" + (f" ({ties} fp16 near-ties exempt)" if ties else ""))
+        if "int8" in r:
+            q = r["int8"]
+            notes.append(f"top-1 agreement with fp32 {q['agreement']['top1']:.1%} on {q['agreement']['images']} "
+                         f"{q['agreement']['source']}")
+            if "accuracy" in q:
+                a = q["accuracy"]
+                notes.append(f"accuracy fp32 {a['fp32']:.2%} / int8 {a['int8']:.2%} on {a['images']} photos")
+        return f"wrote {self.path} ({'; '.join(notes)})"
+
+
+def spread(items: Sequence, n: int) -> list:
+    """`n` items evenly spaced over the sorted list (so every class folder is represented)."""
+    if n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+def existing_images(folder, flag: str) -> list[str]:
+    """The photos under `folder`, or one clear error naming the flag."""
+    p = Path(os.path.expanduser(os.fspath(folder)))
+    if not p.is_dir():
+        raise MineralNetError(f"{flag} {os.fspath(folder)!r} is not a folder; pass a folder of photos "
+                              f"(class sub-folders are fine)")
+    found = list_images(p)
+    if not found:
+        raise MineralNetError(f"{flag} {os.fspath(folder)!r} holds no images; pass a folder of photos")
+    return found
+
+
+def synthetic_photos(meta: dict, n: int = 16, seed: int = 0) -> list[np.ndarray]:
+    """Deterministic stand-in photos (smooth colour fields + texture) of varied sizes and aspect."""
+    rng = np.random.default_rng(seed)
+    base = int(meta["resize"])
+    photos = []
+    for _ in range(n):
+        h = int(base * rng.uniform(1.0, 1.6))
+        w = int(base * rng.uniform(1.0, 1.6))
+        coarse = rng.uniform(0, 255, (4, 5, 3))
+        ys, xs = np.linspace(0, 3, h)[:, None], np.linspace(0, 4, w)[None, :]
+        y0, x0 = np.floor(ys).astype(int).clip(0, 2), np.floor(xs).astype(int).clip(0, 3)
+        fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
+        field_ = (coarse[y0, x0] * (1 - fy) * (1 - fx) + coarse[y0 + 1, x0] * fy * (1 - fx)
+                  + coarse[y0, x0 + 1] * (1 - fy) * fx + coarse[y0 + 1, x0 + 1] * fy * fx)
+        photos.append(np.clip(field_ + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+    return photos
+
+
+class ExportContext:
+    """The model, its metadata, the photos and the files shared by the format writers of one export."""
+
+    def __init__(self, run, options: ExportOptions, formats: Sequence[str] = ("onnx",)):
+        from mineralnet.predict import Preprocessor
+        from mineralnet.runs import load_model
+
+        self.run = Path(run)
+        self.model, self.meta = load_model(run)
+        self.options = options
+        self.formats = tuple(formats)  # the rows of the table asked for (writers may depend on each other's)
+        out = options.out_dir or (self.run / "export" if self.run.is_dir() else self.run.parent / "export")
+        self.out_dir = Path(os.path.expanduser(os.fspath(out)))
+        self.preprocess = Preprocessor(self.meta)
+        self.files: dict[str, Path] = {}  # precision -> ONNX file written by this export
+        self.artifacts: list[Artifact] = []
+        self.novelty = self._open_set_calibration()
+        self._check: tuple[np.ndarray, str] | None = None
+
+    def path(self, name: str) -> Path:
+        return self.out_dir / name
+
+    def _open_set_calibration(self):
+        """A calibrated run exports its detector as a `novelty` output and its temperature, threshold
+        and conformal scores in the metadata; returns the detector module (or None)."""
+        from mineralnet.calibration import Calibration
+
+        cal = Calibration.load(self.run)
+        if cal is None:
+            if "novelty" in self.options.outputs:
+                raise MineralNetError(f"--outputs novelty needs a calibrated run; run `mineralnet calibrate "
+                                      f"{self.run}` first")
+            return None
+        self.meta = {**self.meta, "calibration": cal.public()}
+        # a copy: the caller's ExportOptions stay as given
+        self.options = dataclasses.replace(self.options, outputs=parse_outputs((*self.options.outputs, "novelty")))
+        return cal.graph_module()
+
+    def check_images(self) -> tuple[np.ndarray, str]:
+        """(N, 3, S, S) images for the gates, and where they came from."""
+        if self._check is None:
+            o = self.options
+            for folder, flag in ((o.val_data, "--val-data"), (o.quant_data, "--calib-data")):
+                if folder:
+                    images, _ = self.load(spread(existing_images(folder, flag), CHECK_IMAGES))
+                    if len(images):
+                        self._check = (images, f"{flag} photos")
+                        break
+            else:
+                self._check = (self.preprocess.batch(synthetic_photos(self.meta)), "synthetic images")
+        return self._check
+
+    def load(self, paths: Sequence[str]) -> tuple[np.ndarray, int]:
+        """Preprocessed images, skipping files that do not decode -> (array, number skipped)."""
+        from mineralnet.data import ImageDecodeError
+
+        arrays, skipped = [], 0
+        for p in paths:
+            try:
+                arrays.append(self.preprocess(p))
+            except ImageDecodeError:
+                skipped += 1
+        if not arrays:
+            return np.zeros((0, 3, self.meta["image_size"], self.meta["image_size"]), np.float32), skipped
+        return np.stack(arrays), skipped
+
+    def quantization_photos(self) -> tuple[np.ndarray, int]:
+        """((N, 3, S, S) quant_size photos spread over quant_data through the eval preprocessing, skipped)."""
+        o = self.options
+        images, skipped = self.load(spread(existing_images(o.quant_data, "--calib-data"), o.quant_size))
+        if not len(images):
+            raise MineralNetError(f"--calib-data {os.fspath(o.quant_data)!r}: none of its images could be decoded")
+        return images, skipped
+
+    def batch_info(self) -> dict:
+        p = self.options.profile
+        return {"dynamic": p.dynamic, "size": None if p.dynamic else p.max, "min": p.min, "opt": p.opt,
+                "max": p.max}
+
+    def input_shape(self) -> list:
+        s = self.meta["image_size"]
+        return ["batch" if self.options.profile.dynamic else self.options.profile.max, 3, s, s]
+
+    def save(self, name: str, data: bytes, record: dict) -> Artifact:
+        """Write a checked file atomically and add its record to the manifest (model.json)."""
+        from mineralnet.files import atomic_write_bytes
+
+        path = self.path(name)
+        atomic_write_bytes(path, data)
+        record = metadata.file_record(name, data, record)
+        metadata.update_manifest(self.path(metadata.MANIFEST), self.meta, self.run, name, record)
+        return Artifact(path, record)

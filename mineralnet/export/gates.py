@@ -1,0 +1,187 @@
+"""The checks every exported file passes before it gets its name: one implementation for every format.
+
+    parity      a float file (ONNX fp32/fp16, OpenVINO fp32, ...) against PyTorch on the check photos:
+                every output within the precision's tolerance, top-1 identical (fp16: except near-ties)
+    int8_gate   an int8 file against its fp32 reference: top-1 agreement >= --min-agreement, and with
+                --val-data, top-1 accuracy not more than --max-acc-drop below fp32's
+
+The PyTorch reference (`reference`) is the run's model with its open-set detector when the run is
+calibrated (the `novelty` output), so a calibrated run is gated on every output it exports.
+A runner here is any callable images (N, 3, S, S) float32 -> {output name: (N, ...) array}.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from mineralnet.errors import MineralNetError
+
+FP32_ATOL = 1e-4  # max |logit difference|; top-1 must be identical on every image
+FP16_RTOL = 1e-2  # fp16: max |logit difference| <= FP16_RTOL * max(1, max |logit|)
+VAL_CHUNK = 64  # --val-data photos preprocessed and run at a time
+
+Runner = Callable[[np.ndarray], dict]
+
+
+@torch.inference_mode()
+def torch_outputs(model: nn.Module, images: np.ndarray, outputs: Sequence[str], batch: int = 16,
+                  novelty: nn.Module | None = None) -> dict[str, np.ndarray]:
+    """The reference numbers: FusionNet in fp32 eager mode on CPU (`novelty`: the run's detector)."""
+    if "novelty" in outputs and novelty is None:
+        raise MineralNetError("the novelty output needs the run's detector: this run has no calibration; run "
+                              "`mineralnet calibrate RUN` first")
+    model = model.float().eval().cpu()
+    parts: dict[str, list] = {n: [] for n in outputs}
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch], dtype=np.float32))
+        fused = model.embed(x)
+        logits = model.forward_head(fused)
+        values = {"logits": logits, "probs": torch.softmax(logits, 1), "embedding": fused}
+        if "novelty" in outputs:
+            values["novelty"] = novelty(fused, logits)
+        for n in outputs:
+            parts[n].append(values[n].numpy())
+    return {n: np.concatenate(v) for n, v in parts.items()}
+
+
+def reference(ctx, images: np.ndarray) -> dict[str, np.ndarray]:
+    """PyTorch's outputs for the export `ctx` on `images`: every output asked, novelty included."""
+    return torch_outputs(ctx.model, images, ctx.options.outputs, novelty=ctx.novelty)
+
+
+def _scores(values: dict[str, np.ndarray]) -> np.ndarray | None:
+    return values.get("logits", values.get("probs"))
+
+
+def _top(values: dict[str, np.ndarray]) -> np.ndarray:
+    """The scores top-1 is read from: logits, else probs, else the first output."""
+    scores = _scores(values)
+    return next(iter(values.values())) if scores is None else scores
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Fraction of rows whose argmax agrees."""
+    return float((a.argmax(1) == b.argmax(1)).mean()) if len(a) else float("nan")
+
+
+@dataclass
+class ParityReport:
+    """A runtime's outputs vs PyTorch's on the same images."""
+
+    precision: str
+    images: int
+    source: str  # where the images came from
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # per output
+    tolerance: dict[str, float] = field(default_factory=dict)
+    top1_equal: int = 0
+    top1_required: int = 0  # images whose top-1 must agree (fp16 exempts near-ties)
+    passed: bool = False
+
+    def summary(self) -> str:
+        diffs = ", ".join(f"max|d {k}| {v:.2e} (tol {self.tolerance[k]:.0e})" for k, v in self.max_abs_diff.items())
+        return (f"{self.precision} parity on {self.images} {self.source}: {diffs}; "
+                f"top-1 {self.top1_equal}/{self.top1_required} identical")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(reference: dict[str, np.ndarray], candidate: dict[str, np.ndarray], *, precision: str,
+            source: str) -> ParityReport:
+    """Compare `candidate` outputs against `reference` with the tolerance of `precision`.
+
+    fp32: every output within FP32_ATOL (embedding, novelty: relative to their scale) and top-1
+    identical on every image. fp16: within FP16_RTOL * max(1, max |reference|) and top-1 identical
+    wherever the reference's top-1/top-2 margin exceeds twice that tolerance (closer calls may flip).
+    """
+    n = len(next(iter(reference.values())))
+    report = ParityReport(precision=precision, images=n, source=source)
+    for name, ref in reference.items():
+        got = candidate[name]
+        scale = max(1.0, float(np.abs(ref).max())) if ref.size else 1.0
+        if precision == "fp16":
+            tol = FP16_RTOL * scale
+        else:
+            tol = FP32_ATOL * (scale if name in ("embedding", "novelty") else 1.0)
+        diff = float(np.abs(got.astype(np.float64) - ref).max()) if ref.size else 0.0
+        if not math.isfinite(diff):
+            diff = float("inf")
+        report.max_abs_diff[name], report.tolerance[name] = diff, tol
+    ref_scores, got_scores = _scores(reference), _scores(candidate)
+    if ref_scores is not None:
+        same = ref_scores.argmax(1) == got_scores.argmax(1)
+        required = np.ones(n, bool)
+        if precision == "fp16" and ref_scores.shape[1] > 1:
+            top2 = np.sort(ref_scores, axis=1)[:, -2:]
+            key = "logits" if "logits" in reference else "probs"
+            required = (top2[:, 1] - top2[:, 0]) > 2 * report.tolerance[key]
+        report.top1_required = int(required.sum())
+        report.top1_equal = int((same & required).sum())
+    report.passed = (all(report.max_abs_diff[k] <= report.tolerance[k] for k in report.max_abs_diff)
+                     and report.top1_equal == report.top1_required)
+    return report
+
+
+def parity(ctx, run: Runner, *, precision: str, what: str, hint: str) -> dict:
+    """Gate a float file: `run` on ctx's check images vs PyTorch. Returns the report as a dict;
+    raises naming `what` (e.g. "parity gate", "OpenVINO parity gate") and `hint` when it fails."""
+    images, source = ctx.check_images()
+    report = compare(reference(ctx, images), run(images), precision=precision, source=source)
+    if not report.passed:
+        raise MineralNetError(f"{what} FAILED, nothing written: {report.summary()}; {hint}")
+    return report.to_dict()
+
+
+def _accuracy(ctx, fp32: Runner, int8: Runner) -> dict:
+    """Top-1 accuracy of the fp32 and int8 runners on --val-data, and their agreement."""
+    from mineralnet.data import scan_dataset
+
+    index = scan_dataset(ctx.options.val_data, verify=True, classes=list(ctx.meta["classes"]))
+    right, agree, n = {"fp32": 0, "int8": 0}, 0, 0
+    for start in range(0, len(index.samples), VAL_CHUNK):
+        chunk = index.samples[start:start + VAL_CHUNK]
+        images, _ = ctx.load([p for p, _ in chunk])
+        if len(images) != len(chunk):  # verify=True excluded undecodable files already
+            raise MineralNetError(f"--val-data {ctx.options.val_data!r}: a photo stopped decoding during export")
+        y = np.array([label for _, label in chunk])
+        pa, pb = _top(fp32(images)).argmax(1), _top(int8(images)).argmax(1)
+        right["fp32"] += int((pa == y).sum())
+        right["int8"] += int((pb == y).sum())
+        agree += int((pa == pb).sum())
+        n += len(chunk)
+    if not n:
+        raise MineralNetError(f"--val-data {os.fspath(ctx.options.val_data)!r} holds no readable photos")
+    return {"images": n, "fp32": right["fp32"] / n, "int8": right["int8"] / n, "agreement": agree / n}
+
+
+def int8_gate(ctx, fp32: Runner, int8: Runner, *, what: str, hint: str) -> dict:
+    """Gate an int8 file against its fp32 reference -> {"agreement": {...}[, "accuracy": {...}]}.
+
+    With --val-data: agreement and both accuracies over every labelled photo there, and the accuracy
+    drop gated by --max-acc-drop; without: agreement on the check images. Raises naming `what`
+    ("int8 gate", "OpenVINO int8 gate") and `hint` (what to try) when either gate fails."""
+    o = ctx.options
+    if o.val_data:
+        acc = _accuracy(ctx, fp32, int8)
+        result = {"agreement": {"top1": acc.pop("agreement"), "images": acc["images"], "source": "--val-data photos"},
+                  "accuracy": acc}
+    else:
+        images, source = ctx.check_images()
+        a, b = fp32(images), int8(images)
+        result = {"agreement": {"top1": agreement(_top(a), _top(b)), "images": len(images), "source": source}}
+    agree = result["agreement"]
+    if not agree["top1"] >= o.min_agreement:
+        raise MineralNetError(f"{what} FAILED, nothing written: top-1 agreement with fp32 is {agree['top1']:.1%} on "
+                              f"{agree['images']} {agree['source']} (minimum {o.min_agreement:.0%}); {hint}")
+    if o.val_data and result["accuracy"]["fp32"] - result["accuracy"]["int8"] > o.max_acc_drop:
+        acc = result["accuracy"]
+        raise MineralNetError(f"{what} FAILED, nothing written: top-1 accuracy on {acc['images']} --val-data "
+                              f"photos drops from {acc['fp32']:.1%} (fp32) to {acc['int8']:.1%} (int8), more than "
+                              f"--max-acc-drop {100 * o.max_acc_drop:g} points; {hint}")
+    return result
