@@ -18,7 +18,7 @@ from mineralnet.data import eval_resize
 from mineralnet.errors import MineralNetError
 from mineralnet.stages import parse_stages
 
-# Presets ship inside the package (a wheel has them too); launch/configs/ holds the same files for readers.
+# Presets ship inside the package (a wheel has them too): mineralnet/presets/*.yaml is their one home.
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 

@@ -4,7 +4,7 @@
     BatchMix                                     -> CutMix / mixup of a whole batch (soft targets)
 
 The training transform does RandomResizedCrop + rotation + flip as ONE affine warp of the source
-photo and normalises through per-channel lookup tables straight into a CHW tensor (bench/data.py
+photo and normalises through per-channel lookup tables straight into a CHW tensor (bench/data_pipeline.py
 measures it against the torchvision pipeline).
 """
 from __future__ import annotations
