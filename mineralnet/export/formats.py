@@ -11,6 +11,10 @@ writes into RUN/export/ (or `out_dir`):
     model[.fp16|.int8].engine (+ .engine.json)   strongly typed TensorRT plans from the file of
                         their precision, built on the NVIDIA device
     model[.int8].xml + .bin   OpenVINO IR from the ONNX files, gated like them (--openvino)
+    model[.fp16|.int8].tflite LiteRT for Android/boards, checked in the LiteRT interpreter (--tflite)
+    model[.int8].pte          ExecuTorch XNNPACK, checked in ExecuTorch's runtime (--executorch)
+    model.mlpackage           Core ML ML program (fp16), structurally checked (--coreml)
+                        (each phone file with its metadata inside and in a <file>.json sidecar)
     model.json          the run's metadata plus one record per exported file
 
 Every file is checked before it gets its final name: a failed gate leaves nothing behind.
@@ -34,8 +38,12 @@ import numpy as np
 from mineralnet import __version__
 from mineralnet.data import list_images
 from mineralnet.errors import MineralNetError
+from mineralnet.export import coreml as xcoreml
+from mineralnet.export import executorch as xet
 from mineralnet.export import onnx as xonnx
 from mineralnet.export import openvino as xov
+from mineralnet.export import phone as xphone
+from mineralnet.export import tflite as xtflite
 from mineralnet.export import tensorrt as xtrt
 from mineralnet.export import triton as xtriton
 from mineralnet.export.tensorrt import BatchProfile
@@ -485,6 +493,14 @@ FORMATS: dict[str, Format] = {
                                                        "asked, each from the ONNX file of its precision", export_trt),
     "openvino": Format("openvino", "model[.int8].xml + .bin", "OpenVINO IR for CPUs (fp32; with --int8 also "
                                                              "int8), gated like the ONNX files", xov.export_openvino),
+    "tflite": Format("tflite", "model[.fp16|.int8].tflite", "LiteRT for Android and small boards (fp32; with "
+                                                           "--fp16/--int8 also those), checked in the LiteRT "
+                                                           "interpreter", xtflite.export_tflite),
+    "executorch": Format("executorch", "model[.int8].pte", "ExecuTorch XNNPACK program (fp32; with --int8 also "
+                                                           "int8), checked in ExecuTorch's runtime",
+                         xet.export_executorch),
+    "coreml": Format("coreml", "model.mlpackage", "Core ML ML program (fp16) for iOS/macOS; structural check only "
+                                                  "(predictions need macOS)", xcoreml.export_coreml),
     "triton": Format("triton", "DIR/mineralnet_*/", "Triton model repository: every ONNX file written and the "
                                                    "TensorRT engines in the output folder, with config.pbtxt",
                      lambda ctx: [Artifact(path, record) for path, record in xtriton.export_triton(ctx)],
@@ -514,6 +530,7 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
     for flag, folder in (("--calib-data", options.calib_data), ("--val-data", options.val_data)):
         if folder:
             _existing_images(folder, flag)
+    xphone.preflight(formats, options)
     ctx = ExportContext(run, options)
     log = log or (lambda line: None)
     artifacts = [FORMATS["onnx"].write(ctx)]
@@ -534,6 +551,18 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
     if "openvino" in formats:
         for art in FORMATS["openvino"].write(ctx, ["fp32", *(["int8"] if "int8" in formats else [])],
                                              options.openvino_int8):
+            artifacts.append(art)
+            log(art.line())
+    if "tflite" in formats:
+        for art in FORMATS["tflite"].write(ctx, ["fp32", *[p for p in ("fp16", "int8") if p in formats]]):
+            artifacts.append(art)
+            log(art.line())
+    if "executorch" in formats:
+        for art in FORMATS["executorch"].write(ctx, ["fp32", *(["int8"] if "int8" in formats else [])]):
+            artifacts.append(art)
+            log(art.line())
+    if "coreml" in formats:
+        for art in FORMATS["coreml"].write(ctx):
             artifacts.append(art)
             log(art.line())
     if "triton" in formats:
