@@ -23,6 +23,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from mineralnet.errors import MineralNetError
 from mineralnet.export import phone
 
@@ -50,8 +52,10 @@ def convert(ctx, batch: int, meta: dict):
     try:
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # coremltools' progress bars
             program = torch.export.export(head, (torch.zeros(batch, 3, s, s),)).run_decompositions({})
-            model = ct.convert(program, inputs=[ct.TensorType(name=xonnx.INPUT_NAME, shape=(batch, 3, s, s))],
-                               outputs=[ct.TensorType(name=n) for n in ctx.options.outputs],
+            # float32 in and out (the same contract as every other format; fp16 inside)
+            model = ct.convert(program, inputs=[ct.TensorType(name=xonnx.INPUT_NAME, shape=(batch, 3, s, s),
+                                                              dtype=np.float32)],
+                               outputs=[ct.TensorType(name=n, dtype=np.float32) for n in ctx.options.outputs],
                                convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
                                minimum_deployment_target=ct.target.iOS16)
     except Exception as e:

@@ -41,6 +41,12 @@ def embed_metadata(data: bytes, meta: dict) -> bytes:
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    for b in model.buffers or []:
+        # litert-torch stores the weights after the flatbuffer (Buffer.offset/size into the file); repacking
+        # drops that tail, so bring them inside (models under 2 GB may hold them inline)
+        if getattr(b, "offset", 0) > 1:
+            b.data = np.frombuffer(data, np.uint8, count=b.size, offset=b.offset)
+            b.offset, b.size = 0, 0
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(meta).encode(), np.uint8)
     model.buffers.append(buffer)
