@@ -105,7 +105,8 @@ def to_pte(head, example, meta: dict, calib: np.ndarray | None = None) -> bytes:
 
 
 def export_executorch(ctx, precisions: Sequence[str] = ("fp32",)) -> list:
-    """model.pte (fp32) and, with int8, model.int8.pte; each checked in ExecuTorch's runtime before it is written."""
+    """model.pte (fp32) and model.int8.pte as asked in `precisions` (export() asks fp32 always), each checked
+    in ExecuTorch's runtime before it is written."""
     import torch
 
     phone.require("executorch")
@@ -116,7 +117,7 @@ def export_executorch(ctx, precisions: Sequence[str] = ("fp32",)) -> list:
     s = int(ctx.meta["image_size"])
     example = torch.zeros(batch, 3, s, s)
     artifacts = []
-    for precision in ["fp32", *(["int8"] if "int8" in precisions else [])]:
+    for precision in [p for p in ("fp32", "int8") if p in precisions]:
         meta = phone.metadata(ctx, fmt="executorch", precision=precision)
         record = {"format": "executorch", "precision": precision, "backend": "XNNPACK",
                   "outputs": list(ctx.options.outputs), "batch": ctx.batch_info(),

@@ -199,7 +199,8 @@ def quantize_int8(fp32: bytes, calib: np.ndarray, batch: int) -> bytes:
 
 
 def export_tflite(ctx, precisions: Sequence[str] = ("fp32",)) -> list:
-    """model.tflite (fp32) and, as asked, model.fp16.tflite and model.int8.tflite, each checked in LiteRT."""
+    """model.tflite (fp32), model.fp16.tflite and model.int8.tflite as asked in `precisions` (export() asks
+    fp32 always), each checked in LiteRT; fp16 and int8 are made from the fp32 conversion."""
     phone.require("litert_torch", "ai_edge_litert")
     if any(p != "fp32" for p in precisions):
         phone.require("ai_edge_quantizer")
@@ -211,7 +212,7 @@ def export_tflite(ctx, precisions: Sequence[str] = ("fp32",)) -> list:
     fp32 = convert_fp32(ctx, batch)
     convert_s = time.perf_counter() - t0
     artifacts = []
-    for precision in ["fp32", *[p for p in ("fp16", "int8") if p in precisions]]:
+    for precision in [p for p in ("fp32", "fp16", "int8") if p in precisions]:  # fp32 is converted always
         record = {"format": "tflite", "precision": precision, "outputs": list(ctx.options.outputs),
                   "batch": ctx.batch_info(), "input": {"name": "images", "shape": [batch, 3, ctx.meta["image_size"],
                                                                                     ctx.meta["image_size"]]},
