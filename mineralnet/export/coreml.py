@@ -108,8 +108,8 @@ def structural_check(path, meta: dict, batch: int) -> dict:
             "outputs": outputs}
 
 
-def export_coreml(ctx) -> list:
-    """model.mlpackage (ML program, fp16), structurally checked, with its sidecar."""
+def export_coreml(ctx) -> list[tuple[Path, dict]]:
+    """model.mlpackage (ML program, fp16), structurally checked, with its sidecar -> [(path, manifest record)]."""
     phone.require("coremltools")
     batch = phone.fixed_batch(ctx)
     meta = phone.metadata(ctx, fmt="coreml", precision="fp16")
@@ -125,14 +125,12 @@ def export_coreml(ctx) -> list:
         if final.exists():
             shutil.rmtree(final)
         candidate.replace(final)  # same folder tree: a rename, so no half-written package is ever visible
-    from mineralnet.export.formats import Artifact
-
     record = {"file": NAME, "format": "coreml", "precision": "fp16", "bytes": size, "sha256": digest.hexdigest(),
               "outputs": list(ctx.options.outputs), "batch": ctx.batch_info(), "check": check,
               "sidecar": phone.sidecar_path(final).name, "minimum_deployment_target": "iOS16",
               "versions": {"coremltools": _version()}}
     ctx._update_manifest(NAME, record)
-    return [Artifact(final, record)]
+    return [(final, record)]
 
 
 def _tmp_parent(final: Path) -> str:

@@ -500,7 +500,8 @@ FORMATS: dict[str, Format] = {
                                                            "int8), checked in ExecuTorch's runtime",
                          xet.export_executorch),
     "coreml": Format("coreml", "model.mlpackage", "Core ML ML program (fp16) for iOS/macOS; structural check only "
-                                                  "(predictions need macOS)", xcoreml.export_coreml),
+                                                  "(predictions need macOS)",
+                     lambda ctx: [Artifact(path, record) for path, record in xcoreml.export_coreml(ctx)]),
     "triton": Format("triton", "DIR/mineralnet_*/", "Triton model repository: every ONNX file written and the "
                                                    "TensorRT engines in the output folder, with config.pbtxt",
                      lambda ctx: [Artifact(path, record) for path, record in xtriton.export_triton(ctx)],
