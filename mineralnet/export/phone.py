@@ -63,11 +63,12 @@ FORMAT_PACKAGES = {"tflite": ("litert_torch", "ai_edge_litert", "ai_edge_quantiz
 
 
 def check_format(fmt: str, options) -> None:
-    """A phone row's `check(options)`: its packages are installed and the batch is fixed (one line each)."""
-    require(*FORMAT_PACKAGES[fmt])
+    """A phone row's `check(options)`: the batch is fixed and its packages are installed (one line each;
+    the option first, so it is reported whether or not the packages are there)."""
     if options.profile.dynamic:
         raise MineralNetError("--tflite, --executorch and --coreml write fixed-batch models; drop --dynamic "
                               "(and pass --batch N for a batch other than 1)")
+    require(*FORMAT_PACKAGES[fmt])
 
 
 def precisions(ctx, offered: Sequence[str]) -> list[str]:
