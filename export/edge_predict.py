@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Name minerals in photos with an exported ONNX model on an edge device: numpy, Pillow, onnxruntime.
+"""Name minerals in photos with an exported model on an edge device: numpy, Pillow and one runtime.
 
-No PyTorch and no MineralNet install needed: copy this file and a `model.onnx` /
-`model.int8.onnx` written by `mineralnet-export`, then
+No PyTorch and no MineralNet install needed: copy this file and a `model.onnx` / `model.int8.onnx`
+(onnxruntime) or `model[.fp16|.int8].tflite` (ai-edge-litert) written by `mineralnet-export`, then
 
-    pip install numpy pillow onnxruntime
+    pip install numpy pillow onnxruntime      # or: pip install numpy pillow ai-edge-litert
     python edge_predict.py model.int8.onnx photo1.jpg photos/ --topk 3 [--json] [--coverage 0.9]
+    python edge_predict.py model.int8.tflite photos/ --json
+
+A `model[.int8].pte` runs too (pip install executorch), but ExecuTorch's Python runtime itself needs
+PyTorch; on a phone the app calls ExecuTorch's Java/Swift runtime instead.
 
 Class names and preprocessing are read from the model's own metadata; a model exported from a
 calibrated run (`mineralnet calibrate RUN`) also carries its temperature, its "unknown mineral"
@@ -144,10 +148,93 @@ class Preprocess:
 
 
 # ----------------------------------------------------------------------------- model
+def _sidecar(path: str) -> dict:
+    """`<model>.json` beside a phone model (written by mineralnet-export with every .tflite/.pte)."""
+    try:
+        with open(path + ".json") as f:
+            return json.load(f)
+    except OSError:
+        return {}
+
+
+class _LiteRT:
+    """A .tflite in the LiteRT interpreter (pip install ai-edge-litert); int8 I/O (de)quantized here."""
+
+    def __init__(self, path: str, threads: int | None):
+        from ai_edge_litert import schema_py_generated as schema
+        from ai_edge_litert.interpreter import Interpreter
+
+        with open(path, "rb") as f:
+            data = f.read()
+        model, self.meta = schema.Model.GetRootAs(data, 0), {}
+        for i in range(model.MetadataLength()):
+            entry = model.Metadata(i)
+            if entry.Name() in (b"mineralnet", "mineralnet"):
+                self.meta = json.loads(bytes(model.Buffers(entry.Buffer()).DataAsNumpy()).decode())
+        self.meta = self.meta or _sidecar(path)
+        it = Interpreter(model_content=data, num_threads=threads)
+        self.runner = it.get_signature_runner(next(iter(it.get_signature_list())))
+        (self.input_name, self.input), = self.runner.get_input_details().items()
+        details = self.runner.get_output_details()  # output_0..output_k = meta["outputs"] in order
+        self.outs = [(n, details[n]) for n in sorted(details, key=lambda n: int(n.rsplit("_", 1)[-1]))]
+        self.batch = int(self.input["shape"][0])
+
+    def run(self, x: np.ndarray) -> list:
+        if np.issubdtype(self.input["dtype"], np.integer):  # full-integer model: quantize the input
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(self.input["dtype"])
+        result = self.runner(**{self.input_name: x})
+        values = []
+        for name, d in self.outs:
+            v = result[name]
+            if np.issubdtype(d["dtype"], np.integer):
+                scale, zero = d["quantization"]
+                v = (v.astype(np.float32) - zero) * np.float32(scale)
+            values.append(v)
+        return values
+
+
+class _ExecuTorch:
+    """A .pte in ExecuTorch's Python runtime (pip install executorch; its pybindings need torch)."""
+
+    def __init__(self, path: str, threads: int | None):
+        from executorch.runtime import Runtime
+
+        with open(path, "rb") as f:
+            program = Runtime.get().load_program(f.read())
+        self.meta = {}
+        if "mineralnet_metadata" in program.method_names:
+            self.meta = json.loads(program.load_method("mineralnet_metadata").execute([])[0])
+        self.meta = self.meta or _sidecar(path)
+        self.method = program.load_method("forward")
+        self.batch = int((self.meta.get("batch") or {}).get("size") or 1)
+
+    def run(self, x: np.ndarray) -> list:
+        import torch
+
+        return [v.numpy() for v in self.method.execute([torch.from_numpy(x)])]
+
+
 class EdgeModel:
-    """An ONNX file from mineralnet-export in ONNX Runtime, with its metadata."""
+    """An .onnx (ONNX Runtime), .tflite (LiteRT) or .pte (ExecuTorch) file from mineralnet-export, with its
+    metadata."""
 
     def __init__(self, path: str, threads: int | None = None, providers=None):
+        if path.lower().endswith((".tflite", ".pte")):
+            phone = (_LiteRT if path.lower().endswith(".tflite") else _ExecuTorch)(path, threads)
+            meta, self.batch, self.output_names = phone.meta, phone.batch, list(phone.meta.get("outputs", []))
+            self._run = phone.run
+        else:
+            meta = self._open_onnx(path, threads, providers)
+        missing = {"classes", "image_size", "resize", "mean", "std"} - set(meta)
+        if missing:
+            raise ValueError(f"{path} lacks metadata {sorted(missing)}; export it with mineralnet-export")
+        self.classes, self.precision = meta["classes"], meta.get("precision", "?")
+        self.calibration = meta.get("calibration")  # None: plain softmax, unknown null
+        self.preprocess = Preprocess(meta["image_size"], meta["resize"], meta["mean"], meta["std"])
+
+    def _open_onnx(self, path: str, threads, providers) -> dict:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -162,16 +249,11 @@ class EdgeModel:
             self.session = ort.InferenceSession(path, opts, providers=providers or ["CPUExecutionProvider"])
         meta = {k: json.loads(v) for k, v in self.session.get_modelmeta().custom_metadata_map.items()
                 if k in ("classes", "image_size", "resize", "mean", "std", "precision", "calibration")}
-        missing = {"classes", "image_size", "resize", "mean", "std"} - set(meta)
-        if missing:
-            raise ValueError(f"{path} lacks metadata {sorted(missing)}; export it with mineralnet-export")
-        self.classes, self.precision = meta["classes"], meta.get("precision", "?")
-        self.calibration = meta.get("calibration")  # None: plain softmax, unknown null
-        self.preprocess = Preprocess(meta["image_size"], meta["resize"], meta["mean"], meta["std"])
         inp = self.session.get_inputs()[0]
-        self.input_name = inp.name
         self.batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self._run = lambda x: self.session.run(None, {inp.name: x})
+        return meta
 
     def outputs(self, images: np.ndarray) -> dict:
         """(N, 3, S, S) float32 -> {output name: (N, ...) array}, in chunks of the model's batch."""
@@ -182,7 +264,7 @@ class EdgeModel:
             n = len(x)
             if self.batch and n < self.batch:
                 x = np.concatenate([x, np.repeat(x[-1:], self.batch - n, axis=0)])
-            for name, value in zip(self.output_names, self.session.run(None, {self.input_name: x})):
+            for name, value in zip(self.output_names, self._run(x)):
                 parts.setdefault(name, []).append(value[:n])
         return {k: np.concatenate(v) for k, v in parts.items()}
 
@@ -252,11 +334,11 @@ def expand(paths):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="edge_predict.py", description=__doc__.splitlines()[0])
-    parser.add_argument("model", help="ONNX file written by mineralnet-export (fp32, fp16 or int8)")
+    parser.add_argument("model", help=".onnx, .tflite or .pte file written by mineralnet-export")
     parser.add_argument("images", nargs="+", help="photos or folders of photos")
     parser.add_argument("--topk", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
+    parser.add_argument("--threads", type=int, default=None, help="runtime threads (ONNX Runtime, LiteRT)")
     parser.add_argument("--coverage", type=float, default=None,
                         help="also print the candidate set holding the true mineral with this probability (e.g. 0.9)")
     args = parser.parse_args(argv)

@@ -4,10 +4,12 @@
     Predictor("runs/exp1/export/model.onnx")    # ONNX Runtime (fp32, fp16 or int8)
     Predictor("runs/exp1/export/model.engine")  # TensorRT engine (+ model.engine.json beside it)
     Predictor("runs/exp1/export/model.xml")     # OpenVINO IR (+ model.bin beside it), fp32 or int8
+    Predictor("runs/exp1/export/model.tflite")  # LiteRT interpreter (fp32, fp16 or full-integer int8)
+    Predictor("runs/exp1/export/model.pte")     # ExecuTorch runtime (XNNPACK, fp32 or int8)
 
 The preprocessing always comes from the model's own metadata (model.json, the ONNX
-metadata_props, the engine's JSON sidecar, or the IR's rt_info) and is the evaluation transform of
-`mineralnet.data`, so a photo gets the same numbers here as in `mineralnet eval`.
+metadata_props, the engine's JSON sidecar, the IR's rt_info, the metadata inside a .tflite/.pte)
+and is the evaluation transform of `mineralnet.data`, so a photo gets the same numbers here as in `mineralnet eval`.
 """
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ import numpy as np
 from mineralnet.errors import MineralNetError
 
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-KINDS = "a run directory, an .onnx file from mineralnet-export, a TensorRT engine (.engine/.plan/.trt) or an " \
-        "OpenVINO IR (.xml + .bin)"
+KINDS = "a run directory, an .onnx file from mineralnet-export, a TensorRT engine (.engine/.plan/.trt), an " \
+        "OpenVINO IR (.xml + .bin), a LiteRT .tflite or an ExecuTorch .pte"
 
 
 class Preprocessor:
@@ -143,6 +145,36 @@ class OpenVinoBackend:
         return self.runner.run(x)
 
 
+class LiteRTBackend:
+    """A .tflite file written by mineralnet-export, in the LiteRT interpreter (ai-edge-litert)."""
+
+    kind = "litert"
+
+    def __init__(self, path, threads: int | None = None):
+        from mineralnet.export.tflite import LiteRTRunner
+
+        self.runner = LiteRTRunner(path, threads=threads)
+        self.meta = self.runner.meta
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner.run(x)
+
+
+class ExecuTorchBackend:
+    """A .pte file written by mineralnet-export, in ExecuTorch's Python runtime (XNNPACK)."""
+
+    kind = "executorch"
+
+    def __init__(self, path):
+        from mineralnet.export.executorch import ExecuTorchRunner
+
+        self.runner = ExecuTorchRunner(path)
+        self.meta = self.runner.meta
+
+    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self.runner.run(x)
+
+
 def open_backend(path, *, device: str | None = None, providers: Sequence[str] | None = None,
                  threads: int | None = None, precision: str | None = None, runtime: str | None = None):
     """The backend for a run directory / .safetensors / model.json, an .onnx file, an engine or an IR.
@@ -165,6 +197,13 @@ def open_backend(path, *, device: str | None = None, providers: Sequence[str] | 
         return TensorRTBackend(p)
     if suffix == ".xml":
         return OpenVinoBackend(p, precision=precision, threads=threads)
+    if suffix == ".tflite":
+        return LiteRTBackend(p, threads=threads)
+    if suffix == ".pte":
+        return ExecuTorchBackend(p)
+    if suffix in (".mlpackage", ".mlmodel"):
+        raise MineralNetError(f"model {str(p)!r}: Core ML models run only on macOS/iOS (coremltools predict); "
+                              f"on this machine use the .onnx, .tflite or .pte of the same export")
     if p.is_dir() or suffix in (".safetensors", ".json"):
         return TorchBackend(p, device=device)
     raise MineralNetError(f"model {str(p)!r}: unknown kind; pass {KINDS}")
@@ -207,7 +246,8 @@ class Predictor:
 
     Args:
         model: run directory (or its model.safetensors / model.json), .onnx file, TensorRT
-            engine (.engine/.plan, with its .json sidecar) or OpenVINO IR (.xml, with its .bin).
+            engine (.engine/.plan, with its .json sidecar), OpenVINO IR (.xml, with its .bin),
+            LiteRT .tflite or ExecuTorch .pte.
         device: PyTorch device for run directories (default CUDA when available).
         providers: ONNX Runtime execution providers (default CUDA when installed, then CPU).
         precision: OpenVINO inference precision hint for an IR: fp32 (default), bf16 or fp16.
@@ -349,8 +389,8 @@ def expand_images(paths: Sequence[str]) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, TensorRT engine, or "
-                                      "OpenVINO IR (.xml + .bin)")
+    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, TensorRT engine, "
+                                      "OpenVINO IR (.xml + .bin), LiteRT .tflite or ExecuTorch .pte")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="photo files or folders of photos")
     parser.add_argument("--topk", type=int, default=3, help="how many minerals to list per photo (default 3)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")

@@ -4,11 +4,13 @@ open-set calibration with the default detector), through the same gates.
 Before issue 27, `mineralnet-export RUN --openvino` stopped with a TypeError on every calibrated run
 (the OpenVINO parity check called the PyTorch reference without the run's detector); the ONNX
 formats worked. Here one export writes onnx, fp16, int8, openvino and triton from a calibrated run,
-the CLI command of the defect runs as printed, and TensorRT runs through the fake builder of
-test_tensorrt.py.
+the CLI command of the defect runs as printed, TensorRT runs through the fake builder of
+test_tensorrt.py, and the phone rows (tflite, executorch; when their packages are installed) go
+through the same gates with the novelty output.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -168,3 +170,52 @@ def test_the_reference_refuses_novelty_without_a_detector():
     x = np.zeros((1, 3, SIZE, SIZE), np.float32)
     with pytest.raises(MineralNetError, match="calibrate"):
         xgates.torch_outputs(None, x, ["logits", "novelty"])
+
+
+# ----------------------------------------------------------------------------- phone rows (issue 29)
+HAS_LITERT = all(importlib.util.find_spec(m) for m in ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"))
+HAS_EXECUTORCH = importlib.util.find_spec("executorch") is not None
+
+
+@pytest.fixture(scope="module")
+def phone_exported(calibrated, photos, tmp_path_factory):
+    """tflite (fp32 + int8) and executorch (fp32 + int8) of the calibrated run, in one export, batch 2."""
+    if not (HAS_LITERT and HAS_EXECUTORCH):
+        pytest.skip("litert-torch / ai-edge-litert / ai-edge-quantizer / executorch not installed")
+    out = tmp_path_factory.mktemp("phone")
+    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=16, profile=BatchProfile.static(2),
+                         min_agreement=0.8)
+    arts = export(calibrated, ["tflite", "executorch", "int8"], opts)
+    return out, {a.path.name: a for a in arts}
+
+
+def test_phone_files_pass_the_same_gates_with_the_novelty_output(phone_exported):
+    out, arts = phone_exported
+    assert {"model.tflite", "model.int8.tflite", "model.pte", "model.int8.pte"} <= set(arts)
+    assert "model.fp16.tflite" not in arts  # --fp16 not asked
+    manifest = json.loads((out / "model.json").read_text())
+    for name in ("model.tflite", "model.pte"):
+        parity = arts[name].record["parity"]
+        assert parity["passed"] and set(parity["max_abs_diff"]) == {"logits", "probs", "novelty"}, name
+        assert parity["top1_equal"] == parity["top1_required"] > 0, name
+        assert "novelty" in manifest["exports"][name]["outputs"], name
+    for name in ("model.int8.tflite", "model.int8.pte", "model.int8.onnx"):
+        gate = arts[name].record["int8"]  # one gate, one record shape for every int8 file
+        assert set(gate["agreement"]) == {"top1", "images", "source"}, name
+        assert gate["agreement"]["top1"] >= 0.8 and gate["agreement"]["images"] > 0, name
+
+
+def test_novelty_of_the_phone_files_equals_the_calibration_in_numpy(calibrated, phone_exported, photos):
+    from mineralnet.export.executorch import ExecuTorchRunner
+    from mineralnet.export.tflite import LiteRTRunner
+
+    out, _ = phone_exported
+    cal = Calibration.load(calibrated)
+    x = _preprocess(_photos(photos)[:6]).numpy()
+    for name, runner in (("model.tflite", LiteRTRunner), ("model.pte", ExecuTorchRunner)):
+        r = runner(out / name)
+        got = r.run(x)
+        assert r.meta["calibration"]["threshold"] == cal.threshold, name
+        want = cal.novelty(got["logits"].astype(np.float64), None)
+        scale = max(1.0, float(np.abs(want).max()))
+        assert np.abs(got["novelty"] - want).max() <= 1e-4 * scale, name

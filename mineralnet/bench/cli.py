@@ -35,10 +35,11 @@ def add_arguments(parser) -> None:
     parser.description = (
         "Latency percentiles and throughput of models across runtimes and batch sizes, with the environment "
         "and achieved GFLOP/s. MODEL is a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime) or a "
-        "TensorRT .engine or an OpenVINO IR (.xml; --runtimes openvino also runs .onnx files in OpenVINO). "
+        "TensorRT .engine, an OpenVINO IR (.xml; --runtimes openvino also runs .onnx files in OpenVINO), a "
+        "LiteRT .tflite or an ExecuTorch .pte. "
         "Runtimes that cannot run here are listed as skipped with the reason. With --data, every row also "
         "gets its accuracy on the same labelled photos and its agreement with the PyTorch fp32 model.")
-    parser.add_argument("models", nargs="*", metavar="MODEL", help="run directory, .onnx file, .xml IR or .engine")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="run directory, .onnx, .xml IR, .engine, .tflite or .pte")
     parser.add_argument("--runtimes", default=None,
                         help=f"comma list of {', '.join(RUNTIMES)} (default: all that fit each model); with "
                              f"--train-step: {', '.join(TRAIN_LOOPS)}")

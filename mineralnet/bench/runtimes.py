@@ -11,7 +11,8 @@ with status "skipped" and the reason, never silently dropped.
            --measure--> stats --result_row--> rows --> report (JSON) --render_markdown--> Markdown
 
 Models: a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime; OpenVINO when --runtimes names
-it), an OpenVINO IR .xml (one row per inference precision hint) or a TensorRT .engine.
+it), an OpenVINO IR .xml (one row per inference precision hint), a TensorRT .engine, a LiteRT .tflite
+(LiteRT interpreter) or an ExecuTorch .pte (ExecuTorch's runtime), the last two as the phone runners.
 `--train-step` measures training images/s instead: our `train_one_epoch` under Accelerate against
 a bare timm-style loop on the same model, batch and precision, interleaved in one process.
 """
@@ -53,7 +54,7 @@ def make_random_run(run_dir, backbone: str = "resnet50", stages=(2, 4), num_clas
 @dataclass
 class BenchModel:
     path: str
-    kind: str                       # "torch" | "onnx" | "openvino" | "engine"
+    kind: str                       # "torch" | "onnx" | "openvino" | "engine" | "tflite" | "pte"
     name: str
     meta: Optional[dict]            # model.json contents, when known
     image_size: int
@@ -117,6 +118,17 @@ def _sidecar_meta(path: Path) -> Optional[dict]:
     return None
 
 
+def _phone_meta(path: Path) -> Optional[dict]:
+    """Metadata of a .tflite/.pte: its sidecar (readable without the runtime), else model.json nearby."""
+    from mineralnet.export.phone import read_sidecar
+
+    with contextlib.suppress(MineralNetError):
+        meta = read_sidecar(path)
+        if meta:
+            return meta
+    return _sidecar_meta(path)
+
+
 def open_model(path: str, image_size: Optional[int] = None, *, train: bool = False) -> BenchModel:
     """Describe a model file for benchmarking: its kind, metadata, input size and FLOPs per image."""
     p = Path(path)
@@ -134,13 +146,19 @@ def open_model(path: str, image_size: Optional[int] = None, *, train: bool = Fal
     elif p.suffix == ".xml":
         meta, file_precision = _ir_meta_and_precision(p)
         kind, side = "openvino", None
+    elif p.suffix in (".tflite", ".pte"):
+        kind = p.suffix[1:]
+        meta = _phone_meta(p)
+        file_precision = (meta or {}).get("precision") or next(
+            (t for t in ("int8", "fp16") if f".{t}." in p.name.lower()), "fp32")
+        side = None
     elif p.suffix in (".engine", ".plan", ".trt"):
         meta, kind, side = _sidecar_meta(p), "engine", None
         file_precision = (meta or {}).get("precision") or next(
             (t for t in ("int8", "fp16") if f".{t}." in p.name.lower()), "fp32")
     else:
-        raise MineralNetError(f"{path!r} is not a run directory, .onnx file, OpenVINO .xml or TensorRT .engine; "
-                              f"`mineralnet bench` measures those")
+        raise MineralNetError(f"{path!r} is not a run directory, .onnx file, OpenVINO .xml, TensorRT .engine, "
+                              f"LiteRT .tflite or ExecuTorch .pte; `mineralnet bench` measures those")
     if train and kind != "torch":
         raise MineralNetError(f"--train-step needs a run directory (PyTorch model), not {path!r}")
     size = int(image_size or side or (meta or {}).get("image_size") or 224)
@@ -336,6 +354,35 @@ def _build_openvino(bm: BenchModel, precision: str, device: str, threads: Option
     return Prepared(rt.fn, rt.make_inputs, None, "cpu", rt.label)
 
 
+def _build_phone(which: str):
+    """LiteRT interpreter (.tflite) or ExecuTorch's runtime (.pte) on the CPU, through the runner `Predictor`
+    uses: float32 images in, float32 outputs out (int8 I/O (de)quantized as an app would)."""
+    module = {"litert": "ai_edge_litert", "executorch": "executorch"}[which]
+
+    def build(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None,
+              spinning: bool = True) -> Prepared:
+        from mineralnet.export.phone import missing
+
+        reason = missing(module)
+        if reason:
+            raise Skip(reason)
+        if which == "litert":
+            from mineralnet.export.tflite import LiteRTRunner
+
+            runner = LiteRTRunner(bm.path, threads=threads)
+        else:
+            from mineralnet.export.executorch import ExecuTorchRunner
+
+            runner = ExecuTorchRunner(bm.path)
+
+        def make(batch: int, n: int):
+            rng = np.random.default_rng(batch)
+            return [rng.standard_normal((batch, 3, bm.image_size, bm.image_size)).astype(np.float32)
+                    for _ in range(n)]
+        return Prepared(runner.run, make, None, "cpu", runner.label)
+    return build
+
+
 @dataclass(frozen=True)
 class Runtime:
     name: str
@@ -355,6 +402,8 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("ort-trt", "ONNX Runtime TensorRT EP", "onnx", _build_ort("trt"), takes_threads=True),
     Runtime("openvino", "OpenVINO CPU", "openvino", _build_openvino, takes_threads=True, also=("onnx",)),
     Runtime("tensorrt", "TensorRT engine", "engine", _build_tensorrt),
+    Runtime("litert", "LiteRT interpreter (XNNPACK)", "tflite", _build_phone("litert"), takes_threads=True),
+    Runtime("executorch", "ExecuTorch (XNNPACK)", "pte", _build_phone("executorch"), takes_threads=True),
 )}
 
 

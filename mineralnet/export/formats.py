@@ -11,6 +11,11 @@ writes into RUN/export/ (or `out_dir`):
     model[.fp16|.int8].engine (+ .engine.json)   strongly typed TensorRT plans from the file of
                         their precision, built on the NVIDIA device                (export/tensorrt.py)
     model[.int8].xml + .bin   OpenVINO IR from the ONNX files, gated like them    (export/openvino.py)
+    model[.fp16|.int8].tflite LiteRT for Android/boards, checked in the LiteRT interpreter (export/tflite.py)
+    model[.int8].pte    ExecuTorch XNNPACK, checked in ExecuTorch's runtime        (export/executorch.py)
+    model.mlpackage     Core ML ML program (fp16), structurally checked            (export/coreml.py)
+                        (each phone file carries its metadata inside and in a <file>.json sidecar,
+                        export/phone.py)
     DIR/mineralnet_*/   a Triton model repository of the files above               (export/triton.py)
     model.json          the run's metadata plus one record per exported file      (export/metadata.py)
 
@@ -29,9 +34,12 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from mineralnet.errors import MineralNetError
+from mineralnet.export import coreml as xcoreml
+from mineralnet.export import executorch as xet
 from mineralnet.export import int8 as xint8
 from mineralnet.export import onnx as xonnx
 from mineralnet.export import openvino as xov
+from mineralnet.export import tflite as xtflite
 from mineralnet.export import tensorrt as xtrt
 from mineralnet.export import triton as xtriton
 from mineralnet.export.context import Artifact, ExportContext, ExportOptions, existing_images
@@ -58,6 +66,13 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
                                                "each from the ONNX file of its precision", xtrt.write),
     Format("openvino", "model[.int8].xml + .bin", "OpenVINO IR for CPUs (fp32; with --int8 also int8), gated like "
                                                   "the ONNX files", xov.write, xov.check),
+    Format("tflite", "model[.fp16|.int8].tflite", "LiteRT for Android and small boards (fp32; with --fp16/--int8 "
+                                                  "also those), checked in the LiteRT interpreter",
+           xtflite.write, xtflite.check),
+    Format("executorch", "model[.int8].pte", "ExecuTorch XNNPACK program (fp32; with --int8 also int8), checked in "
+                                             "ExecuTorch's runtime", xet.write, xet.check),
+    Format("coreml", "model.mlpackage", "Core ML ML program (fp16) for iOS/macOS; structural check only "
+                                        "(predictions need macOS)", xcoreml.write, xcoreml.check),
     Format("triton", "DIR/mineralnet_*/", "Triton model repository: every ONNX file written and the TensorRT engines "
                                           "in the output folder, with config.pbtxt", xtriton.write, xtriton.check,
            metavar="DIR"),

@@ -1,0 +1,161 @@
+"""What the phone formats (LiteRT .tflite, ExecuTorch .pte, Core ML .mlpackage) share.
+
+- the metadata every phone file carries: the same fields as the ONNX metadata_props (class names,
+  image_size, resize, mean/std, the preprocessing rule, outputs, precision, and for a calibrated run
+  the temperature, "unknown" threshold and conformal scores), as one JSON object, embedded in the
+  format's own metadata (TFLite Model.metadata, an ExecuTorch constant method, Core ML
+  user_defined_metadata) and ALWAYS in a sidecar `<file>.json` beside it, so an app needs nothing else;
+- the one-line message when a format's package is missing;
+- `check_format` (each phone row's `check(options)`): the format's packages and a fixed batch, before
+  anything is written;
+- `gate`: a phone file's check, through export/gates.py like every other format (fp32/fp16 parity with
+  PyTorch; int8: the one int8 gate, top-1 agreement with PyTorch fp32 and with --val-data the accuracy
+  drop, with the same minimum and maximum as the int8 ONNX file);
+- `precisions`: which files of a format this export writes (fp32 always; fp16/int8 when those rows
+  were asked, ctx.formats);
+- `save_checked`: the sidecar, then the checked file through ctx.save (atomic, with its manifest record).
+
+The runners (`tflite.LiteRTRunner`, `executorch.ExecuTorchRunner`) give `Predictor` and the benchmarks
+`{output name: (N, ...) float32}` like ONNX Runtime does.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mineralnet.errors import MineralNetError
+
+METADATA_KEY = "mineralnet"  # the name of the metadata entry inside each phone format
+SIDECAR_FORMAT = "mineralnet-phone-model/1"
+
+# package to import -> (what needs it, pip install line)
+PACKAGES = {
+    "litert_torch": ("the LiteRT (.tflite) export", "pip install 'mineralnet[litert]'  (litert-torch, ai-edge-litert)"),
+    "ai_edge_litert": ("running a .tflite model", "pip install ai-edge-litert  (or 'mineralnet[litert]')"),
+    "ai_edge_quantizer": ("fp16/int8 .tflite files", "pip install 'mineralnet[litert]'  (ai-edge-quantizer)"),
+    "executorch": ("ExecuTorch (.pte) export and runtime", "pip install 'mineralnet[executorch]'"),
+    "coremltools": ("the Core ML (.mlpackage) export", "pip install 'mineralnet[coreml]'"),
+}
+
+
+def missing(module: str) -> str | None:
+    """None when `module` imports, else the one line saying what needs it and how to install it."""
+    if importlib.util.find_spec(module) is not None:
+        return None
+    what, install = PACKAGES[module]
+    return f"{what} needs the {module.replace('_', '-')} package, which is not installed: {install}"
+
+
+def require(*modules: str) -> None:
+    for module in modules:
+        line = missing(module)
+        if line:
+            raise MineralNetError(line)
+
+
+FORMAT_PACKAGES = {"tflite": ("litert_torch", "ai_edge_litert", "ai_edge_quantizer"),
+                   "executorch": ("executorch",), "coreml": ("coremltools",)}
+
+
+def check_format(fmt: str, options) -> None:
+    """A phone row's `check(options)`: the batch is fixed and its packages are installed (one line each;
+    the option first, so it is reported whether or not the packages are there)."""
+    if options.profile.dynamic:
+        raise MineralNetError("--tflite, --executorch and --coreml write fixed-batch models; drop --dynamic "
+                              "(and pass --batch N for a batch other than 1)")
+    require(*FORMAT_PACKAGES[fmt])
+
+
+def precisions(ctx, offered: Sequence[str]) -> list[str]:
+    """fp32 (always: the conversion source) and those of `offered` whose rows were asked (--fp16, --int8)."""
+    return ["fp32", *[p for p in offered if p != "fp32" and p in ctx.formats]]
+
+
+def fixed_batch(ctx) -> int:
+    """Phone formats are fixed-batch files (the apps feed one photo at a time)."""
+    return int(ctx.options.profile.max)
+
+
+def metadata(ctx, *, fmt: str, precision: str) -> dict:
+    """The JSON object every phone file carries (the ONNX metadata_props, parsed, plus the format)."""
+    from mineralnet.export.metadata import onnx_props
+
+    props = onnx_props(ctx.meta, precision=precision, outputs=ctx.options.outputs, batch=ctx.batch_info())
+    return {"format": SIDECAR_FORMAT, "runtime": fmt, **{k: json.loads(v) for k, v in props.items()}}
+
+
+def sidecar_path(path) -> Path:
+    return Path(os.fspath(path) + ".json")
+
+
+def write_sidecar(path, meta: dict, data_sha256: str | None = None) -> Path:
+    """`<file>.json` beside the model (written before the model: a model without it still has its metadata
+    inside, but the app contract is the pair)."""
+    from mineralnet.files import atomic_write_json
+
+    side = sidecar_path(path)
+    atomic_write_json(side, {**meta, "file": Path(path).name, **({"sha256": data_sha256} if data_sha256 else {})})
+    return side
+
+
+def read_sidecar(path) -> dict | None:
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise MineralNetError(f"{side}: unreadable sidecar ({e}); export the model again") from None
+    return meta if isinstance(meta, dict) else None
+
+
+def check_meta(meta: dict | None, path) -> dict:
+    keys = ("classes", "image_size", "resize", "mean", "std", "outputs")
+    absent = [k for k in keys if not isinstance(meta, dict) or k not in meta]
+    if absent:
+        raise MineralNetError(f"{os.fspath(path)!r} carries no MineralNet metadata ({', '.join(absent)} missing) "
+                              f"and has no {sidecar_path(path).name} beside it; export it with mineralnet-export")
+    return meta
+
+
+def run_fixed(call: Callable[[np.ndarray], list], images: np.ndarray, batch: int, names: Sequence[str]
+              ) -> dict[str, np.ndarray]:
+    """Run a fixed-batch model over (N, 3, S, S) images in chunks of `batch`, the last one padded."""
+    parts: dict[str, list] = {n: [] for n in names}
+    for start in range(0, len(images), batch):
+        x = np.ascontiguousarray(images[start:start + batch], dtype=np.float32)
+        n = len(x)
+        if n < batch:
+            x = np.concatenate([x, np.repeat(x[-1:], batch - n, axis=0)])
+        for name, value in zip(names, call(x)):
+            parts[name].append(np.asarray(value, np.float32)[:n])
+    return {k: np.concatenate(v) if v else np.zeros((0,), np.float32) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------- gate and write
+def gate(ctx, runner, *, precision: str, label: str) -> dict:
+    """Check a phone file through export/gates.py: fp32/fp16 -> {"parity": ...}, int8 -> {"int8": ...}
+    (the int8 gate against PyTorch fp32, the run's model). `runner`: images -> {output: array}."""
+    from mineralnet.export import gates
+
+    if precision == "int8":
+        return {"int8": gates.int8_gate(ctx, lambda x: gates.reference(ctx, x), runner, what=f"{label} int8 gate",
+                                        hint="measure the int8 ranges on more representative photos "
+                                             "(--calib-data, --calib-size)")}
+    return {"parity": gates.parity(ctx, runner, precision=precision, what=f"{label} parity gate",
+                                   hint="the converted model does not reproduce the PyTorch model (report it "
+                                        "with the package versions)")}
+
+
+def save_checked(ctx, name: str, data: bytes, meta: dict, record: dict):
+    """Sidecar, then the checked model file (atomically, with its manifest record) -> Artifact."""
+    import hashlib
+
+    path = ctx.path(name)
+    write_sidecar(path, meta, hashlib.sha256(data).hexdigest())
+    return ctx.save(name, data, {**record, "sidecar": sidecar_path(path).name})

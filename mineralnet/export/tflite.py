@@ -1,0 +1,255 @@
+"""LiteRT (TFLite) export for Android and small boards, and the LiteRT runner used by `Predictor`.
+
+    mineralnet-export RUN --tflite                                   # model.tflite (fp32)
+    mineralnet-export RUN --tflite --fp16                            # + model.fp16.tflite
+    mineralnet-export RUN --tflite --int8 --calib-data DIR           # + model.int8.tflite (full integer)
+
+Converter: `litert_torch.convert` (PyTorch -> LiteRT directly, through torch.export; no TensorFlow).
+fp16 stores the weights as float16 (ai-edge-quantizer FLOAT_CASTING; the CPU computes in fp32, a GPU
+delegate in fp16). int8 is full-integer (ai-edge-quantizer `static_wi8_ai8`: int8 weights per channel,
+int8 activations whose ranges are measured on the quantization photos (--calib-data) through the
+evaluation preprocessing, int8 input and outputs with their scale/zero point in the file: what NPUs
+and the Edge TPU-class accelerators need).
+
+Every file is checked in the LiteRT interpreter (ai-edge-litert, XNNPACK on this CPU) before it is
+written, through export/gates.py: fp32/fp16 against PyTorch with the ONNX parity tolerances, int8
+through the int8 gate (agreement with PyTorch fp32, accuracy with --val-data).
+The metadata (mineralnet.export.phone) is a TFLite `Model.metadata` entry named "mineralnet" and the
+sidecar `model[.fp16|.int8].tflite.json`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+import numpy as np
+
+from mineralnet.errors import MineralNetError
+from mineralnet.export import phone
+
+NAMES = {"fp32": "model.tflite", "fp16": "model.fp16.tflite", "int8": "model.int8.tflite"}
+
+
+# ----------------------------------------------------------------------------- metadata
+def embed_metadata(data: bytes, meta: dict) -> bytes:
+    """The .tflite flatbuffer with `meta` (JSON) as the Model.metadata entry METADATA_KEY (replacing one)."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    for b in model.buffers or []:
+        # litert-torch stores the weights after the flatbuffer (Buffer.offset/size into the file); repacking
+        # drops that tail, so bring them inside (models under 2 GB may hold them inline)
+        if getattr(b, "offset", 0) > 1:
+            b.data = np.frombuffer(data, np.uint8, count=b.size, offset=b.offset)
+            b.offset, b.size = 0, 0
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    model.buffers.append(buffer)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = phone.METADATA_KEY, len(model.buffers) - 1
+    model.metadata = [m for m in (model.metadata or []) if _name(m.name) != phone.METADATA_KEY] + [entry]
+    builder = flatbuffers.Builder(len(data) + 1024)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _name(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def read_metadata(data: bytes) -> dict | None:
+    """The METADATA_KEY entry of a .tflite flatbuffer, parsed, or None."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(data, 0)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if _name(entry.Name()) == phone.METADATA_KEY:
+            raw = model.Buffers(entry.Buffer()).DataAsNumpy()
+            with contextlib.suppress(ValueError, TypeError):
+                return json.loads(bytes(raw).decode())
+    return None
+
+
+# ----------------------------------------------------------------------------- runner
+class LiteRTRunner:
+    """A .tflite from mineralnet-export in the LiteRT interpreter: float32 images in, float32 outputs out
+    (an int8 model's input is quantized and its outputs dequantized with the scales stored in the file)."""
+
+    def __init__(self, path, threads: int | None = None):
+        phone.require("ai_edge_litert")
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.path = Path(os.path.expanduser(os.fspath(path)))
+        data = self.path.read_bytes()
+        try:
+            inner = read_metadata(data)
+        except Exception as e:
+            raise MineralNetError(f"{str(self.path)!r} is not a readable .tflite file ({type(e).__name__}); export "
+                                  f"it again with `mineralnet-export RUN --tflite`") from None
+        self.meta = phone.check_meta(inner or phone.read_sidecar(self.path), self.path)
+        self.interpreter = Interpreter(model_content=data, num_threads=threads)
+        sig = self.interpreter.get_signature_list()
+        key = next(iter(sig))
+        self.runner = self.interpreter.get_signature_runner(key)
+        (self.input_name, self.input), = self.runner.get_input_details().items()
+        details = self.runner.get_output_details()
+        # litert-torch names the signature outputs output_0..output_k in the order of the exported head,
+        # which is meta["outputs"]
+        order = sorted(details, key=lambda n: int(n.rsplit("_", 1)[-1]) if n.rsplit("_", 1)[-1].isdigit() else n)
+        if len(order) != len(self.meta["outputs"]):
+            raise MineralNetError(f"{str(self.path)!r} has {len(order)} outputs but its metadata names "
+                                  f"{self.meta['outputs']}; export it again with mineralnet-export")
+        self._outputs = [(name, details[name]) for name in order]
+        self.batch = int(self.input["shape"][0])
+        self.label = f"LiteRT {_version()} (XNNPACK)"
+
+    def _call(self, x: np.ndarray) -> list:
+        if np.issubdtype(self.input["dtype"], np.integer):
+            scale, zero = self.input["quantization"]
+            info = np.iinfo(self.input["dtype"])
+            x = np.clip(np.rint(x / scale) + zero, info.min, info.max).astype(self.input["dtype"])
+        result = self.runner(**{self.input_name: x})
+        values = []
+        for name, d in self._outputs:
+            v = result[name]
+            if np.issubdtype(d["dtype"], np.integer):
+                scale, zero = d["quantization"]
+                v = (v.astype(np.float32) - zero) * np.float32(scale)
+            values.append(v)
+        return values
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        out = phone.run_fixed(self._call, images, self.batch, self.meta["outputs"])
+        if "novelty" in out:
+            out["novelty"] = out["novelty"].reshape(-1)
+        return out
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    with contextlib.suppress(PackageNotFoundError):
+        return version("ai-edge-litert")
+    return "?"
+
+
+# ----------------------------------------------------------------------------- export
+def convert_fp32(ctx, batch: int) -> bytes:
+    """PyTorch ExportHead -> fp32 .tflite bytes (litert-torch), no metadata yet."""
+    import copy
+
+    import torch
+
+    from mineralnet.export import onnx as xonnx
+
+    s = int(ctx.meta["image_size"])
+    head = xonnx.ExportHead(copy.deepcopy(ctx.model).float().eval().cpu(), ctx.options.outputs,
+                            novelty=ctx.novelty).eval()
+    import litert_torch
+
+    with tempfile.TemporaryDirectory(prefix="mineralnet-tflite-") as tmp, _quiet():
+        try:
+            model = litert_torch.convert(head, (torch.zeros(batch, 3, s, s),))
+        except Exception as e:
+            raise MineralNetError(f"litert-torch could not convert {ctx.model.config()} ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); report it with the "
+                                  f"litert-torch version") from None
+        out = Path(tmp) / "model.tflite"
+        model.export(str(out))
+        return out.read_bytes()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """litert-torch and ai-edge-quantizer print progress lines on stdout: keep the export log readable."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+def quantize_fp16(fp32: bytes) -> bytes:
+    from ai_edge_quantizer import algorithm_manager, qtyping, quantizer, recipe_manager
+
+    rm = recipe_manager.RecipeManager()
+    rm.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.ALL_SUPPORTED, num_bits=16,
+                              algorithm_key=algorithm_manager.AlgorithmName.FLOAT_CASTING)
+    with _quiet():
+        return bytes(quantizer.Quantizer(fp32, rm.get_quantization_recipe()).quantize().quantized_model)
+
+
+def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int) -> bytes:
+    """Full-integer int8 (int8 weights per channel, int8 activations and I/O), ranges measured on `photos`."""
+    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_quantizer import quantizer, recipe
+
+    sig = Interpreter(model_content=fp32).get_signature_list()
+    key = next(iter(sig))
+    name = sig[key]["inputs"][0]
+    chunks = ([photos[i:i + batch] for i in range(0, len(photos) - batch + 1, batch)]
+              or [np.repeat(photos[:1], batch, 0)])
+    data = {key: [{name: np.ascontiguousarray(c, np.float32)} for c in chunks]}
+    q = quantizer.Quantizer(fp32, recipe.static_wi8_ai8())
+    with _quiet():
+        result = q.calibrate(data)
+        return bytes(q.quantize(result).quantized_model)
+
+
+def check(options) -> None:
+    """The table row's check: litert-torch, ai-edge-litert and ai-edge-quantizer installed, a fixed batch."""
+    phone.check_format("tflite", options)
+
+
+def write(ctx) -> list:
+    """The table row: model.tflite (fp32), and model.fp16.tflite / model.int8.tflite when --fp16 / --int8 were
+    asked (ctx.formats), each made from the fp32 conversion and checked in LiteRT before it is written."""
+    check(ctx.options)
+    precisions = phone.precisions(ctx, ("fp16", "int8"))
+    batch = phone.fixed_batch(ctx)
+    t0 = time.perf_counter()
+    fp32 = convert_fp32(ctx, batch)
+    convert_s = time.perf_counter() - t0
+    artifacts = []
+    for precision in precisions:
+        record = {"format": "tflite", "precision": precision, "outputs": list(ctx.options.outputs),
+                  "batch": ctx.batch_info(), "input": {"name": "images", "shape": [batch, 3, ctx.meta["image_size"],
+                                                                                    ctx.meta["image_size"]]},
+                  "versions": {"litert_torch": _dist("litert-torch"), "ai_edge_litert": _version()},
+                  "convert_seconds": round(convert_s, 1)}
+        if precision == "fp32":
+            data = fp32
+        elif precision == "fp16":
+            data = quantize_fp16(fp32)
+            record["quantization"] = {"weights": "float16", "compute": "fp32 on CPU (fp16 on a GPU delegate)"}
+        else:
+            photos, skipped = ctx.quantization_photos()
+            data = quantize_int8(fp32, photos, batch)
+            record["quantization"] = {"recipe": "ai-edge-quantizer static_wi8_ai8", "weights": "int8 per-channel",
+                                      "activations": "int8", "io": "int8 (scale/zero point in the file)"}
+            record["quantization_photos"] = {"source": os.fspath(ctx.options.quant_data), "images": int(len(photos)),
+                                             "skipped": skipped}
+        meta = phone.metadata(ctx, fmt="litert", precision=precision)
+        data = embed_metadata(data, meta)
+        artifacts.append(_check_and_save(ctx, NAMES[precision], data, meta, record))
+    return artifacts
+
+
+def _dist(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    with contextlib.suppress(PackageNotFoundError):
+        return version(name)
+    return "?"
+
+
+def _check_and_save(ctx, name: str, data: bytes, meta: dict, record: dict):
+    with tempfile.TemporaryDirectory(prefix="mineralnet-tflite-") as tmp:
+        candidate = Path(tmp) / name
+        candidate.write_bytes(data)
+        runner = LiteRTRunner(candidate)
+        record.update(phone.gate(ctx, runner.run, precision=record["precision"], label="LiteRT"))
+    return phone.save_checked(ctx, name, data, meta, record)
