@@ -101,11 +101,17 @@ def test_newcombe_interval_covers_the_true_drop_about_95_percent(n, p_b, p_c):
     assert 0.935 <= hits / len(draws) <= 0.995
 
 
-def test_identical_models_have_zero_drop_and_a_tight_bound():
+def test_identical_models_have_zero_drop_and_the_wilson_asymmetry_as_bound():
+    """With no discordant photos phi = 1 and method 10 reduces to the asymmetry of the accuracy's Wilson
+    interval: |(u - p) - (p - l)| (a known property of the method, conservative)."""
     y = np.array([0] * 300 + [1] * 32)
     r = np.array([0] * 280 + [1] * 52)
     drop, lo, hi = stats.paired_drop_interval(_table(y, r, r))
-    assert drop == 0.0 and lo <= 0.0 <= hi and hi < 0.002
+    k = int((r == y).sum())
+    low, high = _wilson_by_bisection(k, len(y), 1.959963984540054)
+    p = k / len(y)
+    assert drop == 0.0 and hi == pytest.approx(abs((high - p) - (p - low)), abs=1e-6) and lo == pytest.approx(-hi)
+    assert hi < 0.01
 
 
 def test_top2_margin_matches_a_loop():
