@@ -111,7 +111,7 @@ def test_identical_models_have_zero_drop_and_the_wilson_asymmetry_as_bound():
     low, high = _wilson_by_bisection(k, len(y), 1.959963984540054)
     p = k / len(y)
     assert drop == 0.0 and hi == pytest.approx(abs((high - p) - (p - low)), abs=1e-6) and lo == pytest.approx(-hi)
-    assert hi < 0.01
+    assert hi < 0.011  # about one point at 94% accuracy on 332 photos
 
 
 def test_top2_margin_matches_a_loop():
