@@ -154,3 +154,236 @@ def test_gate_verdicts():
     assert "FAILED" in line and "upper bound" in line and "fp16 noise floor 100.0%" in line
     no_labels = stats.evaluate_gate(fp32, fp32, None)
     assert not no_labels.passed and no_labels.drop is None
+
+
+# ----------------------------------------------------------------------------- a tiny conv net with a known weak spot
+SIZE = 16
+
+
+def _tiny_images(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (rng.normal(0, 1, (n, 3, 1, 1)) + 0.5 * rng.normal(0, 1, (n, 3, SIZE, SIZE))).astype(np.float32)
+
+
+def _tiny_model(outlier: float = 1000.0) -> bytes:
+    """images -> conv1 -> relu -> conv2 -> relu -> conv3 -> relu -> mean -> fc -> logits.
+
+    conv1's channel 7 is a constant `outlier` that conv2 ignores (zero weights): its per-tensor uint8 range
+    (0..outlier) leaves the real channels a step of outlier/255, so int8 loses them at conv2's INPUT. Leaving
+    conv2 alone in float (it then reads conv1's output before its Q/DQ pair) restores the answers: conv2 is
+    the known sensitive node."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+
+    def conv_w(cout, cin):
+        return (rng.uniform(-1, 1, (cout, cin, 3, 3)) / math.sqrt(cin * 9)).astype(np.float32)
+
+    w1, b1 = conv_w(8, 3), rng.uniform(-0.1, 0.1, 8).astype(np.float32)
+    w1[7], b1[7] = 0.0, outlier
+    w2, b2 = conv_w(8, 8), rng.uniform(-0.1, 0.1, 8).astype(np.float32)
+    w2[:, 7] = 0.0
+    w3, b3 = conv_w(8, 8), rng.uniform(-0.1, 0.1, 8).astype(np.float32)
+
+    def build(fc_w, fc_b):
+        inits = [numpy_helper.from_array(a, n) for a, n in
+                 ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"), (w3, "w3"), (b3, "b3"), (fc_w, "fc_w"),
+                  (fc_b, "fc_b"), (np.array([2, 3], np.int64), "axes"))]
+        nodes = [helper.make_node("Conv", ["images", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+                 helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+                 helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+                 helper.make_node("Relu", ["c3"], ["r3"], name="relu3"),
+                 helper.make_node("ReduceMean", ["r3", "axes"], ["pooled"], name="pool", keepdims=0),
+                 helper.make_node("Gemm", ["pooled", "fc_w", "fc_b"], ["logits"], name="fc", transB=1)]
+        graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                                                 ["batch", 3, SIZE, SIZE])],
+                                  [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 9
+        onnx.checker.check_model(model)
+        return model.SerializeToString()
+
+    # a head that spreads the answers over the 4 classes: standardise the pooled features first
+    probe = build(np.eye(4, 8, dtype=np.float32), np.zeros(4, np.float32))
+    from mineralnet.quantize import graph as g
+    import onnx as _onnx
+
+    proto = _onnx.load_from_string(probe)
+    proto.graph.output.append(_onnx.helper.make_tensor_value_info("pooled", _onnx.TensorProto.FLOAT, ["batch", 8]))
+    sess = g.session(proto)
+    pooled = sess.run(["pooled"], {"images": _tiny_images(256, 9)})[0]
+    mu, sd = pooled.mean(0), pooled.std(0) + 1e-6
+    fc_w = (rng.normal(0, 1, (4, 8)) / sd).astype(np.float32)
+    return build(fc_w, (-(fc_w @ mu)).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from mineralnet.quantize import graph as g, recipe as rc
+
+    pre = rc.preprocess(_tiny_model())
+    calib, test = _tiny_images(64, 1), _tiny_images(300, 2)
+    ref = g.logits(g.session(pre), test)
+    qdq = rc.quantize(pre, calib, rc.Recipe())
+    return {"pre": pre, "qdq": qdq, "calib": calib, "test": test, "ref": ref, "labels": ref.argmax(1)}
+
+
+def _agree(a, b):
+    return float((a.argmax(1) == b.argmax(1)).mean())
+
+
+def test_float_nodes_restores_the_known_sensitive_node(tiny):
+    from mineralnet.quantize import graph as g
+
+    qdq = g.load(tiny["qdq"])
+    assert g.int8_nodes(qdq) == ["conv1", "conv2", "conv3"]
+    assert _agree(tiny["ref"], g.logits(g.session(qdq), tiny["test"])) < 0.6
+    same = g.float_nodes(qdq, tiny["pre"], [])
+    np.testing.assert_allclose(g.logits(g.session(same), tiny["test"]), g.logits(g.session(qdq), tiny["test"]))
+    fixed = g.float_nodes(qdq, tiny["pre"], ["conv2"])
+    assert g.int8_nodes(fixed) == ["conv1", "conv3"]
+    assert _agree(tiny["ref"], g.logits(g.session(fixed), tiny["test"])) > 0.95
+    every = g.float_nodes(qdq, tiny["pre"], ["conv1", "conv2", "conv3", "pool"])
+    np.testing.assert_allclose(g.logits(g.session(every), tiny["test"]), tiny["ref"], atol=1e-4)  # all float again
+
+
+def test_macs_and_the_int8_share_match_a_hand_count(tiny):
+    from mineralnet.quantize import graph as g
+
+    table = g.macs(g.load(tiny["pre"]))
+    hw = SIZE * SIZE
+    want = {"conv1": hw * 8 * 3 * 9, "conv2": hw * 8 * 8 * 9, "conv3": hw * 8 * 8 * 9, "fc": 4 * 8}
+    assert table == want
+    fixed = g.float_nodes(g.load(tiny["qdq"]), tiny["pre"], ["conv2"])
+    assert g.int8_mac_share(fixed, table) == pytest.approx((want["conv1"] + want["conv3"]) / sum(want.values()))
+
+
+def test_graph_regions(tiny):
+    from mineralnet.quantize import graph as g
+
+    pre = g.load(tiny["pre"])
+    assert g.tail_nodes(pre) == ["fc", "pool"]
+    assert g.map_nodes(pre) == ["conv3", "relu3"]
+
+
+def test_sensitivity_ranks_the_known_node_first(tiny):
+    from mineralnet.quantize import report as rp
+
+    sens = rp.sensitivity(tiny["pre"], tiny["qdq"], tiny["test"], tiny["labels"])
+    first = sens["ranking"][0]
+    assert first["node"] == "conv2" and first["rank"] == 1
+    assert first["agreement_gain"] > 0.3 and first["accuracy_gain"] == pytest.approx(first["agreement_gain"])
+    assert {r["node"] for r in sens["ranking"]} == {"conv1", "conv2", "conv3"}
+
+
+def test_auto_fallback_floats_the_sensitive_node_until_the_gate_holds(tiny):
+    from mineralnet.quantize import graph as g, report as rp
+    from mineralnet.quantize.fallback import auto_fallback
+
+    rank_x, rank_y = tiny["test"][:150], tiny["labels"][:150]
+    held_x, held_y = tiny["test"][150:], tiny["labels"][150:]
+    sens = rp.sensitivity(tiny["pre"], tiny["qdq"], rank_x, rank_y)
+    order = [r["node"] for r in sens["ranking"]]
+    spec = stats.parse_gate("drop=3,bound=6")
+    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec)
+    assert fb.floated == ["conv2"] and fb.ranking_gate.passed
+    assert [s["passed"] for s in fb.steps] == [False, True]
+    assert 0 < fb.int8_mac_share < fb.full_int8_mac_share
+    held = g.logits(g.session(fb.model), held_x)
+    confirm = stats.evaluate_gate(tiny["ref"][150:], held, held_y, spec=spec)
+    assert confirm.passed
+
+
+def test_tensor_stats_match_qdq_loss_debug_on_all_images(tiny, tmp_path):
+    """The batch-by-batch SQNR equals onnxruntime's function over the concatenated activations; clipping is
+    counted against the tensor's int8 range."""
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_signal_to_quantization_noice_ratio,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    from mineralnet.quantize import graph as g, report as rp
+
+    images = tiny["test"][:20]
+    rows = {r["tensor"]: r for r in rp.tensor_stats(tiny["pre"], tiny["qdq"], images, batch=8)}
+    paths = {}
+    for name, data in (("float", tiny["pre"]), ("qdq", tiny["qdq"])):
+        (tmp_path / f"{name}.onnx").write_bytes(data)
+        modify_model_output_intermediate_tensors(str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}.aug.onnx"))
+        reader = g.CalibrationReader(images, "images", 20, False)
+        paths[name] = collect_activations(str(tmp_path / f"{name}.aug.onnx"), reader)
+    matched = create_activation_matching(paths["qdq"], paths["float"])
+    assert set(rows) == set(matched) and len(rows) >= 3
+    for name, m in matched.items():
+        assert rows[name]["sqnr_local_db"] == pytest.approx(
+            compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"]), abs=1e-4)  # theirs sums in float32
+        assert rows[name]["sqnr_accumulated_db"] == pytest.approx(
+            compute_signal_to_quantization_noice_ratio(m["float"], m["post_qdq"]), abs=1e-4)
+        r = rows[name]
+        pre = np.concatenate([v.ravel() for v in m["pre_qdq"]])
+        lo, hi = r["range"][0] - r["scale"] / 2, r["range"][1] + r["scale"] / 2
+        assert r["clipped_share"] == pytest.approx(float(((pre < lo) | (pre > hi)).mean()))
+
+
+def test_weight_stats_worst_channel(tiny):
+    """Per-channel SQNR against a dequantization done here from the int8 tensor and its per-channel scales."""
+    from onnx import numpy_helper
+
+    from mineralnet.quantize import graph as g, report as rp
+
+    rows = {r["weight"]: r for r in rp.weight_stats(tiny["pre"], tiny["qdq"])}
+    assert set(rows) == {"w1", "w2", "w3"}
+    q = {t.name: numpy_helper.to_array(t) for t in g.load(tiny["qdq"]).graph.initializer}
+    f = {t.name: numpy_helper.to_array(t) for t in g.load(tiny["pre"]).graph.initializer}
+    for name, row in rows.items():
+        deq = q[f"{name}_quantized"].astype(np.float64) * q[f"{name}_scale"].reshape(-1, 1, 1, 1)
+        w = f[name].astype(np.float64)
+        per = [20 * math.log10(np.linalg.norm(w[c]) / np.linalg.norm(w[c] - deq[c])) if np.any(w[c]) else math.inf
+               for c in range(len(w))]
+        assert row["worst_channel"] == int(np.argmin(per))
+        assert row["worst_channel_sqnr_db"] == pytest.approx(min(per), abs=1e-3)
+    assert rows["w1"]["worst_channel"] != 7  # conv1's channel 7 is all zeros: exact in int8
+
+
+def test_broken_calibration_is_caught_by_the_gate(tiny):
+    """Ranges from a few all-black photos: the gate fails, and its one line names the drop and the bound."""
+    from mineralnet.quantize import graph as g, recipe as rc
+
+    black = np.zeros((4, 3, SIZE, SIZE), np.float32) - 2.0
+    broken = rc.quantize(tiny["pre"], black, rc.Recipe())
+    verdict = stats.evaluate_gate(tiny["ref"], g.logits(g.session(broken), tiny["test"]), tiny["labels"])
+    assert not verdict.passed
+    assert "FAILED" in verdict.line() and "upper bound" in verdict.line()
+
+
+def test_cpu_flags_and_reduce_range():
+    from mineralnet.quantize import recipe as rc
+
+    text = "processor\t: 0\nflags\t\t: fpu avx2 fma avx512f\n"
+    assert rc.cpu_flags(text) == {"fpu", "avx2", "fma", "avx512f"}
+    assert not rc.has_vnni(rc.cpu_flags(text)) and rc.default_recipe(rc.cpu_flags(text)).reduce_range
+    assert rc.has_vnni({"avx2", "avx_vnni"}) and not rc.default_recipe({"amx_int8"}).reduce_range
+
+
+def test_make_int8_with_fallback_and_report(tiny, tmp_path):
+    from mineralnet.quantize import pipeline, report as rp
+    from mineralnet.quantize import recipe as rc
+
+    y = tiny["labels"]
+    calib = pipeline.Photos(tiny["calib"])
+    select = pipeline.Photos(tiny["test"][:150], y[:150], source="ranking photos")
+    held = pipeline.Photos(tiny["test"][150:], y[150:], [f"p{i}.jpg" for i in range(150)], "held-out photos")
+    spec = stats.parse_gate("drop=3,bound=6")
+    off = pipeline.make_int8(_tiny_model(), calib, select, held, spec=spec, recipe=rc.Recipe(), search=False,
+                             want_report=False)
+    assert not off.gate.passed and len(off.report["flipped"]) > 10
+    lines = []
+    auto = pipeline.make_int8(_tiny_model(), calib, select, held, spec=spec, recipe=rc.Recipe(), search=True,
+                              fallback="auto", log=lines.append)
+    assert auto.gate.passed
+    assert len(auto.report["recipe"]["trials"]) == len(rc.METHODS) * len(rc.KEEP_FLOAT)
+    assert auto.report["sensitivity"]["ranking"][0]["node"] == "conv2"
+    paths = rp.write(auto.report, tmp_path)
+    assert paths["png"].stat().st_size > 1000 and "Most sensitive nodes" in paths["md"].read_text()
