@@ -173,6 +173,8 @@ class Rate:
         return cls(int(k), int(n), low, high)
 
     def text(self) -> str:
+        if not self.n:
+            return "- (0 photos)"
         return f"{self.value:.1%} [{self.low:.1%}, {self.high:.1%}] ({self.k}/{self.n})"
 
 

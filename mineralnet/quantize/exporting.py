@@ -1,0 +1,271 @@
+"""The int8 gate as `mineralnet-export RUN --int8` uses it: which photos play which part, the bf16 noise
+floor, the report beside the export, and the one-line failure.
+
+Photos (see `pipeline`): held-out = --val-data, else the run's validation split (split.json); the
+calibration photos = --calib-data (spread, up to --calib-size), else the run's training photos up to 512;
+selection/ranking = the run's other training photos (up to 256), else the --calib-data photos not used for
+calibration when that folder has class sub-folders of the run's classes. A held-out photo is never used
+for calibration or selection.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from mineralnet.errors import MineralNetError
+from mineralnet.quantize import pipeline
+from mineralnet.quantize.stats import GateSpec
+
+DEFAULT_CALIB_SIZE = 512
+SELECT_SIZE = 256
+REPORT_STEM = "model.int8.report"
+
+
+def spread(items: Sequence, n: int) -> list:
+    """`n` items evenly spaced over the list (every class folder is represented)."""
+    if n >= len(items):
+        return list(items)
+    return [items[int(i * len(items) / n)] for i in range(n)]
+
+
+@dataclass
+class PhotoPlan:
+    calib: list  # paths
+    select: list  # (path, label)
+    heldout: list  # (path, label)
+    heldout_source: str
+    calib_source: str
+
+
+def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int | None = None, val_data=None,
+                select_size: int = SELECT_SIZE) -> PhotoPlan:
+    from mineralnet.data import list_images, scan_dataset
+    from mineralnet.runs import read_split
+
+    split = None
+    try:
+        split = read_split(run)
+    except MineralNetError:
+        pass
+    if val_data:
+        heldout = list(scan_dataset(val_data, verify=True, classes=list(classes)).samples)
+        heldout_source = "--val-data photos"
+    elif split and split["splits"].get("val"):
+        heldout = [(p, y) for p, y in split["splits"]["val"] if y >= 0 and os.path.isfile(p)]
+        heldout_source = "validation photos of the run"
+        if not heldout:
+            raise MineralNetError(f"the validation photos listed in {run}/split.json are not at {split['root']}; "
+                                  f"pass them with --val-data DIR (labelled class folders)")
+    else:
+        labelled = _labelled(calib_data, classes) if calib_data else []
+        if len(labelled) < 3:
+            raise MineralNetError(f"the int8 gate needs held-out labelled photos and {run} has no split.json; pass "
+                                  f"--val-data DIR (class folders of photos the model was not trained on)")
+        heldout = labelled[1::3]  # every third labelled --calib-data photo, never used for calibration
+        heldout_source = "--calib-data photos held out of calibration (no --val-data, no split.json)"
+    held = {os.path.abspath(p) for p, _ in heldout}
+    train = [(p, y) for p, y in (split["splits"].get("train", []) if split else [])
+             if y >= 0 and os.path.abspath(p) not in held and os.path.isfile(p)]
+    cap = calib_size or DEFAULT_CALIB_SIZE
+    if calib_data:
+        calib_all = [p for p in list_images(calib_data) if os.path.abspath(p) not in held]
+        if not calib_all:
+            raise MineralNetError(f"--calib-data {os.fspath(calib_data)!r} holds only held-out photos ({heldout_source}); "
+                                  f"calibrate on other photos, e.g. the training set")
+        calib = spread(calib_all, cap)
+        calib_source = f"--calib-data photos ({len(calib)} of {len(calib_all)})"
+        used = {os.path.abspath(p) for p in calib}
+        pool = [(p, y) for p, y in train if os.path.abspath(p) not in used]
+        if not pool:
+            pool = [(p, y) for p, y in _labelled(calib_data, classes) if os.path.abspath(p) not in used | held]
+    elif train:
+        calib = spread([p for p, _ in train], cap)
+        calib_source = f"training photos of the run ({len(calib)} of {len(train)})"
+        used = {os.path.abspath(p) for p in calib}
+        pool = [(p, y) for p, y in train if os.path.abspath(p) not in used]
+    else:
+        raise MineralNetError("--int8 needs calibration photos: pass --calib-data DIR (e.g. the training photos), "
+                              "or export a run that has its split.json")
+    if not calib:
+        raise MineralNetError(f"--calib-data {os.fspath(calib_data)!r}: no photos left after removing the held-out ones")
+    return PhotoPlan(calib, spread(pool, select_size), heldout, heldout_source, calib_source)
+
+
+def _labelled(folder, classes) -> list:
+    """(path, label) of a class-folder tree of the run's classes; [] when it is not one."""
+    from mineralnet.data import scan_dataset
+
+    try:
+        return [(p, y) for p, y in scan_dataset(folder, verify=False, classes=list(classes)).samples if y >= 0]
+    except (MineralNetError, ValueError, OSError):
+        return []
+
+
+def load_photos(paths: Sequence, preprocess: Callable, labels=None, source: str = "photos") -> pipeline.Photos:
+    from mineralnet.data import ImageDecodeError
+
+    arrays, kept, ys = [], [], []
+    for i, p in enumerate(paths):
+        try:
+            arrays.append(preprocess(p))
+        except ImageDecodeError:
+            continue
+        kept.append(p)
+        if labels is not None:
+            ys.append(labels[i])
+    if not arrays:
+        return pipeline.Photos(np.zeros((0, 3, 1, 1), np.float32), None, [], source)
+    return pipeline.Photos(np.stack(arrays), np.array(ys) if labels is not None else None, kept, source)
+
+
+def bf16_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
+    """The PyTorch model's logits under CPU bf16 autocast: the agreement a float low precision reaches (the
+    noise floor int8 is read against)."""
+    import torch
+
+    model = model.float().eval().cpu()
+    parts = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for s in range(0, len(images), batch):
+            parts.append(model(torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))).float().numpy())
+    return np.concatenate(parts).astype(np.float64)
+
+
+def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_dir, spec: GateSpec,
+               calib_data=None, calib_size: int | None = None, val_data=None, fallback: str = "off",
+               search: bool = True, recipe=None, log=None, stem: str = REPORT_STEM,
+               broken_calibration: bool = False) -> tuple[pipeline.Int8Result, dict, dict]:
+    """Make the int8 model of the fp32 ONNX at `fp32_path`, judge it on held-out photos, write the report
+    (always, also when the gate fails) and raise one MineralNetError line when the gate fails.
+    Returns (result, record for the export manifest, report paths)."""
+    from mineralnet.quantize import report as rp
+
+    log = log or (lambda line: None)
+    plan = plan_photos(run, meta["classes"], calib_data=calib_data, calib_size=calib_size, val_data=val_data)
+    calib = load_photos(plan.calib, preprocess, source=plan.calib_source)
+    if broken_calibration:  # the check that the gate catches bad ranges: a few all-black photos
+        black = np.zeros((4, 3, meta["image_size"], meta["image_size"]), np.float32)
+        mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
+        calib = pipeline.Photos(black + (-mean / std)[None, :, None, None], None, None, "4 all-black photos")
+    select = load_photos([p for p, _ in plan.select], preprocess, [y for _, y in plan.select],
+                         "selection photos (training photos not used for calibration)")
+    held = load_photos([p for p, _ in plan.heldout], preprocess, [y for _, y in plan.heldout], plan.heldout_source)
+    if not len(held):
+        raise MineralNetError(f"none of the {len(plan.heldout)} held-out photos could be decoded")
+    log(f"int8: calibrating on {len(calib)} {calib.source}, choosing on {len(select)} selection photos, gating on "
+        f"{len(held)} {held.source}")
+    noise = {"bf16": bf16_logits(model, held.images)} if model is not None else None
+    result = pipeline.make_int8(fp32_path, calib, select, held, spec=spec, recipe=recipe, search=search,
+                                fallback=fallback, noise=noise, classes=list(meta["classes"]), log=log)
+    result.report["photos"]["calibration_source"] = calib.source
+    paths = rp.write(result.report, out_dir, stem)
+    gate = result.gate
+    record = {"gate": {k: v for k, v in gate.to_dict().items() if k != "spec"} | {"spec": spec.text()},
+              "recipe": result.recipe.to_dict(), "recipe_label": result.recipe.label(),
+              "report": Path(paths["json"]).name,
+              "fallback": result.report.get("fallback", {}).get("floated") if fallback == "auto" else None}
+    if not gate.passed:
+        drop = "no labels" if gate.drop is None else f"{100 * gate.drop:.2f} points"
+        bound = "-" if gate.drop_high is None else f"{100 * gate.drop_high:.2f}"
+        hint = "" if fallback == "auto" else "; try --int8-fallback auto"
+        raise MineralNetError(f"int8 gate FAILED, no int8 file written: accuracy drop {drop}, {spec.confidence:.0%} "
+                              f"upper bound {bound} (limits {100 * spec.max_drop:g} / {100 * spec.max_bound:g}) on "
+                              f"{len(held)} {held.source}; report: {paths['md']}{hint}")
+    return result, record, paths
+
+
+def export_int8(ctx, activations: str = "uint8", for_tensorrt: bool = False):
+    """model.int8.onnx for the export table: the gated int8 model (recipe chosen by measurement, optional
+    automatic fallback), its report beside it, and its manifest record. `ctx` is the export context
+    (files["fp32"], meta, model, preprocess, options, run, out_dir, write).
+
+    The TensorRT flavour (symmetric int8 Q/DQ on Conv/Gemm/MatMul/Add, float parts in fp16) keeps its own
+    placement (`export.onnx.quantize_int8(for_tensorrt=True)`) and is judged by the same gate (run unoptimised
+    in ONNX Runtime, as TensorRT reads the graph); recipe search and fallback apply to the CPU flavour."""
+    import json
+    import time
+
+    from mineralnet.export import onnx as xonnx
+    from mineralnet.quantize import graph as g, recipe as rc
+    from mineralnet.quantize.stats import evaluate_gate, parse_gate
+
+    o = ctx.options
+    if "fp32" not in ctx.files:
+        raise MineralNetError("int8 quantization starts from model.onnx; export it first (format onnx)")
+    spec = parse_gate(getattr(o, "int8_gate", None))
+    fallback = getattr(o, "int8_fallback", "off")
+    t0 = time.perf_counter()
+    base = replace_recipe(rc.default_recipe(), activations)
+    broken = bool(getattr(o, "int8_broken_calibration", False))
+    stem = REPORT_STEM
+    if for_tensorrt:
+        plan = plan_photos(ctx.run, ctx.meta["classes"], calib_data=o.calib_data, calib_size=o.calib_size,
+                           val_data=o.val_data)
+        calib = load_photos(plan.calib, ctx.preprocess)
+        held = load_photos([p for p, _ in plan.heldout], ctx.preprocess, [y for _, y in plan.heldout],
+                           plan.heldout_source)
+        data = xonnx.quantize_int8(ctx.files["fp32"], calib.images, activations="int8", method=o.calib_method,
+                                   batch=(None if o.profile.dynamic else o.profile.max) or 8, for_tensorrt=True)
+        ref = g.logits(g.session(ctx.files["fp32"]), held.images)
+        got = g.logits(g.session(data, optimization="disable"), held.images)
+        gate = evaluate_gate(ref, got, held.labels, spec=spec, source=f"{len(held)} {held.source}")
+        from mineralnet.quantize import report as rp
+
+        report = {"gate": gate.to_dict(), "flipped": rp.flipped_photos(ref, got, held.files, held.labels,
+                                                                       list(ctx.meta["classes"])),
+                  "photos": {"calibration": len(calib), "held_out": len(held), "held_out_source": held.source}}
+        paths = rp.write(report, ctx.out_dir, stem)
+        if not gate.passed:
+            raise MineralNetError(f"int8 gate FAILED, no int8 file written: accuracy drop "
+                                  f"{'no labels' if gate.drop is None else f'{100 * gate.drop:.2f} points'}, "
+                                  f"{spec.confidence:.0%} upper bound "
+                                  f"{'-' if gate.drop_high is None else f'{100 * gate.drop_high:.2f}'} (limits "
+                                  f"{100 * spec.max_drop:g} / {100 * spec.max_bound:g}) on {len(held)} {held.source}; "
+                                  f"report: {paths['md']}")
+        record = {"gate": gate.to_dict(), "report": Path(paths["json"]).name}
+        recipe_label = f"TensorRT placement ({o.calib_method}, int8 symmetric, fp16 float parts)"
+        calib_n = len(calib)
+    else:
+        result, record, paths = gated_int8(
+            ctx.files["fp32"], run=ctx.run, meta=ctx.meta, model=ctx.model, preprocess=ctx.preprocess,
+            out_dir=ctx.out_dir, spec=spec, calib_data=o.calib_data, calib_size=o.calib_size, val_data=o.val_data,
+            fallback=fallback, search=getattr(o, "int8_search", True), recipe=base, log=getattr(ctx, "log", None),
+            broken_calibration=broken)
+        data, gate = result.model, result.gate
+        recipe_label, calib_n = result.recipe.label(), result.report["photos"]["calibration"]
+    seconds = time.perf_counter() - t0
+    proto = g.load(data)
+    quant = {"weights": "int8 symmetric per-channel",
+             "activations": "uint8 asymmetric" if activations == "uint8" else "int8 symmetric",
+             "float_parts": "fp16" if for_tensorrt else "fp32", "tensorrt_compatible": for_tensorrt,
+             "format": "QDQ", "recipe": recipe_label, "calib_images": int(calib_n),
+             "onnxruntime_optimization": "disable" if for_tensorrt else "all"}
+    props = xonnx.metadata_props(ctx.meta, precision="int8", outputs=o.outputs, batch=ctx.batch_info())
+    props["quantization"] = json.dumps(quant)
+    xonnx.set_metadata(proto, props)
+    xonnx.check_proto(proto)
+    data = proto.SerializeToString()
+    done, total = xonnx.quantized_coverage(proto)
+    acc = {"fp32": gate.accuracy_fp32.value, "int8": gate.accuracy_int8.value, "images": gate.agreement.n} \
+        if gate.accuracy_fp32 is not None else None
+    int8 = {**record, "agreement": {"top1": gate.agreement.value, "images": gate.agreement.n, "source": gate.source},
+            "coverage": {"quantized": done, "conv_gemm_matmul": total}, "seconds": round(seconds, 1)}
+    if acc:
+        int8["accuracy"] = acc
+    opset = max(o.opset, xonnx.TRT_INT8_OPSET) if for_tensorrt else o.opset
+    return ctx.write("model.int8.onnx", data, {"format": "onnx", "precision": "int8", "opset": opset,
+                                               "input": {"name": xonnx.INPUT_NAME},
+                                               "outputs": list(o.outputs), "batch": ctx.batch_info(),
+                                               "quantization": quant, "int8": int8})
+
+
+def replace_recipe(recipe, activations: str):
+    from dataclasses import replace
+
+    if activations not in ("uint8", "int8"):
+        raise MineralNetError(f"int8 activations {activations!r}: choose uint8 (x86 CPUs) or int8 (TensorRT, ARM)")
+    return replace(recipe, activations=activations)
