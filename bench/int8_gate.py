@@ -66,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=1.5, help="timing per model per round (3 rounds)")
+    ap.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse HEAD here)")
     ap.add_argument("--gate", default=None, help="--int8-gate text (default drop=1,bound=2)")
     args = ap.parse_args(argv)
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
                          confident_agreement=gd["confident_agreement"], noise_floor=gd["noise_floor"],
                          int8_mac_share=g.int8_mac_share(g.load(model), macs), seconds=secs)
         table.append(entry)
-    result = {"date": started, "cpu": _cpu(), "commit": _commit(), "run": str(args.run), "threads": args.threads,
+    result = {"date": started, "cpu": _cpu(), "commit": args.commit or _commit(), "run": str(args.run), "threads": args.threads,
               "spec": spec.text(), "photos": auto.report["photos"], "table": table,
               "recipe_trials": auto.report["recipe"], "broken": broken.gate.line(),
               "sensitivity_top": auto.report.get("sensitivity", {}).get("ranking", [])[:10],
