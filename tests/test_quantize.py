@@ -387,3 +387,48 @@ def test_make_int8_with_fallback_and_report(tiny, tmp_path):
     assert auto.report["sensitivity"]["ranking"][0]["node"] == "conv2"
     paths = rp.write(auto.report, tmp_path)
     assert paths["png"].stat().st_size > 1000 and "Most sensitive nodes" in paths["md"].read_text()
+
+
+# ----------------------------------------------------------------------------- which photos play which part
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from mineralnet.data import make_demo_dataset
+
+    return make_demo_dataset(tmp_path_factory.mktemp("qdemo") / "set", classes=3, per_class=12, size=48)
+
+
+def _classes(folder):
+    from pathlib import Path
+
+    return sorted(p.name for p in Path(folder).iterdir() if p.is_dir())
+
+
+def test_plan_uses_the_runs_split_and_keeps_the_three_sets_apart(demo, tmp_path):
+    from mineralnet.data import save_splits, scan_dataset
+    from mineralnet.quantize import exporting
+
+    index = scan_dataset(demo, verify=False)
+    n = len(index.samples)
+    val = list(range(0, n, 4))
+    train = [i for i in range(n) if i not in val]
+    save_splits(tmp_path / "split.json", index, {"train": train, "val": val}, info={})
+    plan = exporting.plan_photos(tmp_path, index.classes, calib_size=10, select_size=100)
+    held = {p for p, _ in plan.heldout}
+    assert held == {index.samples[i][0] for i in val} and plan.heldout_source == "validation photos of the run"
+    assert len(plan.calib) == 10 and not held & set(plan.calib)
+    assert not {p for p, _ in plan.select} & (held | set(plan.calib))
+    assert len(plan.select) == len(train) - 10
+
+
+def test_plan_without_a_split(demo, tmp_path):
+    from mineralnet.quantize import exporting
+
+    classes = _classes(demo)
+    plan = exporting.plan_photos(tmp_path, classes, calib_data=demo, calib_size=100)
+    held = {p for p, _ in plan.heldout}
+    assert len(held) == 12 and "held out of calibration" in plan.heldout_source
+    assert len(plan.calib) == 24 and not held & set(plan.calib)
+    with pytest.raises(MineralNetError, match="--val-data DIR"):
+        exporting.plan_photos(tmp_path, classes)
+    with pytest.raises(MineralNetError, match="holds only held-out photos"):
+        exporting.plan_photos(tmp_path, classes, calib_data=demo, val_data=demo)
