@@ -138,7 +138,7 @@ def bf16_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
 def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_dir, spec: GateSpec,
                calib_data=None, calib_size: int | None = None, val_data=None, fallback: str = "off",
                search: bool = True, recipe=None, log=None, stem: str = REPORT_STEM,
-               broken_calibration: bool = False) -> tuple[pipeline.Int8Result, dict, dict]:
+               broken_calibration: bool = False, ranking: bool = False) -> tuple[pipeline.Int8Result, dict, dict]:
     """Make the int8 model of the fp32 ONNX at `fp32_path`, judge it on held-out photos, write the report
     (always, also when the gate fails) and raise one MineralNetError line when the gate fails.
     Returns (result, record for the export manifest, report paths)."""
@@ -160,7 +160,8 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
         f"{len(held)} {held.source}")
     noise = {"bf16": bf16_logits(model, held.images)} if model is not None else None
     result = pipeline.make_int8(fp32_path, calib, select, held, spec=spec, recipe=recipe, search=search,
-                                fallback=fallback, noise=noise, classes=list(meta["classes"]), log=log)
+                                fallback=fallback, noise=noise, classes=list(meta["classes"]), log=log,
+                                ranking=ranking)
     result.report["photos"]["calibration_source"] = calib.source
     paths = rp.write(result.report, out_dir, stem)
     gate = result.gate
@@ -234,7 +235,7 @@ def export_int8(ctx, activations: str = "uint8", for_tensorrt: bool = False):
             ctx.files["fp32"], run=ctx.run, meta=ctx.meta, model=ctx.model, preprocess=ctx.preprocess,
             out_dir=ctx.out_dir, spec=spec, calib_data=o.calib_data, calib_size=o.calib_size, val_data=o.val_data,
             fallback=fallback, search=getattr(o, "int8_search", True), recipe=base, log=getattr(ctx, "log", None),
-            broken_calibration=broken)
+            broken_calibration=broken, ranking=bool(getattr(o, "report", False)))
         data, gate = result.model, result.gate
         recipe_label, calib_n = result.recipe.label(), result.report["photos"]["calibration"]
     seconds = time.perf_counter() - t0

@@ -43,10 +43,11 @@ class Int8Result:
 
 def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spec: GateSpec | None = None,
               recipe: rc.Recipe | None = None, search: bool = True, fallback: str = "off",
-              want_report: bool = True, report_images: int = 32, noise: dict | None = None,
+              want_report: bool = True, ranking: bool | None = None, report_images: int = 32, noise: dict | None = None,
               classes=None, max_fallback_nodes: int | None = None, log=None) -> Int8Result:
     """See the module doc. `recipe`: the base recipe (default: `recipe.default_recipe()` for this CPU); with
-    `search` the method and the float maps are chosen on `select`. `noise`: {"fp16"/"bf16": held-out logits}."""
+    `search` the method and the float maps are chosen on `select`. `want_report`: per-tensor and per-weight
+    statistics; `ranking` (default: want_report): the sensitivity ranking on `select`. `noise`: {"fp16"/"bf16": held-out logits}."""
     log = log or (lambda line: None)
     spec = spec or GateSpec()
     base = recipe or rc.default_recipe()
@@ -70,7 +71,8 @@ def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spe
     report["full_int8_gate"] = gate.to_dict()
     log(f"  full int8 ({recipe.label()}): {gate.line()}")
     sens = None
-    if want_report or (fallback == "auto" and not gate.passed):
+    ranking = want_report if ranking is None else ranking
+    if ranking or (fallback == "auto" and not gate.passed):
         if len(select):
             sens = rp.sensitivity(pre, model, select.images, select.labels, log=log)
             report["sensitivity"] = sens
