@@ -170,12 +170,8 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
               "report": Path(paths["json"]).name,
               "fallback": result.report.get("fallback", {}).get("floated") if fallback == "auto" else None}
     if not gate.passed:
-        drop = "no labels" if gate.drop is None else f"{100 * gate.drop:.2f} points"
-        bound = "-" if gate.drop_high is None else f"{100 * gate.drop_high:.2f}"
-        hint = "" if fallback == "auto" else "; try --int8-fallback auto"
-        raise MineralNetError(f"int8 gate FAILED, no int8 file written: accuracy drop {drop}, {spec.confidence:.0%} "
-                              f"upper bound {bound} (limits {100 * spec.max_drop:g} / {100 * spec.max_bound:g}) on "
-                              f"{len(held)} {held.source}; report: {paths['md']}{hint}")
+        raise MineralNetError(failure_line(gate, spec, paths["md"],
+                                           hint="" if fallback == "auto" else "; try --int8-fallback auto"))
     return result, record, paths
 
 
@@ -221,12 +217,7 @@ def export_int8(ctx, activations: str = "uint8", for_tensorrt: bool = False):
                   "photos": {"calibration": len(calib), "held_out": len(held), "held_out_source": held.source}}
         paths = rp.write(report, ctx.out_dir, stem)
         if not gate.passed:
-            raise MineralNetError(f"int8 gate FAILED, no int8 file written: accuracy drop "
-                                  f"{'no labels' if gate.drop is None else f'{100 * gate.drop:.2f} points'}, "
-                                  f"{spec.confidence:.0%} upper bound "
-                                  f"{'-' if gate.drop_high is None else f'{100 * gate.drop_high:.2f}'} (limits "
-                                  f"{100 * spec.max_drop:g} / {100 * spec.max_bound:g}) on {len(held)} {held.source}; "
-                                  f"report: {paths['md']}")
+            raise MineralNetError(failure_line(gate, spec, paths["md"]))
         record = {"gate": gate.to_dict(), "report": Path(paths["json"]).name}
         recipe_label = f"TensorRT placement ({o.calib_method}, int8 symmetric, fp16 float parts)"
         calib_n = len(calib)
@@ -270,3 +261,53 @@ def replace_recipe(recipe, activations: str):
     if activations not in ("uint8", "int8"):
         raise MineralNetError(f"int8 activations {activations!r}: choose uint8 (x86 CPUs) or int8 (TensorRT, ARM)")
     return replace(recipe, activations=activations)
+
+
+def _opt(o, *names, default=None):
+    """The first of `names` that the export options have (the flag names moved between versions)."""
+    for n in names:
+        if hasattr(o, n):
+            return getattr(o, n)
+    return default
+
+
+def heldout_gate(ctx, fp32, int8, *, what: str = "int8 gate", stem: str = REPORT_STEM) -> dict:
+    """The int8 gate for any int8 form given two runners (images -> {output: array}): held-out photos as in
+    `plan_photos`, `stats.evaluate_gate` with --int8-gate, the report (gate + flipped photos) written to
+    ctx.out_dir/STEM.*; one MineralNetError line when it fails. Returns the manifest's int8 record."""
+    from mineralnet.quantize import report as rp
+    from mineralnet.quantize.stats import evaluate_gate, parse_gate
+
+    o = ctx.options
+    spec = parse_gate(_opt(o, "int8_gate"))
+    plan = plan_photos(ctx.run, ctx.meta["classes"], calib_data=_opt(o, "quant_data", "calib_data"),
+                       calib_size=_opt(o, "quant_size", "calib_size"), val_data=o.val_data)
+    held = load_photos([p for p, _ in plan.heldout], ctx.preprocess, [y for _, y in plan.heldout], plan.heldout_source)
+
+    def scores(out: dict) -> np.ndarray:
+        return np.asarray(out.get("logits", out.get("probs", next(iter(out.values())))), np.float64)
+
+    ref, got = [], []
+    for s in range(0, len(held), 64):
+        x = held.images[s:s + 64]
+        ref.append(scores(fp32(x)))
+        got.append(scores(int8(x)))
+    ref, got = np.concatenate(ref), np.concatenate(got)
+    gate = evaluate_gate(ref, got, held.labels, spec=spec, source=f"{len(held)} {held.source}")
+    report = {"gate": gate.to_dict(), "photos": {"held_out": len(held), "held_out_source": held.source},
+              "flipped": rp.flipped_photos(ref, got, held.files, held.labels, list(ctx.meta["classes"]))}
+    paths = rp.write(report, ctx.out_dir, stem)
+    if not gate.passed:
+        raise MineralNetError(failure_line(gate, spec, paths["md"], what=what))
+    return {"gate": gate.to_dict(), "report": Path(paths["json"]).name,
+            "agreement": {"top1": gate.agreement.value, "images": gate.agreement.n, "source": gate.source},
+            "accuracy": {"fp32": gate.accuracy_fp32.value, "int8": gate.accuracy_int8.value,
+                         "images": gate.agreement.n}}
+
+
+def failure_line(gate, spec, report_path, *, what: str = "int8 gate", hint: str = "") -> str:
+    drop = "no labels" if gate.drop is None else f"{100 * gate.drop:.2f} points"
+    bound = "-" if gate.drop_high is None else f"{100 * gate.drop_high:.2f}"
+    return (f"{what} FAILED, no int8 file written: accuracy drop {drop}, {spec.confidence:.0%} upper bound {bound} "
+            f"(limits {100 * spec.max_drop:g} / {100 * spec.max_bound:g}) on {gate.agreement.n} held-out photos; "
+            f"report: {report_path}{hint}")
