@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=1.5, help="timing per model per round (3 rounds)")
+    ap.add_argument("--methods", default=",".join(("minmax", "percentile", "entropy")),
+                    help="calibration methods the recipe search tries")
+    ap.add_argument("--keep", default="tail,maps", help="float regions the recipe search tries")
+    ap.add_argument("--no-baselines", action="store_true", help="skip the two full-int8 MinMax rows")
     ap.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse HEAD here)")
     ap.add_argument("--gate", default=None, help="--int8-gate text (default drop=1,bound=2)")
     args = ap.parse_args(argv)
@@ -90,27 +94,29 @@ def main(argv=None) -> int:
     plan = exporting.plan_photos(args.run, ctx.meta["classes"])
     calib = exporting.load_photos(plan.calib, ctx.preprocess, source=plan.calib_source)
     old_calib = pipeline.Photos(calib.images[::max(1, len(calib) // 128)][:128], None, None, "128 training photos")
-    select = exporting.load_photos([p for p, _ in plan.select], ctx.preprocess, [y for _, y in plan.select],
-                                   "selection photos")
+    select = exporting.load_photos([p for p, _ in plan.select], exporting.augmented_preprocess(ctx.meta),
+                                   [y for _, y in plan.select], "selection photos (augmented)")
     held = exporting.load_photos([p for p, _ in plan.heldout], ctx.preprocess, [y for _, y in plan.heldout],
                                  plan.heldout_source)
     noise = {"bf16": exporting.bf16_logits(ctx.model, held.images)}
     base = rc.default_recipe()
     classes = list(ctx.meta["classes"])
     rows = {}
+    trials = rc.candidates(base, args.methods.split(","), args.keep.split(","))
     t = time.perf_counter()
-    r = pipeline.make_int8(fp32, old_calib, select, held, spec=spec, recipe=base, search=False, want_report=False,
+    r = None if args.no_baselines else pipeline.make_int8(fp32, old_calib, select, held, spec=spec, recipe=base, search=False, want_report=False,
                            noise=noise, classes=classes)
-    rows["full int8, MinMax on 128 photos (the old default)"] = (r.model, r.gate, r.recipe, time.perf_counter() - t)
-    log(f"old default: {r.gate.line()}")
-    t = time.perf_counter()
-    r = pipeline.make_int8(fp32, calib, select, held, spec=spec, recipe=base, search=False, want_report=False,
-                           noise=noise, classes=classes)
-    rows[f"full int8, MinMax on {len(calib)} photos"] = (r.model, r.gate, r.recipe, time.perf_counter() - t)
-    log(f"minmax {len(calib)}: {r.gate.line()}")
+    if r is not None:
+        rows["full int8, MinMax on 128 photos (the old default)"] = (r.model, r.gate, r.recipe, time.perf_counter() - t)
+        log(f"old default: {r.gate.line()}")
+        t = time.perf_counter()
+        r = pipeline.make_int8(fp32, calib, select, held, spec=spec, recipe=base, search=False, want_report=False,
+                               noise=noise, classes=classes)
+        rows[f"full int8, MinMax on {len(calib)} photos"] = (r.model, r.gate, r.recipe, time.perf_counter() - t)
+        log(f"minmax {len(calib)}: {r.gate.line()}")
     t = time.perf_counter()
     auto = pipeline.make_int8(fp32, calib, select, held, spec=spec, recipe=base, search=True, fallback="auto",
-                              want_report=True, noise=noise, classes=classes, log=log)
+                              want_report=True, noise=noise, classes=classes, trials=trials, log=log)
     chosen_full = auto.full_int8 or auto.model
     from mineralnet.quantize.stats import GateResult  # noqa: F401  (rows hold GateResult objects)
 

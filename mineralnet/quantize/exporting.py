@@ -122,6 +122,25 @@ def load_photos(paths: Sequence, preprocess: Callable, labels=None, source: str 
     return pipeline.Photos(np.stack(arrays), np.array(ys) if labels is not None else None, kept, source)
 
 
+def augmented_preprocess(meta: dict, seed: int = 0) -> Callable:
+    """Photo path -> (3, S, S) through the TRAINING augmentation (random resized crop, rotation, flip) with
+    a fixed seed. The selection/ranking photos are training photos, which the model answers with large
+    margins: int8 flips almost none of them as they are (measured: 0 of 256 for the cp7 run), so they
+    could not rank recipes or stop the fallback. Seen through the augmentation they have near-ties as
+    unseen photos do, and the held-out photos still take no part."""
+    from mineralnet.data import build_transforms, load_image
+
+    t = build_transforms(int(meta["image_size"]), meta["mean"], meta["std"], train=True)
+    t.set_random_seed(seed)
+    size = getattr(t, "min_decode_size", None)
+
+    def run(path):
+        out = t(load_image(path, min_size=size))
+        return out.numpy() if hasattr(out, "numpy") else np.asarray(out, np.float32)
+
+    return run
+
+
 def bf16_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
     """The PyTorch model's logits under CPU bf16 autocast: the agreement a float low precision reaches (the
     noise floor int8 is read against)."""
@@ -151,8 +170,8 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
         black = np.zeros((4, 3, meta["image_size"], meta["image_size"]), np.float32)
         mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
         calib = pipeline.Photos(black + (-mean / std)[None, :, None, None], None, None, "4 all-black photos")
-    select = load_photos([p for p, _ in plan.select], preprocess, [y for _, y in plan.select],
-                         "selection photos (training photos not used for calibration)")
+    select = load_photos([p for p, _ in plan.select], augmented_preprocess(meta), [y for _, y in plan.select],
+                         "selection photos (training photos not used for calibration, augmented)")
     held = load_photos([p for p, _ in plan.heldout], preprocess, [y for _, y in plan.heldout], plan.heldout_source)
     if not len(held):
         raise MineralNetError(f"none of the {len(plan.heldout)} held-out photos could be decoded")

@@ -44,7 +44,7 @@ class Int8Result:
 def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spec: GateSpec | None = None,
               recipe: rc.Recipe | None = None, search: bool = True, fallback: str = "off",
               want_report: bool = True, ranking: bool | None = None, report_images: int = 32, noise: dict | None = None,
-              classes=None, max_fallback_nodes: int | None = None, log=None) -> Int8Result:
+              classes=None, max_fallback_nodes: int | None = None, trials=None, log=None) -> Int8Result:
     """See the module doc. `recipe`: the base recipe (default: `recipe.default_recipe()` for this CPU); with
     `search` the method and the float maps are chosen on `select`. `want_report`: per-tensor and per-weight
     statistics; `ranking` (default: want_report): the sensitivity ranking on `select`. `noise`: {"fp16"/"bf16": held-out logits}."""
@@ -57,7 +57,7 @@ def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spe
                                "held_out_source": heldout.source},
                     "cpu_vnni": rc.has_vnni(), "spec": spec.text()}
     if search and len(select):
-        choice = rc.choose(pre, calib.images, select.images, rc.candidates(base), log=log)
+        choice = rc.choose(pre, calib.images, select.images, trials or rc.candidates(base), log=log)
         recipe, model = choice.recipe, choice.model
         report["recipe"] = choice.to_dict()
     else:
