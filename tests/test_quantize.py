@@ -432,3 +432,19 @@ def test_plan_without_a_split(demo, tmp_path):
         exporting.plan_photos(tmp_path, classes)
     with pytest.raises(MineralNetError, match="holds only held-out photos"):
         exporting.plan_photos(tmp_path, classes, calib_data=demo, val_data=demo)
+
+
+def test_augmented_selection_photos_are_seeded_and_not_the_eval_view(demo):
+    from mineralnet.data import list_images
+    from mineralnet.predict import Preprocessor
+    from mineralnet.quantize import exporting
+
+    meta = {"image_size": 32, "resize": 37, "mean": [0.5] * 3, "std": [0.25] * 3}
+    paths = list_images(demo)[:4]
+    f1 = exporting.augmented_preprocess(meta, seed=3)
+    a = [f1(p) for p in paths]
+    f = exporting.augmented_preprocess(meta, seed=3)
+    b = [f(p) for p in paths]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b)) and a[0].shape == (3, 32, 32)
+    plain = Preprocessor(meta)
+    assert not all(np.allclose(x, plain(p)) for x, p in zip(a, paths))
