@@ -430,8 +430,8 @@ def test_plan_without_a_split(demo, tmp_path):
     assert len(plan.calib) == 24 and not held & set(plan.calib)
     with pytest.raises(MineralNetError, match="--val-data DIR"):
         exporting.plan_photos(tmp_path, classes)
-    with pytest.raises(MineralNetError, match="holds only held-out photos"):
-        exporting.plan_photos(tmp_path, classes, calib_data=demo, val_data=demo)
+    same = exporting.plan_photos(tmp_path, classes, calib_data=demo, val_data=demo, calib_size=100)
+    assert "same folder" in same.heldout_source and not {p for p, _ in same.heldout} & set(same.calib)
 
 
 def test_augmented_selection_photos_are_seeded_and_not_the_eval_view(demo):

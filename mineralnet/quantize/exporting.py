@@ -51,10 +51,12 @@ def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int
         split = read_split(run)
     except MineralNetError:
         pass
-    if val_data:
+    same = bool(val_data and calib_data
+                and os.path.realpath(os.fspath(val_data)) == os.path.realpath(os.fspath(calib_data)))
+    if val_data and not same:
         heldout = list(scan_dataset(val_data, verify=True, classes=list(classes)).samples)
         heldout_source = "--val-data photos"
-    elif split and split["splits"].get("val"):
+    elif split and split["splits"].get("val") and not same:
         heldout = [(p, y) for p, y in split["splits"]["val"] if y >= 0 and os.path.isfile(p)]
         heldout_source = "validation photos of the run"
         if not heldout:
@@ -66,7 +68,8 @@ def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int
             raise MineralNetError(f"the int8 gate needs held-out labelled photos and {run} has no split.json; pass "
                                   f"--val-data DIR (class folders of photos the model was not trained on)")
         heldout = labelled[1::3]  # every third labelled --calib-data photo, never used for calibration
-        heldout_source = "--calib-data photos held out of calibration (no --val-data, no split.json)"
+        heldout_source = ("--val-data photos held out of calibration (--calib-data is the same folder)" if same else
+                          "--calib-data photos held out of calibration (no --val-data, no split.json)")
     held = {os.path.abspath(p) for p, _ in heldout}
     train = [(p, y) for p, y in (split["splits"].get("train", []) if split else [])
              if y >= 0 and os.path.abspath(p) not in held and os.path.isfile(p)]
