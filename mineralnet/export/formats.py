@@ -53,12 +53,14 @@ class ExportOptions:
     profile: BatchProfile = field(default_factory=lambda: BatchProfile.static(1))
     opset: int = xonnx.DEFAULT_OPSET
     calib_data: str | os.PathLike | None = None
-    calib_size: int = 128
-    calib_method: str = "minmax"
+    calib_size: int | None = None  # None: every photo up to quantize.exporting.DEFAULT_CALIB_SIZE (512)
+    calib_method: str = "minmax"  # the TensorRT flavour's ranges (the CPU flavour chooses by measurement)
     int8_activations: str | None = None  # None: int8 when a TensorRT engine is asked for, else uint8
-    min_agreement: float = 0.9  # int8 top-1 agreement with fp32 below this is an error
-    max_acc_drop: float = 0.02  # with val_data: int8 top-1 accuracy below fp32's by more than this is an error
-    val_data: str | os.PathLike | None = None
+    int8_gate: str = "drop=1,bound=2"  # quantize.stats.parse_gate: accuracy drop and its upper 95% bound (points)
+    int8_fallback: str = "off"  # "auto": sensitive nodes back to float until the gate holds
+    int8_search: bool = True  # choose the calibration recipe on the selection photos
+    report: bool = False  # add the sensitivity ranking to model.int8.report.*
+    val_data: str | os.PathLike | None = None  # held-out labelled photos (default: the run's validation split)
     workspace_mib: int = xtrt.DEFAULT_WORKSPACE_MIB
     timing_cache: str | os.PathLike | None = None  # default: OUT/timing.cache
     openvino_int8: str = "qdq"  # int8 IR from model.int8.onnx ("qdq") or NNCF on the calibration photos
@@ -82,7 +84,9 @@ class Artifact:
             ties = p["images"] - p["top1_required"]
             notes.append(f"max|d logit| {d:.1e} on {p['images']} {p['source']}, top-1 identical "
                          f"{p['top1_equal']}/{p['top1_required']}" + (f" ({ties} fp16 near-ties exempt)" if ties else ""))
-        if "int8" in r:
+        if "int8" in r and "gate" in r["int8"]:
+            notes.append(r["int8"]["gate"]["line"])
+        elif "int8" in r:
             q = r["int8"]
             notes.append(f"top-1 agreement with fp32 {q['agreement']['top1']:.1%} on {q['agreement']['images']} "
                          f"{q['agreement']['source']}")
@@ -187,8 +191,12 @@ class ExportContext:
 
     def calibration_set(self) -> tuple[np.ndarray, list]:
         """((N, 3, S, S) --calib-size photos spread over --calib-data through the eval preprocessing, skipped)."""
+        from mineralnet.quantize.exporting import plan_photos
+
         o = self.options
-        images, skipped = self._load(_spread(_existing_images(o.calib_data, "--calib-data"), o.calib_size))
+        plan = plan_photos(self.run, self.meta["classes"], calib_data=o.calib_data, calib_size=o.calib_size,
+                           val_data=o.val_data)  # never the held-out photos the int8 gate judges
+        images, skipped = self._load(plan.calib)
         if not len(images):
             raise MineralNetError(f"--calib-data {os.fspath(o.calib_data)!r}: none of its images could be decoded")
         return images, skipped
@@ -291,100 +299,10 @@ def _int8_activations(ctx: ExportContext, formats: Sequence[str]) -> str:
 
 
 def export_int8(ctx: ExportContext, activations: str = "uint8", for_tensorrt: bool = False) -> Artifact:
-    """model.int8.onnx: static QDQ quantization of model.onnx, calibrated on --calib-data through
-    the eval preprocessing; gated on top-1 agreement with fp32 in ONNX Runtime on this CPU.
+    """model.int8.onnx, gated on held-out photos with its report beside it (`quantize.exporting.export_int8`)."""
+    from mineralnet.quantize import exporting
 
-    `for_tensorrt` (with --trt and int8 activations): the model a strongly typed TensorRT build
-    needs, int8 Q/DQ with the float parts in fp16 (`xonnx.quantize_int8(for_tensorrt=True)`)."""
-    o = ctx.options
-    if not o.calib_data:
-        raise MineralNetError("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the "
-                              "training set; 100-500 are enough) to calibrate the int8 ranges")
-    if "fp32" not in ctx.files:
-        raise MineralNetError("int8 quantization starts from model.onnx; export it first (format onnx)")
-    if o.calib_size < 1:
-        raise MineralNetError(f"--calib-size {o.calib_size} must be at least 1")
-    calib, skipped = ctx.calibration_set()
-    fixed = None if o.profile.dynamic else o.profile.max
-    t0 = time.perf_counter()
-    data = xonnx.quantize_int8(ctx.files["fp32"], calib, activations=activations, method=o.calib_method,
-                               batch=fixed or 8, for_tensorrt=for_tensorrt)
-    quantize_s = time.perf_counter() - t0
-    import onnx
-
-    proto = onnx.load_from_string(data)
-    quant = {"weights": "int8 symmetric per-channel",
-             "activations": "uint8 asymmetric" if activations == "uint8" else "int8 symmetric",
-             "float_parts": "fp16" if for_tensorrt else "fp32", "tensorrt_compatible": for_tensorrt,
-             "quantized_ops": list(xonnx.TRT_QUANTIZED_OPS) if for_tensorrt else "all ONNX Runtime quantizes",
-             "format": "QDQ", "calib_method": o.calib_method, "calib_images": int(len(calib)),
-             "onnxruntime_optimization": "disable" if for_tensorrt else "all"}
-    props = xonnx.metadata_props(ctx.meta, precision="int8", outputs=o.outputs, batch=ctx.batch_info())
-    props["quantization"] = json.dumps(quant)
-    xonnx.set_metadata(proto, props)
-    xonnx.check_proto(proto)
-    data = proto.SerializeToString()
-    done, total = xonnx.quantized_coverage(proto)
-
-    fp32 = xonnx.ort_session(ctx.files["fp32"])
-    # The TensorRT flavour is checked with ONNX Runtime's graph optimisations off: measured on
-    # minet7 (onnxruntime 1.32), its CPU optimiser miscomputes this fp16 Q/DQ graph from level
-    # "basic" up (top-1 agreement 18% instead of 98% unoptimised); unoptimised, ORT runs the
-    # graph exactly as written, which is what TensorRT builds from.
-    int8 = xonnx.ort_session(data, optimization=quant["onnxruntime_optimization"])
-    record = {"calibration": {"source": os.fspath(o.calib_data), "images": int(len(calib)), "skipped": skipped,
-                              "method": o.calib_method, "activations": quant["activations"]},
-              "coverage": {"quantized": done, "conv_gemm_matmul": total}, "seconds": round(quantize_s, 1)}
-    if o.val_data:
-        acc = _accuracy(ctx, fp32, int8)
-        record["accuracy"] = acc
-        record["agreement"] = {"top1": acc["agreement"], "images": acc["images"], "source": "--val-data photos"}
-    else:
-        images, source = ctx.check_images()
-        a, b = xonnx.run_session(fp32, images), xonnx.run_session(int8, images)
-        key = "logits" if "logits" in a else next(iter(a))
-        record["agreement"] = {"top1": xonnx.agreement(a[key], b[key]), "images": len(images), "source": source}
-    agree = record["agreement"]["top1"]
-    if not agree >= o.min_agreement:
-        raise MineralNetError(f"int8 gate FAILED, nothing written: top-1 agreement with fp32 is {agree:.1%} on "
-                              f"{record['agreement']['images']} {record['agreement']['source']} (minimum "
-                              f"{o.min_agreement:.0%}); calibrate on more representative photos (--calib-data, "
-                              f"--calib-size) or try --calib-method percentile")
-    if o.val_data and record["accuracy"]["fp32"] - record["accuracy"]["int8"] > o.max_acc_drop:
-        acc = record["accuracy"]
-        raise MineralNetError(f"int8 gate FAILED, nothing written: top-1 accuracy on {acc['images']} --val-data "
-                              f"photos drops from {acc['fp32']:.1%} (fp32) to {acc['int8']:.1%} (int8), more than "
-                              f"--max-acc-drop {100 * o.max_acc_drop:g} points; calibrate on more representative "
-                              f"photos (--calib-data, --calib-size) or try --calib-method percentile")
-    opset = max(o.opset, xonnx.TRT_INT8_OPSET) if for_tensorrt else o.opset
-    return ctx.write("model.int8.onnx", data, {"format": "onnx", "precision": "int8", "opset": opset,
-                                               "input": {"name": xonnx.INPUT_NAME, "shape": _input_shape(ctx)},
-                                               "outputs": list(o.outputs), "batch": ctx.batch_info(),
-                                               "quantization": quant, "int8": record, "versions": _versions()})
-
-
-def _accuracy(ctx: ExportContext, fp32, int8) -> dict:
-    """Top-1 accuracy of the fp32 and int8 ONNX models on --val-data, and their agreement."""
-    from mineralnet.data import scan_dataset
-
-    index = scan_dataset(ctx.options.val_data, verify=True, classes=list(ctx.meta["classes"]))
-    right, agree, n = {"fp32": 0, "int8": 0}, 0, 0
-    for start in range(0, len(index.samples), 64):
-        chunk = index.samples[start:start + 64]
-        images, _ = ctx._load([p for p, _ in chunk])
-        if len(images) != len(chunk):  # verify=True excluded undecodable files already
-            raise MineralNetError(f"--val-data {ctx.options.val_data!r}: a photo stopped decoding during export")
-        y = np.array([label for _, label in chunk])
-        a, b = xonnx.run_session(fp32, images), xonnx.run_session(int8, images)
-        key = "logits" if "logits" in a else "probs"
-        pa, pb = a[key].argmax(1), b[key].argmax(1)
-        right["fp32"] += int((pa == y).sum())
-        right["int8"] += int((pb == y).sum())
-        agree += int((pa == pb).sum())
-        n += len(chunk)
-    if not n:
-        raise MineralNetError(f"--val-data {os.fspath(ctx.options.val_data)!r} holds no readable photos")
-    return {"images": n, "fp32": right["fp32"] / n, "int8": right["int8"] / n, "agreement": agree / n}
+    return exporting.export_int8(ctx, activations, for_tensorrt)
 
 
 ENGINE_NAMES = {"fp32": "model.engine", "fp16": "model.fp16.engine", "int8": "model.int8.engine"}
@@ -508,14 +426,24 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise MineralNetError(f"unknown export format(s) {', '.join(unknown)}; choose from {', '.join(FORMATS)}")
-    if "int8" in formats and not options.calib_data:  # fail before spending minutes on the fp32 export
-        raise MineralNetError("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the "
-                              "training set; 100-500 are enough) to calibrate the int8 ranges")
+    if "int8" in formats:  # fail before spending minutes on the fp32 export
+        from mineralnet.quantize.stats import parse_gate
+
+        parse_gate(options.int8_gate)
+        if options.int8_fallback not in ("off", "auto"):
+            raise MineralNetError(f"--int8-fallback {options.int8_fallback!r}: choose auto or off")
+        if options.calib_size is not None and options.calib_size < 1:
+            raise MineralNetError(f"--calib-size {options.calib_size} must be at least 1")
+        if not options.calib_data and not (Path(run if Path(run).is_dir() else Path(run).parent) / "split.json").is_file():
+            raise MineralNetError("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the "
+                                  "training set) to calibrate the int8 ranges (a run with its split.json uses its "
+                                  "training photos)")
     for flag, folder in (("--calib-data", options.calib_data), ("--val-data", options.val_data)):
         if folder:
             _existing_images(folder, flag)
     ctx = ExportContext(run, options)
     log = log or (lambda line: None)
+    ctx.log = log
     artifacts = [FORMATS["onnx"].write(ctx)]
     log(artifacts[-1].line())
     if "fp16" in formats:

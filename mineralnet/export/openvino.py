@@ -66,9 +66,9 @@ def _export_ir(ctx, precision: str, method: str):
         if precision == "fp32":
             record["parity"] = _parity(ctx, got, images, src)
         else:
-            agreement = _agreement(ctx, xml, got, images, src)
-            accuracy = agreement.pop("accuracy", None)
-            record["int8"] = {"agreement": agreement, **({"accuracy": accuracy} if accuracy else {})}
+            gated = _agreement(ctx, xml, got, images, src)
+            record["int8"] = {"agreement": {k: gated[k] for k in ("top1", "images", "source")},
+                              "accuracy": gated["accuracy"], "gate": gated["gate"], "report": gated["report"]}
         xml_bytes, bin_bytes = xml.read_bytes(), bin_path(xml).read_bytes()
     from mineralnet.runs import atomic_write_bytes
 
@@ -92,22 +92,14 @@ def _parity(ctx, got: dict, images: np.ndarray, source: str) -> dict:
 
 
 def _agreement(ctx, xml: Path, got: dict, images: np.ndarray, source: str) -> dict:
-    """Top-1 agreement of the int8 IR with PyTorch fp32 (on --val-data when given, with both accuracies)."""
+    """The int8 gate (`quantize.exporting.heldout_gate`, the same as for model.int8.onnx): the int8 IR against
+    the fp32 ONNX on the held-out photos; its report is model.int8.xml.report.*."""
     from mineralnet.export import onnx as xonnx
+    from mineralnet.quantize.exporting import heldout_gate
 
-    o = ctx.options
-    if o.val_data:
-        fp32 = score_photos(Predictor(ctx.run, device="cpu"), o.val_data)
-        int8 = score_photos(Predictor(xml), o.val_data, reference=fp32["preds"])
-        result = {"top1": int8["agreement"], "images": int8["images"], "source": "--val-data photos",
-                  "accuracy": {"fp32": fp32["top1"], "int8": int8["top1"], "images": int8["images"]}}
-    else:
-        reference = xonnx.torch_outputs(ctx.model, images, o.outputs)
-        key = "logits" if "logits" in reference else next(iter(reference))
-        result = {"top1": xonnx.agreement(reference[key], got[key]), "images": len(images), "source": source}
-    if not result["top1"] >= o.min_agreement:
-        raise MineralNetError(f"OpenVINO int8 gate FAILED, nothing written: top-1 agreement with fp32 is "
-                              f"{result['top1']:.1%} on {result['images']} {result['source']} (minimum "
-                              f"{o.min_agreement:.0%}); calibrate on more representative photos (--calib-data, "
-                              f"--calib-size) or try the other --openvino-int8 method")
-    return result
+    fp32 = xonnx.ort_session(ctx.files["fp32"])
+    runner = IRRunner(xml, precision="fp32")
+    record = heldout_gate(ctx, lambda x: xonnx.run_session(fp32, x), runner.run, what="OpenVINO int8 gate",
+                          stem="model.int8.xml.report")
+    return {**record["agreement"], "gate": record["gate"], "report": record["report"],
+            "accuracy": record["accuracy"]}
