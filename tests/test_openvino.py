@@ -38,9 +38,11 @@ def run_dir(tmp_path_factory, photos):
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir, photos):
+def exported(tmp_path_factory, run_dir, photos):
     """fp32 + int8 ONNX and IR, fixed batch 2 (the last chunk of an odd count is padded)."""
-    opts = ExportOptions(calib_data=photos, calib_size=24, profile=BatchProfile.static(2), val_data=photos)
+    calib = make_demo_dataset(tmp_path_factory.mktemp("calib") / "set", classes=3, per_class=10, size=96, seed=1)
+    opts = ExportOptions(calib_data=calib, calib_size=24, profile=BatchProfile.static(2), val_data=photos,
+                         int8_gate="drop=100,bound=100")  # 30 held-out photos cannot show a 2-point bound
     arts = export(run_dir, ["int8", "openvino"], opts)
     return {a.path.name: a for a in arts}
 
@@ -114,7 +116,7 @@ def test_predictor_over_ir_equals_predictor_over_onnx(exported, run_dir, photos)
 
 def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
     pytest.importorskip("nncf")
-    opts = ExportOptions(calib_data=photos, calib_size=16, out_dir=tmp_path, openvino_int8="nncf")
+    opts = ExportOptions(calib_data=photos, calib_size=16, out_dir=tmp_path, openvino_int8="nncf", int8_gate="drop=100,bound=100")
     arts = {a.path.name: a for a in export(run_dir, ["int8", "openvino"], opts)}
     record = arts["model.int8.xml"].record
     assert record["quantization"]["method"] == "nncf" and record["quantization"]["calib_images"] == 16

@@ -242,7 +242,7 @@ def export_int8(ctx, activations: str = "uint8", for_tensorrt: bool = False):
             raise MineralNetError(failure_line(gate, spec, paths["md"]))
         record = {"gate": gate.to_dict(), "report": Path(paths["json"]).name}
         recipe_label = f"TensorRT placement ({o.calib_method}, int8 symmetric, fp16 float parts)"
-        calib_n = len(calib)
+        calib_n, calib_source = len(calib), plan.calib_source
     else:
         result, record, paths = gated_int8(
             ctx.files["fp32"], run=ctx.run, meta=ctx.meta, model=ctx.model, preprocess=ctx.preprocess,
@@ -251,6 +251,7 @@ def export_int8(ctx, activations: str = "uint8", for_tensorrt: bool = False):
             broken_calibration=broken, ranking=bool(getattr(o, "report", False)))
         data, gate = result.model, result.gate
         recipe_label, calib_n = result.recipe.label(), result.report["photos"]["calibration"]
+        calib_source = result.report["photos"].get("calibration_source")
     seconds = time.perf_counter() - t0
     proto = g.load(data)
     quant = {"weights": "int8 symmetric per-channel",
@@ -266,7 +267,8 @@ def export_int8(ctx, activations: str = "uint8", for_tensorrt: bool = False):
     done, total = xonnx.quantized_coverage(proto)
     acc = {"fp32": gate.accuracy_fp32.value, "int8": gate.accuracy_int8.value, "images": gate.agreement.n} \
         if gate.accuracy_fp32 is not None else None
-    int8 = {**record, "agreement": {"top1": gate.agreement.value, "images": gate.agreement.n, "source": gate.source},
+    int8 = {**record, "calibration": {"images": int(calib_n), "source": calib_source, "recipe": recipe_label},
+            "agreement": {"top1": gate.agreement.value, "images": gate.agreement.n, "source": gate.source},
             "coverage": {"quantized": done, "conv_gemm_matmul": total}, "seconds": round(seconds, 1)}
     if acc:
         int8["accuracy"] = acc
