@@ -316,7 +316,13 @@ def test_tensor_stats_match_qdq_loss_debug_on_all_images(tiny, tmp_path):
         paths[name] = collect_activations(str(tmp_path / f"{name}.aug.onnx"), reader)
     matched = create_activation_matching(paths["qdq"], paths["float"])
     assert set(rows) == set(matched) and len(rows) >= 3
+    # ORT folds each Relu into the Q/DQ after its Conv: the QDQ model's pre-Q/DQ values are the Conv's, so the
+    # Relu is applied before comparing (here by hand: every folded tensor of this net is a Relu's output)
+    assert rp.folded_activations(tiny["pre"], tiny["qdq"]) == {"r1": (0.0, math.inf), "r2": (0.0, math.inf),
+                                                                "r3": (0.0, math.inf)}
     for name, m in matched.items():
+        if name in ("r1", "r2", "r3"):
+            m["pre_qdq"] = [np.maximum(v, 0) for v in m["pre_qdq"]]
         assert rows[name]["sqnr_local_db"] == pytest.approx(
             compute_signal_to_quantization_noice_ratio(m["pre_qdq"], m["post_qdq"]), abs=1e-4)  # theirs sums in float32
         assert rows[name]["sqnr_accumulated_db"] == pytest.approx(

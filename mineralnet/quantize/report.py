@@ -53,12 +53,35 @@ def _q_params(qdq) -> dict[str, dict]:
     return out
 
 
+def folded_activations(pre_fp32, qdq) -> dict[str, tuple[float, float]]:
+    """Tensors whose Relu/Clip ONNX Runtime folded into the QuantizeLinear (the QDQ model computes them with
+    the Conv before them and lets the int8 range clip): name -> the activation's (low, high). Their pre-Q/DQ
+    values in the QDQ model are the Conv's, before the activation; the statistics apply it first, so that the
+    clipped share and the local SQNR measure quantization, not the Relu."""
+    from onnx import numpy_helper
+
+    fp, q = g.load(pre_fp32), g.load(qdq)
+    inits = {t.name: numpy_helper.to_array(t) for t in fp.graph.initializer}
+    q_producer = {o: n.op_type for n in q.graph.node for o in n.output}
+    out = {}
+    for node in fp.graph.node:
+        if node.op_type not in g.FOLDED_ACTIVATIONS or q_producer.get(node.output[0]) == node.op_type:
+            continue
+        low, high = 0.0, math.inf
+        if node.op_type == "Clip":
+            low = float(inits[node.input[1]]) if len(node.input) > 1 and node.input[1] in inits else -math.inf
+            high = float(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] in inits else math.inf
+        out[node.output[0]] = (low, high)
+    return out
+
+
 def tensor_stats(pre_fp32: bytes, qdq: bytes, images: np.ndarray, batch: int = 8) -> list[dict]:
     """Per quantized activation: range, scale, clipped share, local and accumulated SQNR (graph order)."""
     from onnxruntime.quantization.qdq_loss_debug import (create_activation_matching,
                                                          modify_model_output_intermediate_tensors)
 
     params = _q_params(g.load(qdq))
+    folded = folded_activations(pre_fp32, qdq)
     sums: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="mineralnet-qdebug-") as tmp:
         paths = {}
@@ -80,6 +103,8 @@ def tensor_stats(pre_fp32: bytes, qdq: bytes, images: np.ndarray, batch: int = 8
             matched = create_activation_matching(acts["qdq"], acts["float"])
             for name, m in matched.items():
                 pre = np.asarray(m["pre_qdq"][0], np.float64)
+                if name in folded:
+                    pre = np.clip(pre, *folded[name])
                 post = np.asarray(m["post_qdq"][0], np.float64)
                 ref = np.asarray(m["float"][0], np.float64) if m.get("float") else None
                 if n < len(x) and pre.size % len(x) == 0:  # padding rows of a fixed batch: drop them
