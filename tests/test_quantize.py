@@ -389,7 +389,7 @@ def test_make_int8_with_fallback_and_report(tiny, tmp_path):
     auto = pipeline.make_int8(_tiny_model(), calib, select, held, spec=spec, recipe=rc.Recipe(), search=True,
                               fallback="auto", log=lines.append)
     assert auto.gate.passed
-    assert len(auto.report["recipe"]["trials"]) == len(rc.METHODS) * len(rc.KEEP_FLOAT)
+    assert len(auto.report["recipe"]["trials"]) == len(rc.METHODS) * len(rc.DEFAULT_KEEP)
     assert auto.report["sensitivity"]["ranking"][0]["node"] == "conv2"
     paths = rp.write(auto.report, tmp_path)
     assert paths["png"].stat().st_size > 1000 and "Most sensitive nodes" in paths["md"].read_text()
