@@ -5,11 +5,12 @@ asymmetric activations on x86 (int8 symmetric for TensorRT/ARM), the fusion tail
 float, `reduce_range` (7-bit weights) exactly where the CPU lacks VNNI (u8 x s8 products can saturate
 there; detected from /proc/cpuinfo: avx512_vnni, avx_vnni or amx_int8).
 
-What is chosen: the calibration method (MinMax / percentile / entropy) and whether the feature maps the
-pooling reads (F2/F4, `graph.map_nodes`) stay float. Each candidate is quantized on the calibration photos
-(by default every training photo up to 512) and scored on SELECTION photos (training photos not used for
-calibration), never on the held-out photos the gate and the report use: fewest top-1 flips against fp32,
-then the highest logit SQNR; ties go to the simpler recipe (earlier in `candidates()`).
+What is chosen: the calibration method (MinMax / percentile / entropy) and, when asked, whether the feature
+maps the pooling reads (F2/F4, `graph.map_nodes`) stay float. Each candidate is quantized on the calibration
+photos (by default every training photo up to 512) and scored on SELECTION photos (training photos not used for
+calibration, through the seeded training augmentation), never on the held-out photos the gate and the report
+use: fewest top-1 flips against fp32, then the highest logit SQNR; ties go to the simpler recipe (earlier in
+`candidates()`).
 
 Bias correction (NNCF's) is not applied on this path: onnxruntime's quantize_static has none, and NNCF is
 not installed here.
