@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     rows = {}
     trials = rc.candidates(base, args.methods.split(","), args.keep.split(","))
     t = time.perf_counter()
-    r = None if args.no_baselines else pipeline.make_int8(fp32, old_calib, select, held, spec=spec, recipe=base, search=False, want_report=False,
+    r = None if args.no_baselines else pipeline.make_int8(fp32, old_calib, select, held, spec=spec, recipe=base,
+                                                          search=False, want_report=False,
                            noise=noise, classes=classes)
     if r is not None:
         rows["full int8, MinMax on 128 photos (the old default)"] = (r.model, r.gate, r.recipe, time.perf_counter() - t)

@@ -77,7 +77,8 @@ def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int
     if calib_data:
         calib_all = [p for p in list_images(calib_data) if os.path.abspath(p) not in held]
         if not calib_all:
-            raise MineralNetError(f"--calib-data {os.fspath(calib_data)!r} holds only held-out photos ({heldout_source}); "
+            raise MineralNetError(f"--calib-data {os.fspath(calib_data)!r} holds only held-out photos "
+                                  f"({heldout_source}); "
                                   f"calibrate on other photos, e.g. the training set")
         calib = spread(calib_all, cap)
         calib_source = f"--calib-data photos ({len(calib)} of {len(calib_all)})"
@@ -94,7 +95,8 @@ def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int
         raise MineralNetError("--int8 needs calibration photos: pass --calib-data DIR (e.g. the training photos), "
                               "or export a run that has its split.json")
     if not calib:
-        raise MineralNetError(f"--calib-data {os.fspath(calib_data)!r}: no photos left after removing the held-out ones")
+        raise MineralNetError(f"--calib-data {os.fspath(calib_data)!r}: no photos left after removing the "
+                              f"held-out ones")
     return PhotoPlan(calib, spread(pool, select_size), heldout, heldout_source, calib_source)
 
 

@@ -47,7 +47,8 @@ def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spe
               classes=None, max_fallback_nodes: int | None = None, trials=None, log=None) -> Int8Result:
     """See the module doc. `recipe`: the base recipe (default: `recipe.default_recipe()` for this CPU); with
     `search` the method and the float maps are chosen on `select`. `want_report`: per-tensor and per-weight
-    statistics; `ranking` (default: want_report): the sensitivity ranking on `select`. `noise`: {"fp16"/"bf16": held-out logits}."""
+    statistics; `ranking` (default: want_report): the sensitivity ranking on `select`.
+    `noise`: {"fp16"/"bf16": held-out logits}."""
     log = log or (lambda line: None)
     spec = spec or GateSpec()
     base = recipe or rc.default_recipe()

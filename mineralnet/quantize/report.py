@@ -248,7 +248,8 @@ def markdown(report: dict, top: int = 15) -> str:
     if tensors:
         worst = sorted(tensors, key=lambda r: r["sqnr_local_db"])[:top]
         lines += [f"## Activations with the lowest local SQNR ({len(tensors)} quantized tensors)", "",
-                  "| tensor | range | scale | clipped | SQNR local dB | SQNR accumulated dB |", "|---|---|---|---|---|---|"]
+                  "| tensor | range | scale | clipped | SQNR local dB | SQNR accumulated dB |",
+                  "|---|---|---|---|---|---|"]
         for r in worst:
             rng = f"[{r['range'][0]:.3g}, {r['range'][1]:.3g}]" if r["range"] else "-"
             acc = f"{r['sqnr_accumulated_db']:.1f}" if r["sqnr_accumulated_db"] is not None else "-"
@@ -269,7 +270,8 @@ def markdown(report: dict, top: int = 15) -> str:
         lines += [f"## Photos whose answer flipped ({len(flips)})", "", "| photo | label | fp32 | int8 | fp32 margin |",
                   "|---|---|---|---|---|"]
         for r in flips[:50]:
-            lines.append(f"| {r['photo']} | {r.get('label', '-')} | {r['fp32']} | {r['int8']} | {r['fp32_margin']:.3f} |")
+            lines.append(f"| {r['photo']} | {r.get('label', '-')} | {r['fp32']} | {r['int8']} | "
+                         f"{r['fp32_margin']:.3f} |")
         lines.append("")
     return "\n".join(lines)
 
