@@ -96,7 +96,9 @@ def test_fp32_onnx_is_checked_self_contained_and_carries_metadata(exported, run_
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    assert sorted(os.listdir(path.parent)) == ["model.fp16.onnx", "model.int8.onnx", "model.json", "model.onnx"]
+    assert sorted(os.listdir(path.parent)) == ["model.fp16.onnx", "model.int8.onnx", "model.int8.report.json",
+                                               "model.int8.report.md", "model.int8.report.png", "model.json",
+                                               "model.onnx"]
     (inp,) = proto.graph.input
     assert inp.name == "images"
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, SIZE, SIZE]
