@@ -98,7 +98,7 @@ def test_ir_carries_the_metadata_and_fp32_weights(exported, run_dir):
 def test_int8_ir_passes_the_agreement_gate_and_records_accuracy(exported, run_dir, photos):
     record = json.loads((run_dir / "export" / "model.json").read_text())["exports"]["model.int8.xml"]
     agree = record["int8"]["agreement"]
-    assert agree["source"] == "--val-data photos" and agree["images"] == 30 and agree["top1"] >= 0.9
+    assert agree["source"] == "30 --val-data photos" and agree["images"] == 30 and agree["top1"] >= 0.9
     fp32 = score_photos(run_dir, photos, device="cpu")
     int8 = score_photos(run_dir / "export" / "model.int8.xml", photos, reference=fp32["preds"])
     assert int8["agreement"] == pytest.approx(agree["top1"])

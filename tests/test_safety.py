@@ -371,8 +371,9 @@ def test_int8_gate_flag_and_a_failed_gate_writes_no_int8_model(small_export_run,
     add_arguments(parser)
     o = options_from_args(parser.parse_args([str(run), "--int8-gate", "drop=0.5,bound=1.5", "--int8-fallback", "auto"]))
     assert (o.int8_gate, o.int8_fallback) == ("drop=0.5,bound=1.5", "auto")
-    # the default gate cannot pass on a handful of held-out photos: one line naming the drop, its bound, the report
-    opts = ExportOptions(out_dir=tmp_path / "o", calib_data=photos, calib_size=8)
+    # a gate no model can pass (bound 0: even zero flips leave the Wilson asymmetry above it): one line naming the
+    # drop, its bound and the report, and no int8 file
+    opts = ExportOptions(out_dir=tmp_path / "o", calib_data=photos, calib_size=8, int8_gate="drop=0,bound=0")
     with pytest.raises(MineralNetError, match=r"int8 gate FAILED, no int8 file written: accuracy drop .* upper bound "
                                               r".*report: .*model\.int8\.report\.md"):
         export(run, ["int8"], opts)
