@@ -45,7 +45,7 @@ def add_arguments(parser) -> None:
     q.add_argument("--calib-data", "--quant-data", dest="quant_data", default=None, metavar="DIR",
                    help="quantization photos: the int8 ranges are measured on them; any folder layout "
                         "(e.g. the training set; default: the run's training photos)")
-    q.add_argument("--calib-size", "--quant-size", dest="quant_size", type=int, default=None,
+    q.add_argument("--calib-size", "--quant-size", dest="quant_size", type=int, default=None, metavar="N",
                    help="how many quantization photos, spread over DIR (default: all up to 512)")
     q.add_argument("--calib-method", "--quant-method", dest="quant_method", choices=RANGE_METHODS, default="minmax",
                    help="range estimation of the TensorRT flavour (the CPU flavour chooses among them by "
