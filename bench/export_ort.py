@@ -53,16 +53,17 @@ def session(path, level="all", threads=None):
 def export_with_variants(run, out: Path, data, calib_size: int, variants: bool) -> dict:
     """fp32 + int8 (uint8) ONNX through the library pipeline, plus the other int8 variants."""
     from mineralnet.export import BatchProfile, ExportOptions, export
-    from mineralnet.data import list_images
-    from mineralnet.export.context import spread as _spread
     from mineralnet.export.int8 import quantize_int8
     from mineralnet.predict import Preprocessor
     from mineralnet.runs import read_meta
 
     opts = ExportOptions(out_dir=out, quant_data=data, quant_size=calib_size, profile=BatchProfile.range(1, 8, 8),
-                         outputs=("logits", "probs", "embedding"), min_agreement=0.0)
+                         outputs=("logits", "probs", "embedding"), int8_gate="drop=100,bound=100")
     arts = export(run, ["int8"], opts, log=print)
-    calib_paths = _spread(list_images(data), calib_size)  # the photos export() calibrated on
+    from mineralnet.quantize.exporting import plan_photos
+
+    # the photos export() calibrated on (the held-out ones of the int8 gate left out)
+    calib_paths = plan_photos(run, read_meta(run)["classes"], calib_data=data, calib_size=calib_size).calib
     calib = Preprocessor(read_meta(run)).batch(calib_paths)
     (out / FILES[SYM]).write_bytes(quantize_int8(out / FILES[FP32], calib, activations="int8", batch=8))
     if variants:

@@ -64,7 +64,7 @@ def exported(calibrated, photos, tmp_path_factory):
     """onnx + fp16 + int8 + openvino + triton of the calibrated run, in one export, fixed batch 2."""
     out, repo = tmp_path_factory.mktemp("out"), tmp_path_factory.mktemp("triton")
     opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=16, profile=BatchProfile.static(2),
-                         triton_dir=repo, triton_kind="cpu", min_agreement=0.8)
+                         triton_dir=repo, triton_kind="cpu", int8_gate="drop=100,bound=100")
     arts = export(calibrated, ["fp16", "int8", "openvino"], opts)
     return out, repo, {a.path.name: a for a in arts}
 
@@ -154,7 +154,7 @@ def test_tensorrt_engines_of_a_calibrated_run_through_the_fake_builder(calibrate
     monkeypatch.setattr(xtrt, "tensorrt_missing", lambda: None)
     monkeypatch.setattr(xtrt, "device_info", lambda: {**DEVICE, "tensorrt_version": fake.__version__})
     opts = ExportOptions(out_dir=tmp_path, quant_data=photos, quant_size=16, profile=BatchProfile.range(1, 2, 4),
-                         min_agreement=0.8)
+                         int8_gate="drop=100,bound=100")
     arts = {a.path.name: a for a in export(calibrated, ["fp16", "int8", "trt"], opts)}
     assert {"model.fp16.engine", "model.int8.engine"} <= set(arts) and "model.engine" not in arts
     assert fake.failures == []
@@ -184,7 +184,7 @@ def phone_exported(calibrated, photos, tmp_path_factory):
         pytest.skip("litert-torch / ai-edge-litert / ai-edge-quantizer / executorch not installed")
     out = tmp_path_factory.mktemp("phone")
     opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=16, profile=BatchProfile.static(2),
-                         min_agreement=0.8)
+                         int8_gate="drop=100,bound=100", val_data=photos)  # toy model: gate wide open
     arts = export(calibrated, ["tflite", "executorch", "int8"], opts)
     return out, {a.path.name: a for a in arts}
 

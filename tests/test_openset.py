@@ -68,7 +68,7 @@ def calibrated(tmp_path_factory, photos):
     run = _run(tmp_path_factory, photos, "calibrated")
     # relmaha: its graph computes both distances of the feature detectors (class Gaussians, class-blind one)
     assert main(["calibrate", str(run), "--detector", "relmaha"]) == 0
-    export(run, ["int8"], ExportOptions(quant_data=photos, quant_size=12))
+    export(run, ["int8"], ExportOptions(quant_data=photos, quant_size=12, int8_gate="drop=100,bound=100"))
     return run
 
 

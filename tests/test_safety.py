@@ -347,8 +347,8 @@ def small_export_run(tmp_path_factory):
     (["--dynamic", "--max-batch", "0"], "--max-batch 0 must be at least 1"),
     (["--dynamic", "--min-batch", "-1"], "--min-batch -1 must be at least 1"),
     (["--batch", "0"], "--batch 0 must be at least 1"),
-    (["--min-agreement", "0.3"], "--allow-weak-gate"),
-    (["--max-acc-drop", "-1"], "--max-acc-drop -1.0 must be in 0..100"),
+    (["--int8-gate", "drop=3,bound=2"], "bound (2) must be at least drop (3)"),
+    (["--int8-gate", "agreement=0.9"], "--int8-gate 'agreement=0.9': write comma-separated KEY=NUMBER"),
 ])
 def test_export_gate_and_batch_flags_are_checked(small_export_run, tmp_path, capsys, flags, expected):
     from mineralnet.cli import export_main
@@ -360,7 +360,7 @@ def test_export_gate_and_batch_flags_are_checked(small_export_run, tmp_path, cap
     assert not (tmp_path / "o").exists()
 
 
-def test_weak_gate_needs_its_flag_and_int8_accuracy_drop_is_gated(small_export_run, tmp_path):
+def test_int8_gate_flag_and_a_failed_gate_writes_no_int8_model(small_export_run, tmp_path):
     import argparse
 
     from mineralnet.export import ExportOptions, export
@@ -369,15 +369,16 @@ def test_weak_gate_needs_its_flag_and_int8_accuracy_drop_is_gated(small_export_r
     run, photos = small_export_run
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    o = options_from_args(parser.parse_args([str(run), "--min-agreement", "0.3", "--allow-weak-gate"]))
-    assert o.min_agreement == 0.3 and o.max_acc_drop == pytest.approx(0.02)
-    # a drop larger than allowed fails the gate and writes no int8 model (a negative bound: any drop fails)
-    opts = ExportOptions(out_dir=tmp_path / "o", quant_data=photos, quant_size=8, val_data=photos,
-                         min_agreement=0.0, max_acc_drop=-1.0)
-    with pytest.raises(MineralNetError, match="more than --max-acc-drop -100 points"):
+    o = options_from_args(parser.parse_args([str(run), "--int8-gate", "drop=0.5,bound=1.5", "--int8-fallback", "auto"]))
+    assert (o.int8_gate, o.int8_fallback) == ("drop=0.5,bound=1.5", "auto")
+    # a gate no model can pass (bound 0: even zero flips leave the Wilson asymmetry above it): one line naming the
+    # drop, its bound and the report, and no int8 file
+    opts = ExportOptions(out_dir=tmp_path / "o", quant_data=photos, quant_size=8, int8_gate="drop=0,bound=0")
+    with pytest.raises(MineralNetError, match=r"int8 gate FAILED, no int8 file written: accuracy drop .* upper bound "
+                                              r".*report: .*model\.int8\.report\.md"):
         export(run, ["int8"], opts)
-    assert not (tmp_path / "o" / "model.int8.onnx").exists()
-    opts.max_acc_drop, opts.out_dir = 1.0, tmp_path / "o2"  # 100 points: nothing can fail it
+    assert not (tmp_path / "o" / "model.int8.onnx").exists() and (tmp_path / "o" / "model.int8.report.md").is_file()
+    opts.int8_gate, opts.out_dir = "drop=100,bound=100", tmp_path / "o2"  # 100 points: nothing can fail it
     export(run, ["int8"], opts)
     assert (tmp_path / "o2" / "model.int8.onnx").is_file()
 

@@ -304,7 +304,7 @@ def trt_export(run_dir, photos, tmp_path_factory):
     Without TensorRT the export writes and checks the ONNX files, then fails naming trtexec."""
     out = tmp_path_factory.mktemp("trt")
     opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4),
-                         min_agreement=0.8)
+                         int8_gate="drop=100,bound=100")
     try:
         export(run_dir, ["fp16", "int8", "trt"], opts)
         error = None
@@ -418,7 +418,7 @@ def test_trt_refuses_an_int8_model_tensorrt_cannot_build(run_dir, photos, tmp_pa
     from mineralnet.cli import export_main
 
     rc = export_main([str(run_dir), "--trt", "--int8", "--int8-activations", "uint8", "--calib-data", str(photos),
-                      "--calib-size", "8", "--min-agreement", "0", "--allow-weak-gate", "--outputs", "logits", "--out", str(tmp_path)])
+                      "--calib-size", "8", "--int8-gate", "drop=100,bound=100", "--outputs", "logits", "--out", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1
     assert "uint8 asymmetric activations and fp32 float layers" in err and "--int8-activations int8" in err
@@ -452,7 +452,7 @@ def test_tensorrt_engines_build_and_match_onnx_runtime(run_dir, photos, tmp_path
     from mineralnet.predict import Predictor
 
     opts = ExportOptions(out_dir=tmp_path, quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4),
-                         min_agreement=0.5)
+                         int8_gate="drop=100,bound=100")
     arts = export(run_dir, ["fp16", "int8", "trt"], opts)
     assert {"model.fp16.engine", "model.int8.engine"} <= {a.path.name for a in arts}
     side = json.loads((tmp_path / "model.fp16.engine.json").read_text())

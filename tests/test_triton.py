@@ -63,7 +63,7 @@ def static_repo(run, photos, tmp_path_factory):
     """fp32 + int8 ONNX at a fixed batch of 2, no engine."""
     repo = tmp_path_factory.mktemp("triton_static")
     out = tmp_path_factory.mktemp("export_static")
-    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=16, profile=BatchProfile.static(2),
+    opts = ExportOptions(out_dir=out, quant_data=photos, quant_size=16, int8_gate="drop=100,bound=100", profile=BatchProfile.static(2),
                          triton_dir=repo, triton_kind="cpu", triton_instances=2)
     arts = export(run.dir, ["int8"], opts)
     return SimpleNamespace(repo=repo, out=out, arts=arts)
@@ -85,7 +85,7 @@ def dynamic_repo(run, calibrated, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("export_dynamic")
     outputs = ("logits", "probs", "embedding", "novelty")
     _fake_engine(out, run.meta, DYNAMIC, "fp16", outputs)
-    opts = ExportOptions(out_dir=out, outputs=outputs, quant_data=photos, quant_size=16, profile=DYNAMIC,
+    opts = ExportOptions(out_dir=out, outputs=outputs, quant_data=photos, quant_size=16, int8_gate="drop=100,bound=100", profile=DYNAMIC,
                          triton_dir=repo)
     arts = export(calibrated, ["int8", "triton"], opts)
     return SimpleNamespace(repo=repo, out=out, arts=arts)

@@ -6,7 +6,8 @@ from mineralnet.errors import MineralNetError
 EXAMPLES = """\
 examples:
   mineralnet-export runs/exp1                                   # model.onnx (fp32, batch 1)
-  mineralnet-export runs/exp1 --int8 --calib-data photos/train --val-data photos/val
+  mineralnet-export runs/exp1 --int8                            # gated on the run's validation photos
+  mineralnet-export runs/exp1 --int8 --int8-fallback auto --report
   mineralnet-export runs/exp1 --fp16 --trt --dynamic --max-batch 32   # on the GPU machine (TensorRT 10 or 11)
   mineralnet-export runs/exp1 --int8 --trt --calib-data photos/train   # int8 Q/DQ + fp16 ONNX -> int8 engine
   mineralnet-export runs/exp1 --openvino --int8 --calib-data photos/train   # OpenVINO IR fp32 + int8 for CPUs
@@ -43,21 +44,24 @@ def add_arguments(parser) -> None:
     q = parser.add_argument_group("int8 (the quantization photos; --calib-* and --quant-* are the same flags)")
     q.add_argument("--calib-data", "--quant-data", dest="quant_data", default=None, metavar="DIR",
                    help="quantization photos: the int8 ranges are measured on them; any folder layout "
-                        "(e.g. the training set)")
-    q.add_argument("--calib-size", "--quant-size", dest="quant_size", type=int, default=128,
-                   help="how many quantization photos, spread over DIR (default 128)")
+                        "(e.g. the training set; default: the run's training photos)")
+    q.add_argument("--calib-size", "--quant-size", dest="quant_size", type=int, default=None, metavar="N",
+                   help="how many quantization photos, spread over DIR (default: all up to 512)")
     q.add_argument("--calib-method", "--quant-method", dest="quant_method", choices=RANGE_METHODS, default="minmax",
-                   help="how the int8 ranges are estimated from them (default minmax)")
+                   help="range estimation of the TensorRT flavour (the CPU flavour chooses among them by "
+                        "measurement; default minmax)")
     q.add_argument("--int8-activations", choices=INT8_ACTIVATIONS, default=None,
                    help="uint8: fastest in ONNX Runtime on x86; int8: symmetric, needed by TensorRT and "
                         "preferred on ARM (default: int8 with --trt, and then the float parts are fp16 too; "
                         "else uint8)")
-    q.add_argument("--min-agreement", type=float, default=0.9,
-                   help="fail if int8 top-1 agrees with fp32 on fewer photos than this (default 0.9)")
-    q.add_argument("--allow-weak-gate", action="store_true", help="accept --min-agreement below 0.5")
-    q.add_argument("--max-acc-drop", type=float, default=2.0, metavar="POINTS",
-                   help="with --val-data: fail if int8 top-1 accuracy is more than this many points below "
-                        "fp32's (default 2)")
+    q.add_argument("--int8-gate", default="drop=1,bound=2", metavar="SPEC",
+                   help="acceptance of int8 on held-out photos: fp32-int8 top-1 accuracy drop <= drop points and its "
+                        "upper 95%% bound (Newcombe, paired) <= bound points (default drop=1,bound=2; also "
+                        "confidence=0.95, margin=0.2)")
+    q.add_argument("--int8-fallback", choices=("off", "auto"), default="off",
+                   help="auto: return the most sensitive nodes to float until the gate holds (default off)")
+    q.add_argument("--report", action="store_true",
+                   help="add the per-node sensitivity ranking to model.int8.report.{json,md,png} (always written)")
     o = parser.add_argument_group("output")
     o.add_argument("--outputs", default="logits,probs",
                    help=f"model outputs, comma list of {', '.join(OUTPUT_NAMES)} (default logits,probs; "
@@ -65,7 +69,8 @@ def add_arguments(parser) -> None:
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     o.add_argument("--out", default=None, metavar="DIR", help="output folder (default RUN/export)")
     o.add_argument("--val-data", default=None, metavar="DIR",
-                   help="labelled photos (class sub-folders): parity images, and int8 vs fp32 accuracy")
+                   help="labelled held-out photos (class sub-folders): parity images and the int8 gate (default: the "
+                        "run's validation photos)")
     t = parser.add_argument_group("TensorRT")
     t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MIB",
                    help=f"builder workspace limit in MiB (default {DEFAULT_WORKSPACE_MIB})")
@@ -103,20 +108,15 @@ def options_from_args(args):
     from mineralnet.export.context import ExportOptions
     from mineralnet.export.onnx import parse_outputs
 
-    if not 0.0 <= args.min_agreement <= 1.0:
-        raise MineralNetError(f"--min-agreement {args.min_agreement} must be a fraction in 0..1 (e.g. 0.98)")
-    if args.min_agreement < 0.5 and not getattr(args, "allow_weak_gate", False):
-        raise MineralNetError(f"--min-agreement {args.min_agreement} would let an int8 model that disagrees with "
-                              f"fp32 on most photos pass; add --allow-weak-gate if that is really meant")
-    max_drop = getattr(args, "max_acc_drop", 2.0)
-    if not 0.0 <= max_drop <= 100.0:
-        raise MineralNetError(f"--max-acc-drop {max_drop} must be in 0..100 (percentage points)")
+    from mineralnet.quantize.stats import parse_gate
+
+    parse_gate(args.int8_gate)
     if args.workspace < 1:
         raise MineralNetError(f"--workspace {args.workspace} must be a positive number of MiB")
     return ExportOptions(out_dir=args.out, outputs=parse_outputs(args.outputs), profile=profile_from_args(args),
                          opset=args.opset, quant_data=args.quant_data, quant_size=args.quant_size,
                          quant_method=args.quant_method, int8_activations=args.int8_activations,
-                         min_agreement=args.min_agreement, max_acc_drop=max_drop / 100.0,
+                         int8_gate=args.int8_gate, int8_fallback=args.int8_fallback, report=args.report,
                          val_data=args.val_data, workspace_mib=args.workspace,
                          timing_cache=args.timing_cache, openvino_int8=args.openvino_int8,
                          triton_dir=args.triton, triton_instances=args.triton_instances,

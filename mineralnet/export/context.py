@@ -39,12 +39,15 @@ class ExportOptions:
     profile: BatchProfile = field(default_factory=lambda: BatchProfile.static(1))
     opset: int = DEFAULT_OPSET
     quant_data: str | os.PathLike | None = None  # --calib-data: the quantization photos of int8
-    quant_size: int = 128  # --calib-size: how many of them, spread over the folder
-    quant_method: str = "minmax"  # --calib-method: how the int8 ranges are estimated from them
+    # --calib-size: how many of them, spread over the folder (None: all up to quantize.exporting.DEFAULT_CALIB_SIZE)
+    quant_size: int | None = None
+    quant_method: str = "minmax"  # --calib-method: the TensorRT flavour's ranges (the CPU flavour chooses by measurement)
     int8_activations: str | None = None  # None: int8 when a TensorRT engine is asked for, else uint8
-    min_agreement: float = 0.9  # int8 top-1 agreement with fp32 below this is an error
-    max_acc_drop: float = 0.02  # with val_data: int8 top-1 accuracy below fp32's by more than this is an error
-    val_data: str | os.PathLike | None = None
+    int8_gate: str = "drop=1,bound=2"  # quantize.stats.parse_gate: accuracy drop and its upper 95% bound (points)
+    int8_fallback: str = "off"  # "auto": sensitive nodes back to float until the gate holds
+    int8_search: bool = True  # choose the int8 recipe on the selection photos
+    report: bool = False  # add the sensitivity ranking to model.int8.report.*
+    val_data: str | os.PathLike | None = None  # held-out labelled photos (default: the run's validation split)
     workspace_mib: int = DEFAULT_WORKSPACE_MIB
     timing_cache: str | os.PathLike | None = None  # default: OUT/timing.cache
     openvino_int8: str = "qdq"  # int8 IR from model.int8.onnx ("qdq") or NNCF on the quantization photos
@@ -69,7 +72,9 @@ class Artifact:
             ties = p["images"] - p["top1_required"]
             notes.append(f"max|d logit| {d:.1e} on {p['images']} {p['source']}, top-1 identical "
                          f"{p['top1_equal']}/{p['top1_required']}" + (f" ({ties} fp16 near-ties exempt)" if ties else ""))
-        if "int8" in r:
+        if "int8" in r and "gate" in r["int8"]:
+            notes.append(r["int8"]["gate"]["line"])
+        elif "int8" in r:
             q = r["int8"]
             notes.append(f"top-1 agreement with fp32 {q['agreement']['top1']:.1%} on {q['agreement']['images']} "
                          f"{q['agreement']['source']}")
@@ -134,6 +139,7 @@ class ExportContext:
         self.artifacts: list[Artifact] = []
         self.novelty = self._open_set_calibration()
         self._check: tuple[np.ndarray, str] | None = None
+        self.log = lambda line: None  # export() passes its log (the int8 recipe search reports through it)
 
     def path(self, name: str) -> Path:
         return self.out_dir / name
@@ -183,11 +189,18 @@ class ExportContext:
         return np.stack(arrays), skipped
 
     def quantization_photos(self) -> tuple[np.ndarray, int]:
-        """((N, 3, S, S) quant_size photos spread over quant_data through the eval preprocessing, skipped)."""
+        """((N, 3, S, S) quantization photos through the eval preprocessing, skipped): quant_size photos spread
+        over quant_data (default: the run's training photos), never the held-out photos the int8 gate judges
+        (`quantize.exporting.plan_photos`)."""
+        from mineralnet.quantize.exporting import plan_photos
+
         o = self.options
-        images, skipped = self.load(spread(existing_images(o.quant_data, "--calib-data"), o.quant_size))
+        plan = plan_photos(self.run, self.meta["classes"], calib_data=o.quant_data, calib_size=o.quant_size,
+                           val_data=o.val_data)
+        images, skipped = self.load(plan.calib)
         if not len(images):
-            raise MineralNetError(f"--calib-data {os.fspath(o.quant_data)!r}: none of its images could be decoded")
+            raise MineralNetError(f"none of the {len(plan.calib)} quantization photos ({plan.calib_source}) could be "
+                                  f"decoded; pass a folder of readable photos with --calib-data DIR")
         return images, skipped
 
     def batch_info(self) -> dict:

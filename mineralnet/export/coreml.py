@@ -109,7 +109,7 @@ def structural_check(path, meta: dict, batch: int) -> dict:
             "outputs": outputs}
 
 
-def check(options) -> None:
+def check(options, run=None) -> None:
     """The table row's check: coremltools installed and a fixed batch."""
     phone.check_format("coreml", options)
 

@@ -104,7 +104,7 @@ def to_pte(head, example, meta: dict, photos: np.ndarray | None = None) -> bytes
         return bytes(edge.to_executorch().buffer)
 
 
-def check(options) -> None:
+def check(options, run=None) -> None:
     """The table row's check: executorch installed and a fixed batch."""
     phone.check_format("executorch", options)
 

@@ -6,7 +6,8 @@ writes into RUN/export/ (or `out_dir`):
 
     model.onnx          fp32, parity-gated against PyTorch                          (export/onnx.py)
     model.fp16.onnx     fp16 inside, float32 in and out, parity-gated with the fp16 tolerance
-    model.int8.onnx     static QDQ int8 on the quantization photos, agreement-gated (export/int8.py);
+    model.int8.onnx     static QDQ int8 on the quantization photos, gated on held-out photos, with its
+                        report model.int8.report.* (export/int8.py -> mineralnet/quantize/);
                         with --trt the TensorRT flavour (int8 Q/DQ, float parts in fp16, opset 19)
     model[.fp16|.int8].engine (+ .engine.json)   strongly typed TensorRT plans from the file of
                         their precision, built on the NVIDIA device                (export/tensorrt.py)
@@ -24,7 +25,7 @@ Every file is checked (export/gates.py) before it gets its final name: a failed 
 Adding a format is one module and one row. The module has `write(ctx) -> list[Artifact]` (ctx: an
 ExportContext, export/context.py: the loaded model, the check photos, the options, the output folder,
 the files written by the rows above it) and, if the format cannot start without something, a
-`check(options)` that raises before anything is written. The row names the CLI flag (`--NAME`, built
+`check(options, run)` that raises before anything is written. The row names the CLI flag (`--NAME`, built
 from this table by export/cli.py), the files and the help line. Rows run in table order, so a row may
 start from the files of the rows above it (ctx.files: precision -> ONNX file).
 """
@@ -53,15 +54,16 @@ class Format:
     files: str
     help: str
     write: Callable[[ExportContext], list[Artifact]]
-    check: Callable[[ExportOptions], None] | None = None  # raises before anything is written
+    check: Callable[..., None] | None = None  # check(options, run): raises before anything is written
     metavar: str | None = None  # the flag takes a value (e.g. --triton DIR) instead of being a switch
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("onnx", "model.onnx", "fp32 ONNX (always written: the other formats start from it)", xonnx.write_fp32),
     Format("fp16", "model.fp16.onnx", "fp16 ONNX for GPU runtimes; with --trt also an fp16 engine", xonnx.write_fp16),
-    Format("int8", "model.int8.onnx", "int8 QDQ ONNX for edge CPUs (needs --calib-data: the quantization photos); "
-                                      "with --trt also an int8 engine", xint8.write, xint8.check),
+    Format("int8", "model.int8.onnx", "int8 QDQ ONNX for edge CPUs, gated on held-out photos (--calib-data: the "
+                                      "quantization photos, default the run's training photos); with --trt also an "
+                                      "int8 engine", xint8.write, xint8.check),
     Format("trt", "model[.fp16|.int8].engine", "strongly typed TensorRT 10/11 engine(s) for the precisions asked, "
                                                "each from the ONNX file of its precision", xtrt.write),
     Format("openvino", "model[.int8].xml + .bin", "OpenVINO IR for CPUs (fp32; with --int8 also int8), gated like "
@@ -99,12 +101,13 @@ def export(run, formats: Sequence[str], options: ExportOptions | None = None,
     rows = asked(formats, options)
     for name in rows:
         if FORMATS[name].check:
-            FORMATS[name].check(options)
+            FORMATS[name].check(options, run)
     for flag, folder in (("--calib-data", options.quant_data), ("--val-data", options.val_data)):
         if folder:
             existing_images(folder, flag)
     ctx = ExportContext(run, options, rows)
     log = log or (lambda line: None)
+    ctx.log = log
     for name in rows:
         for art in FORMATS[name].write(ctx):
             ctx.artifacts.append(art)

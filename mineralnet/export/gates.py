@@ -2,8 +2,9 @@
 
     parity      a float file (ONNX fp32/fp16, OpenVINO fp32, ...) against PyTorch on the check photos:
                 every output within the precision's tolerance, top-1 identical (fp16: except near-ties)
-    int8_gate   an int8 file against its fp32 reference: top-1 agreement >= --min-agreement, and with
-                --val-data, top-1 accuracy not more than --max-acc-drop below fp32's
+    int8_gate   an int8 file against its fp32 reference on held-out photos: top-1 accuracy drop and its
+                upper 95% bound within --int8-gate (the gate of mineralnet/quantize/, which
+                model.int8.onnx passes through `quantize.exporting.gated_int8`)
 
 The PyTorch reference (`reference`) is the run's model with its open-set detector when the run is
 calibrated (the `novelty` output), so a calibrated run is gated on every output it exports.
@@ -12,7 +13,6 @@ A runner here is any callable images (N, 3, S, S) float32 -> {output name: (N, .
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
 
@@ -24,7 +24,6 @@ from mineralnet.errors import MineralNetError
 
 FP32_ATOL = 1e-4  # max |logit difference|; top-1 must be identical on every image
 FP16_RTOL = 1e-2  # fp16: max |logit difference| <= FP16_RTOL * max(1, max |logit|)
-VAL_CHUNK = 64  # --val-data photos preprocessed and run at a time
 
 Runner = Callable[[np.ndarray], dict]
 
@@ -138,50 +137,12 @@ def parity(ctx, run: Runner, *, precision: str, what: str, hint: str) -> dict:
     return report.to_dict()
 
 
-def _accuracy(ctx, fp32: Runner, int8: Runner) -> dict:
-    """Top-1 accuracy of the fp32 and int8 runners on --val-data, and their agreement."""
-    from mineralnet.data import scan_dataset
+def int8_gate(ctx, fp32: Runner, int8: Runner, *, what: str, stem: str | None = None) -> dict:
+    """Gate an int8 file against its fp32 reference on the held-out photos (--val-data, else the run's
+    validation photos): the int8 top-1 accuracy drop and its upper 95% bound within --int8-gate
+    (`quantize.stats.evaluate_gate`). Writes the report (gate and flipped photos) to OUT/STEM.{json,md}
+    and raises one line naming `what` ("OpenVINO int8 gate"), the drop, the bound and the report when
+    it fails. Returns the manifest's int8 record ({"gate", "report", "agreement", "accuracy"})."""
+    from mineralnet.quantize.exporting import REPORT_STEM, heldout_gate
 
-    index = scan_dataset(ctx.options.val_data, verify=True, classes=list(ctx.meta["classes"]))
-    right, agree, n = {"fp32": 0, "int8": 0}, 0, 0
-    for start in range(0, len(index.samples), VAL_CHUNK):
-        chunk = index.samples[start:start + VAL_CHUNK]
-        images, _ = ctx.load([p for p, _ in chunk])
-        if len(images) != len(chunk):  # verify=True excluded undecodable files already
-            raise MineralNetError(f"--val-data {ctx.options.val_data!r}: a photo stopped decoding during export")
-        y = np.array([label for _, label in chunk])
-        pa, pb = _top(fp32(images)).argmax(1), _top(int8(images)).argmax(1)
-        right["fp32"] += int((pa == y).sum())
-        right["int8"] += int((pb == y).sum())
-        agree += int((pa == pb).sum())
-        n += len(chunk)
-    if not n:
-        raise MineralNetError(f"--val-data {os.fspath(ctx.options.val_data)!r} holds no readable photos")
-    return {"images": n, "fp32": right["fp32"] / n, "int8": right["int8"] / n, "agreement": agree / n}
-
-
-def int8_gate(ctx, fp32: Runner, int8: Runner, *, what: str, hint: str) -> dict:
-    """Gate an int8 file against its fp32 reference -> {"agreement": {...}[, "accuracy": {...}]}.
-
-    With --val-data: agreement and both accuracies over every labelled photo there, and the accuracy
-    drop gated by --max-acc-drop; without: agreement on the check images. Raises naming `what`
-    ("int8 gate", "OpenVINO int8 gate") and `hint` (what to try) when either gate fails."""
-    o = ctx.options
-    if o.val_data:
-        acc = _accuracy(ctx, fp32, int8)
-        result = {"agreement": {"top1": acc.pop("agreement"), "images": acc["images"], "source": "--val-data photos"},
-                  "accuracy": acc}
-    else:
-        images, source = ctx.check_images()
-        a, b = fp32(images), int8(images)
-        result = {"agreement": {"top1": agreement(_top(a), _top(b)), "images": len(images), "source": source}}
-    agree = result["agreement"]
-    if not agree["top1"] >= o.min_agreement:
-        raise MineralNetError(f"{what} FAILED, nothing written: top-1 agreement with fp32 is {agree['top1']:.1%} on "
-                              f"{agree['images']} {agree['source']} (minimum {o.min_agreement:.0%}); {hint}")
-    if o.val_data and result["accuracy"]["fp32"] - result["accuracy"]["int8"] > o.max_acc_drop:
-        acc = result["accuracy"]
-        raise MineralNetError(f"{what} FAILED, nothing written: top-1 accuracy on {acc['images']} --val-data "
-                              f"photos drops from {acc['fp32']:.1%} (fp32) to {acc['int8']:.1%} (int8), more than "
-                              f"--max-acc-drop {100 * o.max_acc_drop:g} points; {hint}")
-    return result
+    return heldout_gate(ctx, fp32, int8, what=what, stem=stem or REPORT_STEM)

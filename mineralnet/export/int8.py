@@ -1,20 +1,23 @@
 """int8: static QDQ quantization of model.onnx into model.int8.onnx, and its table row `write`.
 
-    mineralnet-export RUN --int8 --calib-data DIR [--calib-size N --calib-method minmax|percentile|entropy]
+    mineralnet-export RUN --int8 [--calib-data DIR --calib-size N] [--int8-gate drop=1,bound=2]
+                                 [--int8-fallback auto] [--report]
 
 The int8 ranges are measured on the *quantization photos* (DIR, spread over its folders, through the
-evaluation preprocessing). The CLI keeps the flag names `--calib-*` (ONNX Runtime's and TensorRT's word
+evaluation preprocessing; default: the training photos of the run's split.json). The CLI keeps the flag names `--calib-*` (ONNX Runtime's and TensorRT's word
 for this step; `--quant-data/--quant-size/--quant-method` are the same flags), but in MineralNet
 "calibration" means only the open-set calibration of a run (temperature, unknown threshold, conformal
 sets), which an int8 file carries like every other format.
 
 Weights are int8 symmetric per channel; activations uint8 (x86 CPUs) or int8 (TensorRT, ARM); the
-pooling and everything after it (fusion, head, softmax, novelty) stays float. The file is gated by
-export/gates.py `int8_gate` on top-1 agreement with model.onnx (and accuracy with --val-data).
+pooling and everything after it (fusion, head, softmax, novelty) stays float. The row's `write` hands
+the work to mineralnet/quantize/ (`quantize.exporting.gated_int8`): the recipe is chosen by measurement
+on selection photos, the file is judged on held-out photos by the one int8 gate (`quantize.stats`, the
+same gate as export/gates.py `int8_gate` for the OpenVINO int8 IR: accuracy drop and its upper bound),
+and model.int8.report.{json,md,png} is written beside it, also when the gate fails.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -25,8 +28,9 @@ import numpy as np
 from mineralnet.errors import MineralNetError
 from mineralnet.export.onnx import INPUT_NAME
 
-NEEDS_PHOTOS = ("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the training set; 100-500 "
-                "are enough) to measure the int8 ranges on (the quantization photos)")
+NEEDS_PHOTOS = ("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the training set) to "
+                "measure the int8 ranges on (the quantization photos); a run with its split.json uses its training "
+                "photos")
 
 
 class _Batches:
@@ -222,12 +226,20 @@ def quantized_coverage(proto) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------- the table row
-def check(options) -> None:
-    """Before anything is written: int8 cannot start without its quantization photos."""
-    if not options.quant_data:
-        raise MineralNetError(NEEDS_PHOTOS)
-    if options.quant_size < 1:
+def check(options, run=None) -> None:
+    """Before anything is written: the gate spec, the fallback mode, the photo count, and where the
+    quantization photos come from (--calib-data, else the training photos of the run's split.json)."""
+    from mineralnet.quantize.stats import parse_gate
+
+    parse_gate(options.int8_gate)
+    if options.int8_fallback not in ("off", "auto"):
+        raise MineralNetError(f"--int8-fallback {options.int8_fallback!r}: choose auto or off")
+    if options.quant_size is not None and options.quant_size < 1:
         raise MineralNetError(f"--calib-size {options.quant_size} must be at least 1")
+    if not options.quant_data and run is not None:
+        folder = Path(run) if Path(run).is_dir() else Path(run).parent
+        if not (folder / "split.json").is_file():
+            raise MineralNetError(NEEDS_PHOTOS)
 
 
 def activations_for(ctx) -> tuple[str, bool]:
@@ -237,32 +249,65 @@ def activations_for(ctx) -> tuple[str, bool]:
 
 
 def write(ctx) -> list:
-    """model.int8.onnx: static QDQ quantization of model.onnx on the quantization photos, gated on
-    top-1 agreement with fp32 in ONNX Runtime on this CPU (and accuracy with --val-data).
+    """model.int8.onnx, gated on held-out photos, with its report model.int8.report.{json,md,png} beside it;
+    a failed gate writes the report and no int8 file.
 
-    With --trt and int8 activations: the model a strongly typed TensorRT build needs, int8 Q/DQ with
-    the float parts in fp16 (`quantize_int8(for_tensorrt=True)`)."""
-    import onnx
+    The CPU flavour is `quantize.exporting.gated_int8`: the recipe chosen by measurement on selection photos,
+    --int8-fallback auto, the gate --int8-gate. With --trt and int8 activations: the model a strongly typed
+    TensorRT build needs, int8 Q/DQ with the float parts in fp16 (`quantize_int8(for_tensorrt=True)`, its
+    own placement, no recipe search or fallback), judged by the same gate (`gates.int8_gate`) in ONNX
+    Runtime with its graph optimisations off."""
+    import json
 
     from mineralnet.export import gates, metadata
     from mineralnet.export.onnx import check_proto, ort_session, run_session
+    from mineralnet.quantize import exporting, recipe as rc
+    from mineralnet.quantize.stats import parse_gate
 
     o = ctx.options
-    check(o)
+    check(o, ctx.run)
     if "fp32" not in ctx.files:
         raise MineralNetError("int8 quantization starts from model.onnx; export it first (format onnx)")
     activations, for_tensorrt = activations_for(ctx)
-    photos, skipped = ctx.quantization_photos()
     t0 = time.perf_counter()
-    data = quantize_int8(ctx.files["fp32"], photos, activations=activations, method=o.quant_method,
-                         batch=8 if o.profile.dynamic else o.profile.max, for_tensorrt=for_tensorrt)
+    if for_tensorrt:
+        photos, skipped = ctx.quantization_photos()
+        data = quantize_int8(ctx.files["fp32"], photos, activations="int8", method=o.quant_method,
+                             batch=8 if o.profile.dynamic else o.profile.max, for_tensorrt=True)
+        fp32 = ort_session(ctx.files["fp32"])
+        # The TensorRT flavour is checked with ONNX Runtime's graph optimisations off: measured on
+        # minet7 (onnxruntime 1.32), its CPU optimiser miscomputes this fp16 Q/DQ graph from level
+        # "basic" up (top-1 agreement 18% instead of 98% unoptimised); unoptimised, ORT runs the
+        # graph exactly as written, which is what TensorRT builds from.
+        int8 = ort_session(data, optimization="disable")
+        record = gates.int8_gate(ctx, lambda x: run_session(fp32, x), lambda x: run_session(int8, x),
+                                 what="int8 gate")
+        label = f"TensorRT placement ({o.quant_method}, int8 symmetric, fp16 float parts)"
+        photos_record = {"images": int(len(photos)), "skipped": skipped, "recipe": label,
+                         "source": os.fspath(o.quant_data) if o.quant_data else "training photos of the run"}
+    else:
+        result, record, _ = exporting.gated_int8(
+            ctx.files["fp32"], run=ctx.run, meta=ctx.meta, model=ctx.model, preprocess=ctx.preprocess,
+            out_dir=ctx.out_dir, spec=parse_gate(o.int8_gate), calib_data=o.quant_data, calib_size=o.quant_size,
+            val_data=o.val_data, fallback=o.int8_fallback, search=o.int8_search,
+            recipe=exporting.replace_recipe(rc.default_recipe(), activations), log=ctx.log, ranking=o.report)
+        data, gate, label = result.model, result.gate, result.recipe.label()
+        record = {**record, "agreement": {"top1": gate.agreement.value, "images": gate.agreement.n,
+                                          "source": gate.source}}
+        if gate.accuracy_fp32 is not None:
+            record["accuracy"] = {"fp32": gate.accuracy_fp32.value, "int8": gate.accuracy_int8.value,
+                                  "images": gate.agreement.n}
+        photos_record = {"images": int(result.report["photos"]["calibration"]), "recipe": label,
+                         "source": result.report["photos"].get("calibration_source")}
     seconds = time.perf_counter() - t0
+    import onnx
+
     proto = onnx.load_from_string(data)
     quant = {"weights": "int8 symmetric per-channel",
              "activations": "uint8 asymmetric" if activations == "uint8" else "int8 symmetric",
              "float_parts": "fp16" if for_tensorrt else "fp32", "tensorrt_compatible": for_tensorrt,
              "quantized_ops": list(TRT_QUANTIZED_OPS) if for_tensorrt else "all ONNX Runtime quantizes",
-             "format": "QDQ", "range_method": o.quant_method, "photos": int(len(photos)),
+             "format": "QDQ", "recipe": label, "photos": photos_record["images"],
              "onnxruntime_optimization": "disable" if for_tensorrt else "all"}
     props = metadata.onnx_props(ctx.meta, precision="int8", outputs=o.outputs, batch=ctx.batch_info())
     props["quantization"] = json.dumps(quant)
@@ -270,19 +315,8 @@ def write(ctx) -> list:
     check_proto(proto)
     data = proto.SerializeToString()
     done, total = quantized_coverage(proto)
-    fp32 = ort_session(ctx.files["fp32"])
-    # The TensorRT flavour is checked with ONNX Runtime's graph optimisations off: measured on
-    # minet7 (onnxruntime 1.32), its CPU optimiser miscomputes this fp16 Q/DQ graph from level
-    # "basic" up (top-1 agreement 18% instead of 98% unoptimised); unoptimised, ORT runs the
-    # graph exactly as written, which is what TensorRT builds from.
-    int8 = ort_session(data, optimization=quant["onnxruntime_optimization"])
-    gate = gates.int8_gate(ctx, lambda x: run_session(fp32, x), lambda x: run_session(int8, x), what="int8 gate",
-                           hint="measure the ranges on more representative photos (--calib-data, --calib-size) or "
-                                "try --calib-method percentile")
-    record = {"quantization_photos": {"source": os.fspath(o.quant_data), "images": int(len(photos)),
-                                      "skipped": skipped, "range_method": o.quant_method,
-                                      "activations": quant["activations"]},
-              "coverage": {"quantized": done, "conv_gemm_matmul": total}, "seconds": round(seconds, 1), **gate}
+    record = {"quantization_photos": photos_record, **record,
+              "coverage": {"quantized": done, "conv_gemm_matmul": total}, "seconds": round(seconds, 1)}
     opset = max(o.opset, TRT_INT8_OPSET) if for_tensorrt else o.opset
     art = ctx.save("model.int8.onnx", data, {"format": "onnx", "precision": "int8", "opset": opset,
                                              "input": {"name": INPUT_NAME, "shape": ctx.input_shape()},

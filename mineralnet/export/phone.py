@@ -6,7 +6,7 @@
   format's own metadata (TFLite Model.metadata, an ExecuTorch constant method, Core ML
   user_defined_metadata) and ALWAYS in a sidecar `<file>.json` beside it, so an app needs nothing else;
 - the one-line message when a format's package is missing;
-- `check_format` (each phone row's `check(options)`): the format's packages and a fixed batch, before
+- `check_format` (each phone row's `check(options, run)`): the format's packages and a fixed batch, before
   anything is written;
 - `gate`: a phone file's check, through export/gates.py like every other format (fp32/fp16 parity with
   PyTorch; int8: the one int8 gate, top-1 agreement with PyTorch fp32 and with --val-data the accuracy
@@ -63,7 +63,7 @@ FORMAT_PACKAGES = {"tflite": ("litert_torch", "ai_edge_litert", "ai_edge_quantiz
 
 
 def check_format(fmt: str, options) -> None:
-    """A phone row's `check(options)`: the batch is fixed and its packages are installed (one line each;
+    """A phone row's `check(options, run)`: the batch is fixed and its packages are installed (one line each;
     the option first, so it is reported whether or not the packages are there)."""
     if options.profile.dynamic:
         raise MineralNetError("--tflite, --executorch and --coreml write fixed-batch models; drop --dynamic "
@@ -144,9 +144,9 @@ def gate(ctx, runner, *, precision: str, label: str) -> dict:
     from mineralnet.export import gates
 
     if precision == "int8":
+        # the held-out gate; its report goes beside the file (model.int8.<runtime>.report.{json,md})
         return {"int8": gates.int8_gate(ctx, lambda x: gates.reference(ctx, x), runner, what=f"{label} int8 gate",
-                                        hint="measure the int8 ranges on more representative photos "
-                                             "(--calib-data, --calib-size)")}
+                                        stem=f"model.int8.{label.lower().replace(' ', '')}.report")}
     return {"parity": gates.parity(ctx, runner, precision=precision, what=f"{label} parity gate",
                                    hint="the converted model does not reproduce the PyTorch model (report it "
                                         "with the package versions)")}

@@ -199,7 +199,7 @@ def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int) -> bytes:
         return bytes(q.quantize(result).quantized_model)
 
 
-def check(options) -> None:
+def check(options, run=None) -> None:
     """The table row's check: litert-torch, ai-edge-litert and ai-edge-quantizer installed, a fixed batch."""
     phone.check_format("tflite", options)
 

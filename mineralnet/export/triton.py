@@ -174,7 +174,7 @@ def export_triton(ctx) -> list[tuple[Path, dict]]:
             for folder, backend, precision in written]
 
 
-def check(options) -> None:
+def check(options, run=None) -> None:
     if not options.triton_dir:
         raise MineralNetError("the triton format needs a repository folder: --triton DIR (ExportOptions.triton_dir)")
 
