@@ -61,12 +61,14 @@ def split_samples(run, which: str = "val"):
     return DatasetIndex(root=split["root"], classes=list(split["classes"]), samples=list(samples))
 
 
-def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str | None = None):
+def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str | None = None,
+                   with_logits: bool = False):
     """Load `run`, scan `data` with the run's class names (or take its own `split` photos: "val" or
     "train") and predict every image under an Accelerator.
 
     Returns:
-        (targets (N,), preds (N,), probs (N, C), meta, index) on every process.
+        (targets (N,), preds (N,), probs (N, C), meta, index, accelerator) on every process, and the
+        logits (N, C) last with `with_logits`.
     """
     if batch_size < 1:
         raise MineralNetError(f"--batch-size {batch_size} must be at least 1")
@@ -91,7 +93,8 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
     accelerator = fresh_accelerator()
     model, loader = accelerator.prepare(model, loader)
     out = evaluate(model, loader, accelerator)
-    return np.asarray(out["targets"]), np.asarray(out["preds"]), np.asarray(out["probs"]), meta, index, accelerator
+    result = (np.asarray(out["targets"]), np.asarray(out["preds"]), np.asarray(out["probs"]), meta, index, accelerator)
+    return (*result, np.asarray(out["logits"])) if with_logits else result
 
 
 def training_overlap(run, paths) -> tuple[int, int]:
@@ -129,8 +132,8 @@ def run(args) -> int:
         raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
                               "or --split val (the run's own held-out photos)")
     apply_threads(parse_threads(args.threads))
-    targets, preds, probs, meta, index, accelerator = predict_folder(args.run, args.data, args.batch_size,
-                                                                     args.workers, split=split)
+    targets, preds, probs, meta, index, accelerator, logits = predict_folder(
+        args.run, args.data, args.batch_size, args.workers, split=split, with_logits=True)
     out_dir = Path(args.out) if args.out else default_out_dir(args.run, args.data, split)
     if accelerator.is_main_process:
         if split != "train":
@@ -138,7 +141,7 @@ def run(args) -> int:
         if (out_dir / "metrics.json").is_file():
             print(f"replacing the previous evaluation in {out_dir}")
         source = {"split": split} if split else {"data": str(args.data)}
-        calibration = eval_calibration(args.run, targets, probs, meta["classes"], out_dir, args.coverage)
+        calibration = eval_calibration(args.run, targets, logits, meta["classes"], out_dir, args.coverage)
         metrics = write_eval_report(out_dir, targets, preds, probs, meta["classes"],
                                     extra={"run": str(args.run), **source, "skipped_unreadable": len(index.bad),
                                            "calibration": calibration})

@@ -219,3 +219,16 @@ def test_novelty_of_the_phone_files_equals_the_calibration_in_numpy(calibrated, 
         want = cal.novelty(got["logits"].astype(np.float64), None)
         scale = max(1.0, float(np.abs(want).max()))
         assert np.abs(got["novelty"] - want).max() <= 1e-4 * scale, name
+
+
+def test_eval_flags_unknown_at_the_calibrated_rate(calibrated, tmp_path, capsys):
+    """`eval --split val` scores the very photos the thresholds were set on, so it flags as unknown the
+    share calibration let through (1 - acceptance, to a photo); it used to feed log-probabilities to the
+    energy detector and flag 100%."""
+    from mineralnet.cli import main as cli_main
+
+    cal = Calibration.load(calibrated)
+    assert cli_main(["eval", str(calibrated), "--split", "val", "--workers", "0", "--out", str(tmp_path)]) == 0
+    flagged = json.loads((tmp_path / "metrics.json").read_text())["calibration"]["known_flagged_unknown"]
+    n = 10  # val photos: every third of 30
+    assert abs(flagged - (1 - cal.acceptance)) <= 1 / n + 1e-9, flagged

@@ -158,12 +158,13 @@ def calibration_report(logits: np.ndarray, labels: np.ndarray, classes: list[str
     return rep
 
 
-def eval_calibration(run, targets: np.ndarray, probs: np.ndarray, classes: list[str], out_dir,
+def eval_calibration(run, targets: np.ndarray, logits: np.ndarray, classes: list[str], out_dir,
                      coverage: float = 0.9) -> dict:
-    """`mineralnet eval`: calibration_report from the softmax probabilities of a run's evaluation (the
-    log-probabilities are the logits up to a per-photo constant, which softmax and temperature ignore)."""
-    logits = np.log(np.maximum(np.asarray(probs, np.float64), 1e-30))
-    return calibration_report(logits, targets, classes, Calibration.load(run), out_dir, coverage)
+    """`mineralnet eval`: calibration_report from the logits of a run's evaluation. The logits themselves,
+    not log-probabilities: softmax and temperature ignore a per-photo constant, but the energy novelty
+    (-T logsumexp(logits / T)) does not (log-probabilities gave every photo energy 0, all "unknown")."""
+    return calibration_report(np.asarray(logits, np.float64), targets, classes, Calibration.load(run), out_dir,
+                              coverage)
 
 
 def format_calibration(rep: dict) -> str:
