@@ -194,23 +194,10 @@ def _drop_cast_round_trips(graph) -> None:
 def float_tail_nodes(proto) -> list[str]:
     """Names of the global pooling nodes and everything after them (fusion, head, softmax, novelty):
     int8 quantizes the backbone only, so logits, probabilities and novelty stay float (a quantized
-    softmax would make every probability a multiple of 1/255)."""
-    consumers: dict[str, list] = {}
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    todo = [n for n in proto.graph.node if n.op_type in ("ReduceMean", "GlobalAveragePool")]
-    seen: dict[str, object] = {}
-    while todo:
-        node = todo.pop()
-        if node.name in seen:
-            continue
-        seen[node.name] = node
-        for out in node.output:
-            todo += consumers.get(out, [])
-    if "" in seen:
-        raise MineralNetError("the ONNX graph has unnamed nodes after the pooling; int8 cannot keep them float")
-    return sorted(seen)
+    softmax would make every probability a multiple of 1/255). One walk, `quantize.graph.tail_nodes`."""
+    from mineralnet.quantize.graph import tail_nodes
+
+    return tail_nodes(proto)
 
 
 def quantized_coverage(proto) -> tuple[int, int]:
