@@ -5,7 +5,7 @@ photos (default 2%) sits in a wrong, randomly chosen class folder, runs `mineral
 `mineralnet data issues` on the cv folder, and scores the suspects against the planted list: precision,
 recall, and precision among the top 1x planted count.
 
-    python studies/planted_label_errors.py --data ../shared/data/minet7 --work /tmp/planted \
+    python studies/planted_label_errors.py --data ../shared/data/minet7 --work planted/ \
         --folds 4 -- --config cpu-pretrained --image-size 128 --epochs 4
 
 Arguments after `--` go to `mineralnet cv`. Writes WORK/planted.json (the planted moves) and
