@@ -26,6 +26,7 @@ from mineralnet.export import int8 as xint8
 from mineralnet.export import gates as xgates
 from mineralnet.export import tensorrt as xtrt
 from mineralnet.model import FusionNet
+from mineralnet.quantize.graph import CalibrationReader
 from mineralnet.runs import model_meta, save_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,7 +248,8 @@ def test_int8_calibration_uses_every_batch(exported, run_dir, photos):
     ours = onnx.load_from_string(xint8.quantize_int8(src, x, batch=1))
     pre, ref = run_dir / "pre.onnx", run_dir / "ref.onnx"
     quant_pre_process(str(src), str(pre))
-    quantize_static(str(pre), str(ref), xint8._Batches(x, 1), quant_format=QuantFormat.QDQ, per_channel=True,
+    reader = CalibrationReader(x, xonnx.INPUT_NAME, 1, True)
+    quantize_static(str(pre), str(ref), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                     weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
                     nodes_to_exclude=xint8.float_tail_nodes(onnx.load(str(pre))),  # head/softmax stay float
                     extra_options={"WeightSymmetric": True})

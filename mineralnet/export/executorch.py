@@ -21,7 +21,6 @@ import contextlib
 import copy
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 import numpy as np
@@ -141,14 +140,6 @@ def write(ctx) -> list:
                                   f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
                                   f"report it with the executorch version") from None
         record["convert_seconds"] = round(time.perf_counter() - t0, 1)
-        artifacts.append(_check_and_save(ctx, NAMES[precision], data, meta, record))
+        artifacts.append(phone.check_and_save(ctx, NAMES[precision], data, meta, record, runner=ExecuTorchRunner,
+                                                label="ExecuTorch"))
     return artifacts
-
-
-def _check_and_save(ctx, name: str, data: bytes, meta: dict, record: dict):
-    with tempfile.TemporaryDirectory(prefix="mineralnet-pte-") as tmp:
-        candidate = Path(tmp) / name
-        candidate.write_bytes(data)
-        runner = ExecuTorchRunner(candidate)
-        record.update(phone.gate(ctx, runner.run, precision=record["precision"], label="ExecuTorch"))
-    return phone.save_checked(ctx, name, data, meta, record)

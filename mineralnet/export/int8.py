@@ -27,40 +27,11 @@ import numpy as np
 
 from mineralnet.errors import MineralNetError
 from mineralnet.export.onnx import INPUT_NAME
+from mineralnet.quantize.graph import CalibrationReader
 
 NEEDS_PHOTOS = ("--int8 needs --calib-data DIR: a folder of representative photos (e.g. the training set) to "
                 "measure the int8 ranges on (the quantization photos); a run with its split.json uses its training "
                 "photos")
-
-
-class _Batches:
-    """The quantization photos (preprocessed, (N, 3, S, S)) as onnxruntime.quantization's
-    CalibrationDataReader (ONNX Runtime's name for the photos int8 ranges are measured on)."""
-
-    def __init__(self, images: np.ndarray, batch: int | None):
-        self.images, self.step, self.pos = images, batch or 1, 0
-        self.fixed = batch
-        self.end = len(images)
-
-    def __len__(self) -> int:  # in batches
-        return -(-len(self.images) // self.step)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        """Serve batches [start_index, end_index) next (ORT's strided calibration calls this)."""
-        self.pos = start_index * self.step
-        self.end = min(len(self.images), end_index * self.step)
-
-    def get_next(self):
-        if self.pos >= self.end:
-            return None
-        x = self.images[self.pos:min(self.pos + self.step, self.end)]
-        self.pos += self.step
-        if self.fixed and len(x) < self.fixed:
-            x = np.concatenate([x, np.repeat(x[-1:], self.fixed - len(x), axis=0)])
-        return {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
-
-    def rewind(self):
-        self.pos = 0
 
 
 INT8_ACTIVATIONS = ("uint8", "int8")
@@ -132,7 +103,7 @@ def quantize_int8(fp32_path, photos: np.ndarray, *, activations: str = "uint8",
             extra.update(QuantizeBias=False, OpTypesToExcludeOutputQuantization=list(TRT_QUANTIZED_OPS))
             kwargs["op_types_to_quantize"] = list(TRT_QUANTIZED_OPS)
         quantize_static(
-            os.fspath(pre), os.fspath(out), _Batches(photos, batch), quant_format=QuantFormat.QDQ,
+            os.fspath(pre), os.fspath(out), CalibrationReader(photos, INPUT_NAME, batch or 1, bool(batch)), quant_format=QuantFormat.QDQ,
             per_channel=True, reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=keep_float,
             activation_type=QuantType.QUInt8 if activations == "uint8" else QuantType.QInt8,
             calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

@@ -152,6 +152,18 @@ def gate(ctx, runner, *, precision: str, label: str) -> dict:
                                         "with the package versions)")}
 
 
+def check_and_save(ctx, name: str, data: bytes, meta: dict, record: dict, *, runner: Callable, label: str):
+    """Write the candidate file to a temporary folder, open it with `runner` (path -> object with
+    `.run(images)`), gate it (`gate`), then `save_checked`: a file that fails never gets its name."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mineralnet-phone-") as tmp:
+        candidate = Path(tmp) / name
+        candidate.write_bytes(data)
+        record.update(gate(ctx, runner(candidate).run, precision=record["precision"], label=label))
+    return save_checked(ctx, name, data, meta, record)
+
+
 def save_checked(ctx, name: str, data: bytes, meta: dict, record: dict):
     """Sidecar, then the checked model file (atomically, with its manifest record) -> Artifact."""
     import hashlib

@@ -234,7 +234,8 @@ def write(ctx) -> list:
                                              "skipped": skipped}
         meta = phone.metadata(ctx, fmt="litert", precision=precision)
         data = embed_metadata(data, meta)
-        artifacts.append(_check_and_save(ctx, NAMES[precision], data, meta, record))
+        artifacts.append(phone.check_and_save(ctx, NAMES[precision], data, meta, record, runner=LiteRTRunner,
+                                                label="LiteRT"))
     return artifacts
 
 
@@ -244,12 +245,3 @@ def _dist(name: str) -> str:
     with contextlib.suppress(PackageNotFoundError):
         return version(name)
     return "?"
-
-
-def _check_and_save(ctx, name: str, data: bytes, meta: dict, record: dict):
-    with tempfile.TemporaryDirectory(prefix="mineralnet-tflite-") as tmp:
-        candidate = Path(tmp) / name
-        candidate.write_bytes(data)
-        runner = LiteRTRunner(candidate)
-        record.update(phone.gate(ctx, runner.run, precision=record["precision"], label="LiteRT"))
-    return phone.save_checked(ctx, name, data, meta, record)
