@@ -82,7 +82,7 @@ DEFAULT_KEEP = ("tail",)
 # Measured on the same run (256 augmented selection photos, bench/RESULTS.md "int8 gate"): MinMax, percentile
 # 99.999 and entropy came within 0.3 dB of logit SQNR and 1 flip of each other, below what 256 photos can tell
 # apart, while percentile and entropy took 3-6x longer to calibrate (45-80 s vs 14 s on 512 photos). The
-# float fallback gains more (the stem conv alone +2.6 dB), so the default tries MinMax only;
+# float fallback gains more (the first depthwise conv alone +2.6 dB), so the default tries MinMax only;
 # `candidates(methods=METHODS)` (bench/int8_gate.py --methods) tries all three.
 DEFAULT_METHODS = ("minmax",)
 
