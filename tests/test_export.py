@@ -76,8 +76,9 @@ def run_dir(tmp_path_factory, photos):
 def exported(run_dir, photos):
     """fp32 + fp16 + int8 (uint8 activations) ONNX, dynamic batch, all three outputs."""
     # a probe model on 10 held-out photos cannot show a 2-point bound: the gate's arithmetic is test_quantize's
+    # int8_fallback="off": the tests below check the full-int8 QDQ structure (the fallback is test_quantize's)
     opts = ExportOptions(quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4), int8_gate="drop=100,bound=100",
-                         outputs=("logits", "probs", "embedding"))
+                         outputs=("logits", "probs", "embedding"), int8_fallback="off")
     arts = export(run_dir, ["fp16", "int8"], opts)
     return {a.path.name: a for a in arts}
 

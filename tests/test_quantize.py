@@ -389,7 +389,7 @@ def test_make_int8_with_fallback_and_report(tiny, tmp_path):
     auto = pipeline.make_int8(_tiny_model(), calib, select, held, spec=spec, recipe=rc.Recipe(), search=True,
                               fallback="auto", log=lines.append)
     assert auto.gate.passed
-    assert len(auto.report["recipe"]["trials"]) == len(rc.METHODS) * len(rc.DEFAULT_KEEP)
+    assert len(auto.report["recipe"]["trials"]) == len(rc.DEFAULT_METHODS) * len(rc.DEFAULT_KEEP)
     assert auto.report["sensitivity"]["ranking"][0]["node"] == "conv2"
     paths = rp.write(auto.report, tmp_path)
     assert paths["png"].stat().st_size > 1000 and "Most sensitive nodes" in paths["md"].read_text()
@@ -454,3 +454,25 @@ def test_augmented_selection_photos_are_seeded_and_not_the_eval_view(demo):
     assert all(np.array_equal(x, y) for x, y in zip(a, b)) and a[0].shape == (3, 32, 32)
     plain = Preprocessor(meta)
     assert not all(np.allclose(x, plain(p)) for x, p in zip(a, paths))
+
+
+def test_auto_fallback_floats_every_node_above_the_gain_threshold(tiny):
+    """The gain rule: nodes whose own logit-SQNR gain reaches min_gain_db are floated even when the ranking gate
+    already holds with fewer; the rest only while the gate fails."""
+    from mineralnet.quantize import report as rp
+    from mineralnet.quantize.fallback import auto_fallback
+
+    rank_x, rank_y = tiny["test"][:150], tiny["labels"][:150]
+    sens = rp.sensitivity(tiny["pre"], tiny["qdq"], rank_x, rank_y)
+    gains = [r["sqnr_gain_db"] for r in sens["ranking"]]
+    assert gains == sorted(gains, reverse=True) and sens["ranking"][0]["node"] == "conv2"
+    order = [r["node"] for r in sens["ranking"]]
+    lenient = stats.parse_gate("drop=100,bound=100")  # holds with nothing floated
+    none = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient)
+    assert none.floated == [] and len(none.steps) == 1
+    two = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, gains=[5.0, 1.0, 0.1],
+                        min_gain_db=0.5)
+    assert two.floated == order[:2] and [s["floated"] for s in two.steps] == [0, 1, 2]
+    assert two.steps[2]["logit_sqnr_db"] > two.steps[0]["logit_sqnr_db"]
+    with pytest.raises(ValueError):
+        auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, gains=[1.0])

@@ -58,8 +58,9 @@ def add_arguments(parser) -> None:
                    help="acceptance of int8 on held-out photos: fp32-int8 top-1 accuracy drop <= drop points and its "
                         "upper 95%% bound (Newcombe, paired) <= bound points (default drop=1,bound=2; also "
                         "confidence=0.95, margin=0.2)")
-    q.add_argument("--int8-fallback", choices=("off", "auto"), default="off",
-                   help="auto: return the most sensitive nodes to float until the gate holds (default off)")
+    q.add_argument("--int8-fallback", choices=("off", "auto"), default="auto",
+                   help="auto (default): return the nodes whose float copy most reduces the logit error on the ranking "
+                        "photos to float; off: full int8")
     q.add_argument("--report", action="store_true",
                    help="add the per-node sensitivity ranking to model.int8.report.{json,md,png} (always written)")
     o = parser.add_argument_group("output")

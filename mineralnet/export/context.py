@@ -44,7 +44,7 @@ class ExportOptions:
     quant_method: str = "minmax"  # --calib-method: the TensorRT flavour's ranges (the CPU flavour chooses by measurement)
     int8_activations: str | None = None  # None: int8 when a TensorRT engine is asked for, else uint8
     int8_gate: str = "drop=1,bound=2"  # quantize.stats.parse_gate: accuracy drop and its upper 95% bound (points)
-    int8_fallback: str = "off"  # "auto": sensitive nodes back to float until the gate holds
+    int8_fallback: str = "auto"  # "auto": sensitive nodes (ranking photos) back to float; "off": full int8
     int8_search: bool = True  # choose the int8 recipe on the selection photos
     report: bool = False  # add the sensitivity ranking to model.int8.report.*
     val_data: str | os.PathLike | None = None  # held-out labelled photos (default: the run's validation split)
