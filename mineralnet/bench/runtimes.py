@@ -219,7 +219,7 @@ def _build_torch(variant: str):
                 raise Skip(f"torch.compile unavailable: {_short_error(e)}") from None
             torch._dynamo.reset()  # a fresh cache per row set: no recompile limit carried over
         model, _ = load_model(bm.path, map_location=device)
-        model = model.to(device)  # load_model maps the weights; the module must follow (as predict.py does)
+        model = model.to(device)  # load_model maps the weights; the module must follow (as infer's TorchBackend does)
         channels_last = variant == "channels_last"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
