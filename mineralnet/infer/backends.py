@@ -202,7 +202,7 @@ def open_backend(path, *, device: str | None = None, providers: Sequence[str] | 
                               f"file or an IR (.xml)")
     if kind is None:
         raise MineralNetError(f"model {str(p)!r}: unknown kind; pass {KINDS}")
-    if precision is not None and kind.name != "openvino":
+    if precision is not None and kind.name != "openvino" and runtime is None:
         raise MineralNetError(f"--precision {precision} is OpenVINO's runtime hint; {str(p)!r} is not an "
                               f"OpenVINO IR (.xml): drop --precision, or pass the IR")
     if kind.open is None:
