@@ -147,7 +147,7 @@ class ExportContext:
     def _open_set_calibration(self):
         """A calibrated run exports its detector as a `novelty` output and its temperature, threshold
         and conformal scores in the metadata; returns the detector module (or None)."""
-        from mineralnet.calibration import Calibration
+        from mineralnet.calibration.store import Calibration
 
         cal = Calibration.load(self.run)
         if cal is None:
