@@ -106,7 +106,9 @@ def test_dynamic_batch_refused(run_dir, tmp_path):
 
 def test_sidecar_meta_check(tmp_path):
     with pytest.raises(MineralNetError, match="carries no MineralNet metadata"):
-        phone.check_meta({"classes": ["a"]}, tmp_path / "m.tflite")
+        from mineralnet.infer.phone import check_meta
+
+        check_meta({"classes": ["a"]}, tmp_path / "m.tflite")
 
 
 # ----------------------------------------------------------------------------- LiteRT

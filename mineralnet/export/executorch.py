@@ -18,12 +18,10 @@ Swift runtime and need neither.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import time
-from pathlib import Path
 import numpy as np
 
 from mineralnet.errors import MineralNetError

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 from mineralnet import __version__
-from mineralnet.errors import MineralNetError
 from mineralnet.infer.metadata import major_of
 
 MANIFEST = "model.json"

@@ -14,10 +14,8 @@ gate (export/gates.py) passes. int8 quantization of model.onnx lives in export/i
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 

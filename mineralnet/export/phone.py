@@ -20,17 +20,12 @@ infer/litert.py and infer/executorch.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import numpy as np
-
 from mineralnet.errors import MineralNetError
-from mineralnet.infer.phone import (METADATA_KEY, PACKAGES, check_meta, missing, read_sidecar,  # noqa: F401
-                                   require, run_fixed, sidecar_path)
+from mineralnet.infer.phone import METADATA_KEY, require, sidecar_path
 
 SIDECAR_FORMAT = "mineralnet-phone-model/1"
 
