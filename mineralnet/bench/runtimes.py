@@ -354,7 +354,7 @@ def _build_phone(which: str):
 
     def build(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None,
               spinning: bool = True) -> Prepared:
-        from mineralnet.export.phone import missing
+        from mineralnet.infer.phone import missing
 
         reason = missing(module)
         if reason:
