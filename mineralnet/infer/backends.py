@@ -177,7 +177,8 @@ BACKENDS: tuple[ModelKind, ...] = (
               "Core ML models run only on macOS/iOS (coremltools predict); on this machine use the .onnx, "
               ".tflite or .pte of the same export"),
 )
-KINDS = ", ".join(k.what for k in BACKENDS if k.open is not None)
+_RUNNABLE = [k.what for k in BACKENDS if k.open is not None]
+KINDS = ", ".join(_RUNNABLE[:-1]) + " or " + _RUNNABLE[-1]  # for messages: what may be passed
 
 
 def model_kind(path) -> ModelKind | None:
