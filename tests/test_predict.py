@@ -176,7 +176,7 @@ def test_predict_loader_gives_the_same_logits_for_a_model_and_its_onnx_file(run_
     assert main(["export", str(run_dir), "--dynamic", "--outputs", "logits,embedding", "--out", str(out)]) == 0
     model, meta = load_model(run_dir)
     t = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False, resize=meta["resize"])
-    labels = list(range(len(photos)))
+    labels = [i % len(CLASSES) for i in range(len(photos))]
     loader = DataLoader(PhotoDataset(list(zip(photos, labels)), t), batch_size=4)
     torch_out = predict_loader(model, loader, embeddings=True)
     onnx_out = predict_loader(open_backend(out / "model.onnx"), loader, embeddings=True)
