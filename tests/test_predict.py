@@ -154,6 +154,8 @@ def test_one_table_names_every_model_file_and_bench_reads_it(run_dir, onnx_b2, t
     assert open_model(str(run_dir)).kind == "pytorch" and open_model(str(onnx_b2)).kind == "onnx"
     with pytest.raises(MineralNetError, match="Core ML models run only on macOS"):
         Predictor(_touch(tmp_path / "m.mlmodel"))
+    (tmp_path / "m.mlpackage").mkdir()  # a folder, yet not a run directory
+    assert model_kind(tmp_path / "m.mlpackage").name == "coreml"
     with pytest.raises(MineralNetError, match="unknown kind; pass a run directory, an .onnx file"):
         Predictor(_touch(tmp_path / "m.pt"))
     with pytest.raises(MineralNetError, match="not a model `mineralnet bench` measures"):

@@ -182,12 +182,12 @@ KINDS = ", ".join(_RUNNABLE[:-1]) + " or " + _RUNNABLE[-1]  # for messages: what
 
 
 def model_kind(path) -> ModelKind | None:
-    """The table row for `path` (a folder is a run directory), or None for an unknown suffix."""
+    """The table row for `path` by its suffix (a Core ML .mlpackage is a folder too); another folder is a run
+    directory; None for an unknown suffix."""
     p = Path(os.path.expanduser(os.fspath(path)))
-    if p.is_dir():
-        return BACKENDS[0]
     suffix = p.suffix.lower()
-    return next((k for k in BACKENDS if suffix in k.suffixes), None)
+    row = next((k for k in BACKENDS if suffix in k.suffixes), None)
+    return row if row is not None or not p.is_dir() else BACKENDS[0]
 
 
 def open_backend(path, *, device: str | None = None, providers: Sequence[str] | None = None,
