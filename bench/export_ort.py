@@ -54,7 +54,7 @@ def export_with_variants(run, out: Path, data, calib_size: int, variants: bool) 
     """fp32 + int8 (uint8) ONNX through the library pipeline, plus the other int8 variants."""
     from mineralnet.export import BatchProfile, ExportOptions, export
     from mineralnet.export.int8 import quantize_int8
-    from mineralnet.predict import Preprocessor
+    from mineralnet.infer import Preprocessor
     from mineralnet.runs import read_meta
 
     opts = ExportOptions(out_dir=out, quant_data=data, quant_size=calib_size, profile=BatchProfile.range(1, 8, 8),
@@ -159,7 +159,7 @@ def ridge(features: np.ndarray, labels: np.ndarray, classes: int, lam: float = 1
 
 def agreement(export_dir: Path, meta: dict, samples, classes: int, probe: bool) -> dict:
     """int8 (uint8 and int8-sym) vs fp32 top-1 on `samples` [(path, label)]."""
-    from mineralnet.predict import Preprocessor
+    from mineralnet.infer import Preprocessor
 
     paths, labels = [p for p, _ in samples], np.array([y for _, y in samples])
     res = passes({n: session(export_dir / FILES[n]) for n in (FP32, INT8, SYM)}, paths, Preprocessor(meta))

@@ -151,7 +151,7 @@ def new_model(args, device: str):
 
     torch.manual_seed(0)
     model = FusionNet(args.backbone, (2, 4), args.classes, pretrained=False)
-    return model.to(device).to(memory_format=torch.channels_last)  # the module on the device, as predict.py does
+    return model.to(device).to(memory_format=torch.channels_last)  # the module on the device, as mineralnet.infer's TorchBackend does
 
 
 def resident_batches(args, batch: int, device: str, n: int = 2):

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     from mineralnet.errors import MineralNetError
     from mineralnet.export import BatchProfile, ExportOptions, export
     from mineralnet.export import onnx as xonnx
-    from mineralnet.predict import Preprocessor
+    from mineralnet.infer import Preprocessor
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("run")

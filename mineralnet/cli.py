@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
     "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),
     "calibrate": ("mineralnet.calibration.fit", "fit unknown-mineral detection, temperature and candidate sets for a run"),
-    "predict": ("mineralnet.predict", "name the minerals in photos with a run, ONNX file or engine"),
+    "predict": ("mineralnet.infer.cli", "name the minerals in photos with a run, ONNX file or engine"),
     "app": ("mineralnet.app.ui", "a local web page: drop photos, see the minerals (pip install \"mineralnet[app]\")"),
     "bench": ("mineralnet.bench.cli", "latency/throughput benchmark of models across runtimes"),
     "data": ("mineralnet.data.cli", "inspect a photo collection (`mineralnet data check DIR`)"),

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mineralnet.calibration.fit import after_training
 from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
@@ -202,7 +203,7 @@ def run_fold(cfg, run_dir: Path, launcher: str | None, fold_yaml: Path) -> None:
 
     resume = _prepare_fold_dir(run_dir)
     if launcher is None:
-        train.fit(dataclasses.replace(cfg, out=str(run_dir), resume=str(run_dir) if resume else None))
+        after_training(train.fit(dataclasses.replace(cfg, out=str(run_dir), resume=str(run_dir) if resume else None)))
         return
     if resume:
         argv = ["--resume", str(run_dir)]

@@ -27,7 +27,8 @@ from mineralnet.metrics import format_table
 from mineralnet.report import EVAL_DIR, write_eval_report
 from mineralnet.runs import load_model, read_split
 from mineralnet.threads import apply_threads, parse_threads
-from mineralnet.train.loop import evaluate, fresh_accelerator
+from mineralnet.infer.loop import evaluate
+from mineralnet.train.loop import fresh_accelerator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

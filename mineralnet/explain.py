@@ -35,7 +35,7 @@ from mineralnet.errors import MineralNetError
 from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
 from mineralnet.report import abbreviate, write_eval_report
 from mineralnet.runs import atomic_write_text, load_model, read_split
-from mineralnet.train.loop import evaluate
+from mineralnet.infer.loop import evaluate
 
 EXPLAIN_DIR = "explain"
 

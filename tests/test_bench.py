@@ -187,7 +187,7 @@ def test_batch_sweep_rows_json_and_markdown(tiny_run, tiny_onnx, tmp_path):
 def test_runtime_that_raises_skip_is_reported(tiny_run, monkeypatch):
     def unavailable(bm, precision, device):
         raise bench.Skip("the fake accelerator is not installed")
-    monkeypatch.setitem(bench.RUNTIMES, "torch", bench.Runtime("torch", "fake", "torch", unavailable))
+    monkeypatch.setitem(bench.RUNTIMES, "torch", bench.Runtime("torch", "fake", "pytorch", unavailable))
     rows = bench.run_inference([str(tiny_run)], runtimes=["torch", "tensorrt"], precisions=["fp32"],
                                batch_sizes=[1], log=lambda *_: None)
     assert [(r["runtime"], r["status"], r["reason"]) for r in rows] == [

@@ -21,6 +21,7 @@ from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.export import BatchProfile, ExportOptions, export
 from mineralnet.export import onnx as xonnx
+from mineralnet.infer.metadata import parse_metadata
 from mineralnet.export import metadata as xmeta
 from mineralnet.export import int8 as xint8
 from mineralnet.export import gates as xgates
@@ -107,7 +108,7 @@ def test_fp32_onnx_is_checked_self_contained_and_carries_metadata(exported, run_
     assert inp.name == "images"
     assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["batch", 3, SIZE, SIZE]
     assert [o.name for o in proto.graph.output] == ["logits", "probs", "embedding"]
-    props = xmeta.parse_metadata({p.key: p.value for p in proto.metadata_props})
+    props = parse_metadata({p.key: p.value for p in proto.metadata_props})
     meta = json.loads((run_dir / "model.json").read_text())
     for key in ("classes", "image_size", "resize", "mean", "std", "backbone", "stages", "num_classes"):
         assert props[key] == meta[key], key
@@ -305,7 +306,7 @@ def _edge_module():
 
 
 def test_edge_preprocessing_equals_the_library_eval_transform(photos):
-    from mineralnet.predict import Preprocessor
+    from mineralnet.infer import Preprocessor
 
     edge = _edge_module()
     rng = np.random.default_rng(0)
@@ -325,7 +326,7 @@ def test_edge_preprocessing_equals_the_library_eval_transform(photos):
 
 
 def test_edge_onnx_and_pytorch_predictors_agree(exported, run_dir, photos):
-    from mineralnet.predict import Predictor
+    from mineralnet.infer import Predictor
 
     paths = _photos(photos)[::2]
     torch_p = Predictor(run_dir).probabilities(paths)
@@ -340,7 +341,7 @@ def test_edge_onnx_and_pytorch_predictors_agree(exported, run_dir, photos):
 
 
 def test_edge_runner_needs_neither_torch_nor_mineralnet(exported, run_dir, photos):
-    from mineralnet.predict import Predictor
+    from mineralnet.infer import Predictor
 
     paths = _photos(photos)[:4]
     model = run_dir / "export" / "model.int8.onnx"

@@ -1,5 +1,5 @@
 """The architecture rules of DESIGN.md section 3, checked on the source tree: the library never imports
-its CLI, no two modules import each other, presets ship as package data, one split-file format."""
+its CLI, no module imports from a higher layer, no two modules import each other, presets ship as package data, one split-file format."""
 import ast
 import os
 import subprocess
@@ -69,6 +69,57 @@ def test_import_graph_check_catches_a_cycle(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
     graph = _graph()
     assert "mineralnet.b" in graph["mineralnet.a"] and "mineralnet.a" in graph["mineralnet.b"]
+
+
+# The layers of docs/ARCHITECTURE.md, lowest first. A module may import from its own layer or below, never above
+# (imports inside functions count). The longest matching prefix decides; a package's `cli`/`command`/`ui`
+# module is the command layer.
+LAYERS = {
+    "mineralnet.files": 0, "mineralnet.errors": 0,
+    "mineralnet": 1,  # config, data, model, metrics, runs, losses, ...: the foundations
+    "mineralnet.calibration.core": 1, "mineralnet.calibration.store": 1, "mineralnet.calibration.graph": 1,
+    "mineralnet.infer": 2,
+    "mineralnet.train": 3, "mineralnet.calibration": 3, "mineralnet.export": 3, "mineralnet.quantize": 3,
+    "mineralnet.evaluate": 4, "mineralnet.crossval": 4, "mineralnet.cvfolds": 4, "mineralnet.explain": 4,
+    "mineralnet.analysis": 4, "mineralnet.bench": 4, "mineralnet.app": 4,
+    "mineralnet.cli": 5,
+}
+COMMAND_MODULES = ("cli", "command", "ui")
+
+
+def _layer(module: str) -> int:
+    if module.rpartition(".")[2] in COMMAND_MODULES:
+        return LAYERS["mineralnet.cli"]
+    best = max((p for p in LAYERS if module == p or module.startswith(p + ".")), key=len)
+    return LAYERS[best]
+
+
+def _upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                  if not m.startswith(d + ".") and _layer(d) > _layer(m))  # a package's own __init__ aside
+
+
+def test_no_module_imports_from_a_higher_layer():
+    up = _upward_imports(_graph())
+    assert not up, f"imports from a higher layer (see docs/ARCHITECTURE.md): {up}"
+
+
+def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
+    # the check itself must be able to fail: export importing a command inside a function, infer importing train
+    pkg = tmp_path / "mineralnet"
+    for sub in ("infer", "export", "train"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "infer" / "loop.py").write_text("from mineralnet.train import fit\n")
+    (pkg / "export" / "gates.py").write_text("def f():\n    from mineralnet.infer import cli\n")
+    (pkg / "infer" / "cli.py").write_text("from mineralnet.export import gates\n")
+    (pkg / "train" / "fit.py").write_text("from mineralnet.infer import loop\n")
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "PKG", pkg)
+    assert _upward_imports(_graph()) == ["mineralnet.export.gates -> mineralnet.infer.cli",
+                                         "mineralnet.infer.loop -> mineralnet.train",
+                                         "mineralnet.infer.loop -> mineralnet.train.fit"]
 
 
 def _preset_copies(repo: Path) -> list[str]:

@@ -16,7 +16,7 @@ from mineralnet.cli import main
 from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.export import ExportOptions, export
 from mineralnet.model import FusionNet
-from mineralnet.predict import Predictor
+from mineralnet.infer import Predictor
 from mineralnet.runs import atomic_write_json, model_meta, save_model
 
 REPO = Path(__file__).resolve().parents[1]

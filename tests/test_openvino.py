@@ -21,7 +21,8 @@ from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
 from mineralnet.export import onnx as xonnx  # noqa: E402
 from mineralnet.export import gates as xgates  # noqa: E402
 from mineralnet.export import openvino as xov  # noqa: E402
-from mineralnet.predict import Predictor, score_photos  # noqa: E402
+from mineralnet.infer import openvino as iov  # noqa: E402
+from mineralnet.infer import Predictor, score_photos  # noqa: E402
 from mineralnet.runs import model_meta, save_model  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def _torch_logits(run_dir, x):
 def test_fp32_ir_equals_pytorch_within_the_onnx_tolerance(exported, run_dir):
     out = run_dir / "export"
     assert {"model.xml", "model.bin", "model.int8.xml", "model.int8.bin"} <= {p.name for p in out.iterdir()}
-    runner = xov.IRRunner(out / "model.xml")
+    runner = iov.IRRunner(out / "model.xml")
     assert runner.batch == 2
     x = np.random.default_rng(0).normal(size=(5, 3, SIZE, SIZE)).astype(np.float32)
     got = runner.run(x)
@@ -86,12 +87,12 @@ def test_ir_carries_the_metadata_and_fp32_weights(exported, run_dir):
 
     out = run_dir / "export"
     model = ov.Core().read_model(str(out / "model.xml"))
-    meta = xov.read_metadata(model, "model.xml")
+    meta = iov.read_metadata(model, "model.xml")
     run_meta = json.loads((run_dir / "model.json").read_text())
     for key in ("classes", "image_size", "resize", "mean", "std", "backbone", "stages"):
         assert meta[key] == run_meta[key], key
     assert meta["precision"] == "fp32"
-    assert xov.read_metadata(ov.Core().read_model(str(out / "model.int8.xml")), "x")["precision"] == "int8"
+    assert iov.read_metadata(ov.Core().read_model(str(out / "model.int8.xml")), "x")["precision"] == "int8"
     # fp32 weights (save_model's default would halve them): the .bin is about the ONNX file's size
     assert (out / "model.bin").stat().st_size > 0.9 * (out / "model.onnx").stat().st_size
 
@@ -123,7 +124,7 @@ def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
     assert record["quantization"]["method"] == "nncf" and record["quantization"]["photos"] == 16
     assert record["int8"]["agreement"]["top1"] >= 0.9
     x = np.random.default_rng(1).normal(size=(2, 3, SIZE, SIZE)).astype(np.float32)
-    assert xov.IRRunner(tmp_path / "model.int8.xml").run(x)["logits"].shape == (2, 3)
+    assert iov.IRRunner(tmp_path / "model.int8.xml").run(x)["logits"].shape == (2, 3)
 
 
 def test_score_photos_torch_row_equals_mineralnet_eval(run_dir, photos):
@@ -144,14 +145,14 @@ def test_score_photos_torch_row_equals_mineralnet_eval(run_dir, photos):
 
 
 def test_timing_runtime_and_precision_hints(exported, run_dir):
-    rt = xov.timing_runtime(run_dir / "export" / "model.xml", precision="bf16", threads=1)
+    rt = iov.timing_runtime(run_dir / "export" / "model.xml", precision="bf16", threads=1)
     (x,) = rt.make_inputs(2, 1)
     result = rt.fn(x)
     assert len(result) == 2 and rt.precision == "bf16"
     with pytest.raises(MineralNetError, match="fixed batch of 2"):
         rt.make_inputs(8, 1)
     with pytest.raises(MineralNetError, match="choose one of fp32"):
-        xov.compile_ir(run_dir / "export" / "model.xml", precision="int4")
+        iov.compile_ir(run_dir / "export" / "model.xml", precision="int4")
 
 
 def test_bad_ir_inputs_are_one_clear_line(exported, run_dir, tmp_path):
@@ -228,7 +229,7 @@ def test_bench_bf16_hint_row_is_labelled_and_scored(exported, run_dir, photos):
     from mineralnet import bench
     from mineralnet.bench.report import render_markdown
 
-    if xov.timing_runtime(run_dir / "export" / "model.int8.xml", precision="bf16", threads=1).effective != "bf16":
+    if iov.timing_runtime(run_dir / "export" / "model.int8.xml", precision="bf16", threads=1).effective != "bf16":
         pytest.skip("this CPU has no bf16 instructions: OpenVINO runs the bf16 hint as fp32, and the bench skips "
                     "that row (test_bench_skips_a_hint_the_cpu_lacks)")
     rows = bench.run_inference([str(run_dir / "export" / "model.int8.xml")], runtimes=["openvino"],
@@ -252,7 +253,7 @@ def test_bench_bf16_hint_row_is_labelled_and_scored(exported, run_dir, photos):
 
 def test_bench_skips_a_hint_the_cpu_lacks(exported, run_dir, monkeypatch):
     from mineralnet import bench
-    from mineralnet.export import ir
+    from mineralnet.infer import openvino as ir
 
     real = ir.timing_runtime
     monkeypatch.setattr(ir, "timing_runtime", lambda *a, **k: dataclasses.replace(real(*a, **k), effective="fp32"))
@@ -319,7 +320,7 @@ import faulthandler, gc, signal, subprocess, sys, threading
 import numpy as np
 import openvino as ov
 import openvino.opset13 as op
-from mineralnet.export.ir import compile_ir, signal_stack
+from mineralnet.infer.openvino import compile_ir, signal_stack
 faulthandler.enable()
 before = signal_stack()
 p = op.parameter([1, 4], np.float32)

@@ -23,7 +23,7 @@ from mineralnet.data import make_demo_dataset  # noqa: E402
 from mineralnet.errors import MineralNetError  # noqa: E402
 from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
 from mineralnet.export import phone  # noqa: E402
-from mineralnet.predict import Predictor  # noqa: E402
+from mineralnet.infer import Predictor  # noqa: E402
 from mineralnet.runs import model_meta, save_model  # noqa: E402
 
 HAS = {m: importlib.util.find_spec(m) is not None
@@ -62,7 +62,7 @@ def _torch(run_dir, x):
 
 
 def _check_images(run_dir, photos):
-    from mineralnet.predict import Preprocessor
+    from mineralnet.infer import Preprocessor
     from mineralnet.runs import read_meta
 
     return Preprocessor(read_meta(run_dir)).batch(_photos(photos)[:12])
@@ -106,7 +106,9 @@ def test_dynamic_batch_refused(run_dir, tmp_path):
 
 def test_sidecar_meta_check(tmp_path):
     with pytest.raises(MineralNetError, match="carries no MineralNet metadata"):
-        phone.check_meta({"classes": ["a"]}, tmp_path / "m.tflite")
+        from mineralnet.infer.phone import check_meta
+
+        check_meta({"classes": ["a"]}, tmp_path / "m.tflite")
 
 
 # ----------------------------------------------------------------------------- LiteRT
@@ -147,7 +149,7 @@ def test_tflite_int8_is_full_integer(tflite_export):
 
 @needs_litert
 def test_tflite_metadata_round_trip(tflite_export, run_dir):
-    from mineralnet.export.tflite import read_metadata
+    from mineralnet.infer.litert import read_metadata
     from mineralnet.runs import read_meta
 
     meta = read_meta(run_dir)
@@ -205,7 +207,7 @@ def pte_export(run_dir, photos, tmp_path_factory):
 
 @needs_executorch
 def test_pte_files_metadata_and_parity(pte_export, run_dir, photos):
-    from mineralnet.export.executorch import ExecuTorchRunner
+    from mineralnet.infer.executorch import ExecuTorchRunner
     from mineralnet.runs import read_meta
 
     fp32, int8 = pte_export["model.pte"], pte_export["model.int8.pte"]

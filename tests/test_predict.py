@@ -13,7 +13,7 @@ from mineralnet.cli import main
 from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.model import FusionNet
-from mineralnet.predict import Predictor
+from mineralnet.infer import Predictor
 from mineralnet.runs import load_model, model_meta, save_model
 
 CLASSES = ["pyrite", "malachite", "quartz"]
@@ -137,3 +137,71 @@ def test_engine_without_tensorrt_says_what_is_missing(tmp_path):
     (tmp_path / "model.engine.json").write_text(json.dumps({"classes": CLASSES}))
     with pytest.raises(MineralNetError, match="TensorRT is not installed|no CUDA GPU"):
         Predictor(engine)
+
+
+# ----------------------------------------------------------------------------- the inference layer (issue 27)
+def test_one_table_names_every_model_file_and_bench_reads_it(run_dir, onnx_b2, tmp_path):
+    from mineralnet.bench.runtimes import open_model
+    from mineralnet.infer import BACKENDS, model_kind
+
+    expected = {"x.onnx": "onnx", "x.ENGINE": "tensorrt", "x.plan": "tensorrt", "x.trt": "tensorrt",
+                "x.xml": "openvino", "x.tflite": "litert", "x.pte": "executorch", "x.mlpackage": "coreml",
+                "model.safetensors": "pytorch", "model.json": "pytorch"}
+    assert {name: model_kind(tmp_path / name).name for name in expected} == expected
+    assert model_kind(run_dir).name == "pytorch" and model_kind(tmp_path / "x.pt") is None
+    suffixes = [s for k in BACKENDS for s in k.suffixes]
+    assert len(suffixes) == len(set(suffixes))  # one row per suffix
+    assert open_model(str(run_dir)).kind == "pytorch" and open_model(str(onnx_b2)).kind == "onnx"
+    with pytest.raises(MineralNetError, match="Core ML models run only on macOS"):
+        Predictor(_touch(tmp_path / "m.mlmodel"))
+    (tmp_path / "m.mlpackage").mkdir()  # a folder, yet not a run directory
+    assert model_kind(tmp_path / "m.mlpackage").name == "coreml"
+    with pytest.raises(MineralNetError, match="unknown kind; pass a run directory, an .onnx file"):
+        Predictor(_touch(tmp_path / "m.pt"))
+    with pytest.raises(MineralNetError, match="not a model `mineralnet bench` measures"):
+        open_model(str(_touch(tmp_path / "m.pt")))
+
+
+def _touch(path):
+    path.write_bytes(b"x")
+    return path
+
+
+def test_predict_loader_gives_the_same_logits_for_a_model_and_its_onnx_file(run_dir, photos, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from mineralnet.data import PhotoDataset
+    from mineralnet.infer import open_backend, predict_loader
+    from mineralnet.infer.loop import evaluate
+
+    out = tmp_path / "onnx"
+    assert main(["export", str(run_dir), "--dynamic", "--outputs", "logits,embedding", "--out", str(out)]) == 0
+    model, meta = load_model(run_dir)
+    t = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False, resize=meta["resize"])
+    labels = [i % len(CLASSES) for i in range(len(photos))]
+    loader = DataLoader(PhotoDataset(list(zip(photos, labels)), t), batch_size=4)
+    torch_out = predict_loader(model, loader, embeddings=True)
+    onnx_out = predict_loader(open_backend(out / "model.onnx"), loader, embeddings=True)
+    # independent computation: the whole batch through the model at once
+    x = torch.stack([t(load_image(p)) for p in photos])
+    with torch.no_grad():
+        logits, feats = model(x, return_features=True)
+    np.testing.assert_allclose(torch_out["logits"], logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(torch_out["embeddings"], feats.numpy(), atol=1e-5)
+    assert torch_out["labels"].tolist() == labels == onnx_out["labels"].tolist()
+    np.testing.assert_allclose(onnx_out["logits"], torch_out["logits"], atol=1e-4)
+    np.testing.assert_allclose(onnx_out["embeddings"], torch_out["embeddings"], atol=1e-4)
+    ev = evaluate(model, loader)
+    np.testing.assert_allclose(ev["probs"], torch.softmax(logits, 1).numpy(), atol=1e-6)
+    ce = -np.log(ev["probs"][np.arange(len(labels)), labels]).mean()
+    assert ev["loss"] == pytest.approx(ce, rel=1e-4) and ev["preds"].tolist() == logits.argmax(1).tolist()
+    with pytest.raises(MineralNetError, match="re-export it with --outputs"):
+        predict_loader(_OnlyProbs(), [(x[:1], torch.zeros(1))])
+
+
+class _OnlyProbs:
+    kind = "onnx"
+    meta: dict = {}
+
+    def run(self, x):
+        return {"probs": np.ones((len(x), 3), np.float32) / 3}

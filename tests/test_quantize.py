@@ -442,7 +442,7 @@ def test_plan_without_a_split(demo, tmp_path):
 
 def test_augmented_selection_photos_are_seeded_and_not_the_eval_view(demo):
     from mineralnet.data import list_images
-    from mineralnet.predict import Preprocessor
+    from mineralnet.infer import Preprocessor
     from mineralnet.quantize import exporting
 
     meta = {"image_size": 32, "resize": 37, "mean": [0.5] * 3, "std": [0.25] * 3}

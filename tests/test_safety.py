@@ -405,7 +405,7 @@ def test_data_check_reports_byte_identical_photos_within_and_across_classes(tmp_
 def test_predict_on_a_folder_reports_photos_in_formats_it_does_not_read(tmp_path, capsys):
     from PIL import Image
 
-    from mineralnet.predict import expand_images
+    from mineralnet.infer.cli import expand_images
 
     Image.new("RGB", (40, 40), (120, 60, 30)).save(tmp_path / "a.jpg")
     (tmp_path / "b.heic").write_bytes(b"\x00\x00\x00\x18ftypheic")

@@ -414,7 +414,7 @@ def _rank_main(rank, world, port, shards, out):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
 
-    from mineralnet.train.loop import evaluate
+    from mineralnet.infer.loop import evaluate
 
     acc = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
     cfg = _cfg(shards, batch_size=8)

@@ -22,6 +22,7 @@ from mineralnet.export import metadata as xmeta
 from mineralnet.export import int8 as xint8
 from mineralnet.export import gates as xgates
 from mineralnet.export import tensorrt as xtrt
+from mineralnet.infer import tensorrt as itrt
 from test_export import CLASSES, MEAN, SIZE, STD, _photos, _preprocess, photos, run_dir  # noqa: F401 (fixtures)
 
 # From the TensorRT 11 migration guide: gone from the Python API / from trtexec.
@@ -242,9 +243,9 @@ def test_trtexec_commands_for_both_majors_have_no_removed_option(monkeypatch):
             assert not [a for a in cmd if a.split("=")[0] in REMOVED_TRTEXEC], cmd
             assert "Shapes" not in " ".join(cmd)  # static: the ONNX fixes the shape
     # default major: the installed TensorRT's, else 10
-    monkeypatch.setattr(xtrt, "tensorrt_version", lambda: None)
+    monkeypatch.setattr(itrt, "tensorrt_version", lambda: None)
     assert "--stronglyTyped" in xtrt.trtexec_command("m.onnx", "m.engine", precision="fp32", **kw)
-    monkeypatch.setattr(xtrt, "tensorrt_version", lambda: "11.4.1.3")
+    monkeypatch.setattr(itrt, "tensorrt_version", lambda: "11.4.1.3")
     assert "--stronglyTyped" not in xtrt.trtexec_command("m.onnx", "m.engine", precision="fp32", **kw)
     with pytest.raises(MineralNetError, match="TensorRT 9.x"):
         xtrt.trtexec_command("m.onnx", "m.engine", precision="fp32", major=9, **kw)
@@ -272,14 +273,14 @@ def test_engine_sidecar_records_the_tensorrt_that_built_it():
     assert (side["gpu"], side["compute_capability"]) == ("Orin", "8.7")
     assert side["precision"] == "int8" and side["onnx"]["file"] == "model.int8.onnx"
     json.dumps(side)  # plain JSON
-    xtrt.check_compatible(side, DEVICE, "m.engine")  # same device: fine
-    xtrt.check_compatible(side, {**DEVICE, "gpu": "Jetson AGX Orin 64GB"}, "m.engine")  # same family (sm_87)
+    itrt.check_compatible(side, DEVICE, "m.engine")  # same device: fine
+    itrt.check_compatible(side, {**DEVICE, "gpu": "Jetson AGX Orin 64GB"}, "m.engine")  # same family (sm_87)
 
 
 @pytest.mark.parametrize("here_version,major", [("11.4.1", 11), ("10.8.0", 10)])
 def test_an_engine_from_another_tensorrt_version_is_refused_in_one_line(here_version, major):
     with pytest.raises(MineralNetError) as e:
-        xtrt.check_compatible(_sidecar("fp16"), {**DEVICE, "tensorrt_version": here_version}, "out/m.fp16.engine")
+        itrt.check_compatible(_sidecar("fp16"), {**DEVICE, "tensorrt_version": here_version}, "out/m.fp16.engine")
     msg = str(e.value)
     assert len(msg.splitlines()) == 1
     assert f"was built by TensorRT 10.3.0 and this machine has TensorRT {here_version}" in msg
@@ -293,7 +294,7 @@ def test_an_engine_from_another_tensorrt_version_is_refused_in_one_line(here_ver
 def test_an_engine_from_another_gpu_family_is_refused_in_one_line():
     with pytest.raises(MineralNetError, match=r"built for GPU Orin sm_87 and this machine has NVIDIA H100 sm_90.*"
                                               r"rebuild it here with `mineralnet-export RUN --trt --int8 --calib-data"):
-        xtrt.check_compatible(_sidecar(), {**DEVICE, "gpu": "NVIDIA H100", "compute_capability": "9.0"}, "m.engine")
+        itrt.check_compatible(_sidecar(), {**DEVICE, "gpu": "NVIDIA H100", "compute_capability": "9.0"}, "m.engine")
 
 
 # ----------------------------------------------------------------------------- the ONNX files that feed TensorRT
@@ -449,7 +450,7 @@ def test_export_drives_the_fake_builder_on_tensorrt_11(trt_export, run_dir, monk
 # ----------------------------------------------------------------------------- on a GPU with TensorRT
 @pytest.mark.trt
 def test_tensorrt_engines_build_and_match_onnx_runtime(run_dir, photos, tmp_path):
-    from mineralnet.predict import Predictor
+    from mineralnet.infer import Predictor
 
     opts = ExportOptions(out_dir=tmp_path, quant_data=photos, quant_size=24, profile=BatchProfile.range(1, 2, 4),
                          int8_gate="drop=100,bound=100")

@@ -18,7 +18,8 @@ from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.runs import RunDir, load_model, read_split
-from mineralnet.train import fit, resolve_resume
+from mineralnet.train import fit
+from mineralnet.train.command import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")

@@ -78,7 +78,7 @@ def gather_out_of_fold(runs, *, batch_size: int = 32, device: str | None = None,
     """Each run's model predicts its own validation photos (read from the run's split.json)."""
     from tqdm.auto import tqdm
 
-    from mineralnet.predict import Predictor
+    from mineralnet.infer import Predictor
     from mineralnet.runs import read_split
 
     paths, labels, probs, classes = [], [], [], None

@@ -22,7 +22,7 @@ import numpy as np
 from mineralnet.data import load_image
 from mineralnet.data.decode import ImageDecodeError
 from mineralnet.errors import MineralNetError
-from mineralnet.predict import Predictor
+from mineralnet.infer import Predictor
 
 TOPK = 5
 MAX_PHOTOS = 12  # per request: each photo costs a forward pass and a Grad-CAM

@@ -1,6 +1,6 @@
 """`mineralnet bench MODEL... --data DIR`: Top1, mean class accuracy and the top-1 agreement with the
 PyTorch fp32 model for every measured row, each runtime and precision scored on the same labelled photos
-with `mineralnet.predict.score_photos` (the numbers `mineralnet eval` gives for the run directory)."""
+with `mineralnet.infer.score_photos` (the numbers `mineralnet eval` gives for the run directory)."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.runtimes import _autocast
-from mineralnet.predict import Predictor, labelled_photos, score_photos
+from mineralnet.infer import Predictor, labelled_photos, score_photos
 from mineralnet.runs import read_split
 
 ACCURACY_KEYS = ("images", "top1", "mean_class_acc", "agreement")

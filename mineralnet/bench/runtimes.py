@@ -30,8 +30,9 @@ import torch
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.harness import _short_error
 from mineralnet.bench.environment import _arch_flops, _version
-from mineralnet.export.onnx import ort_session
-from mineralnet.export.tensorrt import TRTRunner
+from mineralnet.infer.backends import KINDS, model_kind
+from mineralnet.infer.ort import ort_session
+from mineralnet.infer.tensorrt import TRTRunner
 from mineralnet.model import FusionNet
 from mineralnet.runs import load_model, read_meta
 from mineralnet.runs import model_meta, save_model
@@ -54,7 +55,7 @@ def make_random_run(run_dir, backbone: str = "resnet50", stages=(2, 4), num_clas
 @dataclass
 class BenchModel:
     path: str
-    kind: str                       # "torch" | "onnx" | "openvino" | "engine" | "tflite" | "pte"
+    kind: str                       # the model's row in mineralnet.infer.BACKENDS: pytorch, onnx, openvino, ...
     name: str
     meta: Optional[dict]            # model.json contents, when known
     image_size: int
@@ -97,7 +98,7 @@ def _onnx_meta_and_precision(path: Path) -> tuple[Optional[dict], str, Optional[
 def _ir_meta_and_precision(path: Path) -> tuple[Optional[dict], str]:
     """(metadata, "fp32" | "int8") of an OpenVINO IR: from its rt_info when OpenVINO is installed (else from
     model.json beside it and the file name; the openvino runtime then reports itself skipped)."""
-    from mineralnet.export.ir import _ov, openvino_missing, read_ir, read_metadata
+    from mineralnet.infer.openvino import _ov, openvino_missing, read_ir, read_metadata
 
     meta = None
     if openvino_missing() is None:
@@ -120,7 +121,7 @@ def _sidecar_meta(path: Path) -> Optional[dict]:
 
 def _phone_meta(path: Path) -> Optional[dict]:
     """Metadata of a .tflite/.pte: its sidecar (readable without the runtime), else model.json nearby."""
-    from mineralnet.export.phone import read_sidecar
+    from mineralnet.infer.phone import read_sidecar
 
     with contextlib.suppress(MineralNetError):
         meta = read_sidecar(path)
@@ -133,33 +134,25 @@ def open_model(path: str, image_size: Optional[int] = None, *, train: bool = Fal
     """Describe a model file for benchmarking: its kind, metadata, input size and FLOPs per image."""
     p = Path(path)
     if not p.exists():
-        raise MineralNetError(f"model {path!r} does not exist; pass a run directory, an .onnx file or a "
-                              f"TensorRT .engine")
+        raise MineralNetError(f"model {path!r} does not exist; pass {KINDS}")
     name = p.name if p.suffix else p.resolve().name
-    if p.is_dir() or p.suffix in (".safetensors", ".json"):
-        meta = read_meta(p)
-        kind, file_precision, side = "torch", None, None
-    elif p.suffix == ".onnx":
+    row = model_kind(p)
+    kind = row.name if row is not None and row.open is not None else None
+    side = None
+    if kind == "pytorch":
+        meta, file_precision = read_meta(p), None
+    elif kind == "onnx":
         meta, file_precision, side = _onnx_meta_and_precision(p)
         meta = meta or _sidecar_meta(p)
-        kind = "onnx"
-    elif p.suffix == ".xml":
+    elif kind == "openvino":
         meta, file_precision = _ir_meta_and_precision(p)
-        kind, side = "openvino", None
-    elif p.suffix in (".tflite", ".pte"):
-        kind = p.suffix[1:]
-        meta = _phone_meta(p)
-        file_precision = (meta or {}).get("precision") or next(
-            (t for t in ("int8", "fp16") if f".{t}." in p.name.lower()), "fp32")
-        side = None
-    elif p.suffix in (".engine", ".plan", ".trt"):
-        meta, kind, side = _sidecar_meta(p), "engine", None
+    elif kind in ("litert", "executorch", "tensorrt"):
+        meta = _sidecar_meta(p) if kind == "tensorrt" else _phone_meta(p)
         file_precision = (meta or {}).get("precision") or next(
             (t for t in ("int8", "fp16") if f".{t}." in p.name.lower()), "fp32")
     else:
-        raise MineralNetError(f"{path!r} is not a run directory, .onnx file, OpenVINO .xml, TensorRT .engine, "
-                              f"LiteRT .tflite or ExecuTorch .pte; `mineralnet bench` measures those")
-    if train and kind != "torch":
+        raise MineralNetError(f"{path!r} is not a model `mineralnet bench` measures; pass {KINDS}")
+    if train and kind != "pytorch":
         raise MineralNetError(f"--train-step needs a run directory (PyTorch model), not {path!r}")
     size = int(image_size or side or (meta or {}).get("image_size") or 224)
     gflop = None
@@ -226,7 +219,7 @@ def _build_torch(variant: str):
                 raise Skip(f"torch.compile unavailable: {_short_error(e)}") from None
             torch._dynamo.reset()  # a fresh cache per row set: no recompile limit carried over
         model, _ = load_model(bm.path, map_location=device)
-        model = model.to(device)  # load_model maps the weights; the module must follow (as predict.py does)
+        model = model.to(device)  # load_model maps the weights; the module must follow (as infer's TorchBackend does)
         channels_last = variant == "channels_last"
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -342,7 +335,7 @@ def openvino_hint(file_precision: str, label: str) -> str:
 def _build_openvino(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None,
                     spinning: bool = True) -> Prepared:
     """An IR (or an .onnx file, read by OpenVINO) compiled for the CPU with the row's precision hint."""
-    from mineralnet.export.ir import INSTALL, openvino_missing, timing_runtime
+    from mineralnet.infer.openvino import INSTALL, openvino_missing, timing_runtime
 
     missing = openvino_missing()
     if missing:
@@ -361,17 +354,17 @@ def _build_phone(which: str):
 
     def build(bm: BenchModel, precision: str, device: str, threads: Optional[int] = None,
               spinning: bool = True) -> Prepared:
-        from mineralnet.export.phone import missing
+        from mineralnet.infer.phone import missing
 
         reason = missing(module)
         if reason:
             raise Skip(reason)
         if which == "litert":
-            from mineralnet.export.tflite import LiteRTRunner
+            from mineralnet.infer.litert import LiteRTRunner
 
             runner = LiteRTRunner(bm.path, threads=threads)
         else:
-            from mineralnet.export.executorch import ExecuTorchRunner
+            from mineralnet.infer.executorch import ExecuTorchRunner
 
             runner = ExecuTorchRunner(bm.path)
 
@@ -387,30 +380,30 @@ def _build_phone(which: str):
 class Runtime:
     name: str
     label: str
-    kind: str          # model kind it runs: torch | onnx | engine
+    kind: str          # model kind it runs: a row of mineralnet.infer.BACKENDS (pytorch, onnx, tensorrt, ...)
     build: Callable
     takes_threads: bool = False
     also: tuple = ()   # other model kinds it runs when --runtimes names it (OpenVINO reads .onnx files too)
 
 
 RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
-    Runtime("torch", "PyTorch eager", "torch", _build_torch("eager")),
-    Runtime("torch-cl", "PyTorch eager channels_last", "torch", _build_torch("channels_last")),
-    Runtime("torch-compile", "torch.compile (inductor)", "torch", _build_torch("compile")),
+    Runtime("torch", "PyTorch eager", "pytorch", _build_torch("eager")),
+    Runtime("torch-cl", "PyTorch eager channels_last", "pytorch", _build_torch("channels_last")),
+    Runtime("torch-compile", "torch.compile (inductor)", "pytorch", _build_torch("compile")),
     Runtime("ort-cpu", "ONNX Runtime CPU EP", "onnx", _build_ort("cpu"), takes_threads=True),
     Runtime("ort-cuda", "ONNX Runtime CUDA EP", "onnx", _build_ort("cuda"), takes_threads=True),
     Runtime("ort-trt", "ONNX Runtime TensorRT EP", "onnx", _build_ort("trt"), takes_threads=True),
     Runtime("openvino", "OpenVINO CPU", "openvino", _build_openvino, takes_threads=True, also=("onnx",)),
-    Runtime("tensorrt", "TensorRT engine", "engine", _build_tensorrt),
-    Runtime("litert", "LiteRT interpreter (XNNPACK)", "tflite", _build_phone("litert"), takes_threads=True),
-    Runtime("executorch", "ExecuTorch (XNNPACK)", "pte", _build_phone("executorch"), takes_threads=True),
+    Runtime("tensorrt", "TensorRT engine", "tensorrt", _build_tensorrt),
+    Runtime("litert", "LiteRT interpreter (XNNPACK)", "litert", _build_phone("litert"), takes_threads=True),
+    Runtime("executorch", "ExecuTorch (XNNPACK)", "executorch", _build_phone("executorch"), takes_threads=True),
 )}
 
 
 def _row_precisions(bm: BenchModel, precisions: Sequence[str], runtime: str = "") -> list[str]:
     # PyTorch rows take --precision; an ONNX file or engine has its precision baked in; OpenVINO rows run the
     # file with each precision hint of --precision (fp32 = the file's own precision).
-    if bm.kind == "torch":
+    if bm.kind == "pytorch":
         return list(precisions)
     file_precision = bm.file_precision or "fp32"
     if runtime == "openvino":

@@ -21,7 +21,7 @@ from mineralnet.calibration.store import Calibration
 from mineralnet.data import PhotoDataset, build_transforms
 from mineralnet.errors import MineralNetError
 from mineralnet.runs import SPLIT_FILE, load_model, read_split
-from mineralnet.train.loop import evaluate
+from mineralnet.infer.loop import predict_loader
 
 # Best mean AUROC (0.61, all five within 0.06) on the minet7 leave-classes-out protocol with short
 # from-scratch runs (docs/RESULTS.md, "Unknown minerals"); re-measure with better models.
@@ -36,25 +36,27 @@ DEFAULT_SHRINKAGE = 0.5
 def extract(model, samples, meta: dict, batch_size: int = 64, workers: int = 0, device: str | None = None
             ) -> dict[str, np.ndarray]:
     """Logits (N, C), fused features (N, D) and labels (N,) of [(path, label)] photos through the
-    run's evaluation preprocessing and the one prediction loop (mineralnet.train.loop.evaluate)."""
+    run's evaluation preprocessing and the one prediction loop (mineralnet.infer.loop.predict_loader)."""
     transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False, resize=meta["resize"])
     loader = DataLoader(PhotoDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()
     # no Accelerator: calibration runs in one process, also right after a distributed training has ended
-    out = evaluate(model, _OnDevice(loader, dev), None, embeddings=True)
-    return {"logits": out["logits"], "embedding": out["features"], "labels": out["targets"]}
+    out = predict_loader(model, loader, None, embeddings=True)
+    return {"logits": out["logits"], "embedding": out["embeddings"], "labels": out["labels"]}
 
 
-class _OnDevice:
-    """A loader whose batches are moved to `device` (the loop gets them as a prepared loader would)."""
-
-    def __init__(self, loader, device):
-        self.loader, self.device = loader, device
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield x.to(self.device), y.to(self.device)
+def after_training(result: dict) -> None:
+    """What every training command does when `train.fit` returns: fit the "unknown mineral" detector,
+    temperature and conformal scores on the run's own photos, on the main process, once the training
+    processes have finished (one pass over the photos). Nothing for an interrupted or epoch-less run."""
+    if not result.get("main_process") or result.get("status") == "interrupted" \
+            or result.get("best", {}).get("epoch", -1) <= 0:
+        return
+    try:
+        calibrate_run(Path(result["run_dir"]))
+    except MineralNetError as e:  # e.g. too few validation photos: the run stays usable, without `unknown`
+        print(f"calibration skipped ({e}); predictions will have unknown: null")
 
 
 def calibrate_arrays(train: dict, val: dict, num_classes: int, *, detector: str = DEFAULT_DETECTOR,

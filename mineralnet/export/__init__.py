@@ -12,6 +12,6 @@ one module per format (`onnx`, `int8`, `tensorrt`, `openvino` + `ir`, `triton`),
 """
 from mineralnet.export.context import Artifact, ExportOptions
 from mineralnet.export.formats import FORMATS, export
-from mineralnet.export.tensorrt import BatchProfile
+from mineralnet.infer.tensorrt import BatchProfile
 
 __all__ = ["FORMATS", "Artifact", "BatchProfile", "ExportOptions", "export"]

@@ -86,7 +86,7 @@ def add_arguments(parser) -> None:
 
 def profile_from_args(args):
     """--batch N, or --dynamic [--min-batch --opt-batch --max-batch] -> BatchProfile."""
-    from mineralnet.export.tensorrt import BatchProfile
+    from mineralnet.infer.tensorrt import BatchProfile
 
     range_flags = {k: getattr(args, k) for k in ("min_batch", "opt_batch", "max_batch")}
     given = [f"--{k.replace('_', '-')}" for k, v in range_flags.items() if v is not None]

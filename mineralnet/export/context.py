@@ -25,7 +25,7 @@ from mineralnet.data import list_images
 from mineralnet.errors import MineralNetError
 from mineralnet.export import metadata
 from mineralnet.export.onnx import DEFAULT_OPSET, DEFAULT_OUTPUTS, parse_outputs
-from mineralnet.export.tensorrt import DEFAULT_WORKSPACE_MIB, BatchProfile
+from mineralnet.infer.tensorrt import DEFAULT_WORKSPACE_MIB, BatchProfile
 
 CHECK_IMAGES = 32  # images for the parity gate / int8 agreement when no --val-data is given
 
@@ -125,7 +125,7 @@ class ExportContext:
     """The model, its metadata, the photos and the files shared by the format writers of one export."""
 
     def __init__(self, run, options: ExportOptions, formats: Sequence[str] = ("onnx",)):
-        from mineralnet.predict import Preprocessor
+        from mineralnet.infer import Preprocessor
         from mineralnet.runs import load_model
 
         self.run = Path(run)
@@ -147,7 +147,7 @@ class ExportContext:
     def _open_set_calibration(self):
         """A calibrated run exports its detector as a `novelty` output and its temperature, threshold
         and conformal scores in the metadata; returns the detector module (or None)."""
-        from mineralnet.calibration import Calibration
+        from mineralnet.calibration.store import Calibration
 
         cal = Calibration.load(self.run)
         if cal is None:

@@ -1,4 +1,5 @@
-"""ExecuTorch export (XNNPACK, fp32 and int8) for Android/iOS apps and boards, and its Python runner.
+"""ExecuTorch export (XNNPACK, fp32 and int8) for Android/iOS apps and boards (the runner is
+mineralnet/infer/executorch.py).
 
     mineralnet-export RUN --executorch                               # model.pte (fp32, XNNPACK)
     mineralnet-export RUN --executorch --int8 --calib-data DIR       # + model.int8.pte
@@ -17,58 +18,17 @@ Swift runtime and need neither.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import time
-from pathlib import Path
 import numpy as np
 
 from mineralnet.errors import MineralNetError
 from mineralnet.export import phone
+from mineralnet.infer.executorch import METADATA_METHOD, ExecuTorchRunner, _version
 
 NAMES = {"fp32": "model.pte", "int8": "model.int8.pte"}
-METADATA_METHOD = "mineralnet_metadata"
-
-
-class ExecuTorchRunner:
-    """A .pte from mineralnet-export in ExecuTorch's Python runtime (XNNPACK kernels), float32 in and out."""
-
-    def __init__(self, path, threads: int | None = None):
-        phone.require("executorch")
-        from executorch.runtime import Runtime
-
-        self.path = Path(os.path.expanduser(os.fspath(path)))
-        try:
-            self.program = Runtime.get().load_program(self.path.read_bytes())
-        except Exception as e:
-            raise MineralNetError(f"{str(self.path)!r} is not a loadable ExecuTorch program ({type(e).__name__}); "
-                                  f"export it again with `mineralnet-export RUN --executorch`") from None
-        inner = None
-        if METADATA_METHOD in self.program.method_names:
-            with contextlib.suppress(ValueError, TypeError, IndexError):
-                inner = json.loads(self.program.load_method(METADATA_METHOD).execute([])[0])
-        self.meta = phone.check_meta(inner or phone.read_sidecar(self.path), self.path)
-        self.method = self.program.load_method("forward")
-        self.batch = int(self.meta.get("batch", {}).get("size") or 1)
-        self.label = f"ExecuTorch {_version()} (XNNPACK)"
-
-    def _call(self, x: np.ndarray) -> list:
-        import torch
-
-        return [v.numpy() for v in self.method.execute([torch.from_numpy(x)])]
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        return phone.run_fixed(self._call, images, self.batch, self.meta["outputs"])
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    with contextlib.suppress(PackageNotFoundError):
-        return version("executorch")
-    return "?"
 
 
 def _head(ctx):

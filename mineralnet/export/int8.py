@@ -218,7 +218,8 @@ def write(ctx) -> list:
     import json
 
     from mineralnet.export import gates, metadata
-    from mineralnet.export.onnx import check_proto, ort_session, run_session
+    from mineralnet.export.onnx import check_proto
+    from mineralnet.infer.ort import ort_session, run_session
     from mineralnet.quantize import exporting, recipe as rc
     from mineralnet.quantize.stats import parse_gate
 

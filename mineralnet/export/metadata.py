@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from mineralnet import __version__
-from mineralnet.errors import MineralNetError
+from mineralnet.infer.metadata import major_of
 
 MANIFEST = "model.json"
 SIDECAR_FORMAT = "mineralnet-engine/2"  # /2: records tensorrt_major and strongly_typed
@@ -71,30 +71,7 @@ def set_onnx_metadata(proto, props: dict[str, str]) -> None:
                         f"class names and preprocessing in metadata_props")
 
 
-def parse_metadata(props: dict[str, str]) -> dict:
-    """metadata_props (str -> JSON str) -> the model meta dict (classes, mean, std, ...)."""
-    missing = [k for k in ("classes", "image_size", "resize", "mean", "std") if k not in props]
-    if missing:
-        raise MineralNetError(f"ONNX metadata lacks {', '.join(missing)}: the file was not written by "
-                              f"mineralnet-export; re-export it from the run with `mineralnet-export RUN`")
-    out = {}
-    for key, value in props.items():
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
 # ----------------------------------------------------------------------------- beside a TensorRT engine
-def major_of(version: str | None) -> int | None:
-    """"10.3.0.30" -> 10; None or an unparsable string -> None."""
-    try:
-        return int(str(version).split(".")[0])
-    except ValueError:
-        return None
-
-
 def engine_sidecar(meta: dict, *, precision: str, profile, onnx_file: str, onnx_sha256: str,
                    device: dict, outputs, workspace_mib: int) -> dict:
     """The `<engine>.json` contents: what the plan file cannot carry (the calibration too, when the run has one)."""

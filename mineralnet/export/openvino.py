@@ -23,9 +23,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from mineralnet.errors import MineralNetError
-from mineralnet.export.ir import (IR_NAMES, INT8_METHODS, INSTALL, PRECISION_HINTS, RT_INFO_KEY, IRRunner, TimingRuntime,  # noqa: F401
-                                  _ov, bin_path, compile_ir, convert, openvino_missing, quantize_nncf, read_ir,
-                                  read_metadata, save_ir, set_metadata, timing_runtime)
+from mineralnet.export.ir import IR_NAMES, INT8_METHODS, quantize_nncf, save_ir
+from mineralnet.infer.openvino import IRRunner, _ov, bin_path, convert
 
 
 def check(options, run=None) -> None:
@@ -44,7 +43,7 @@ def write(ctx) -> list:
 def _export_ir(ctx, precision: str, method: str):
     from mineralnet.export import gates
     from mineralnet.export.metadata import onnx_props
-    from mineralnet.export.onnx import ort_session, run_session
+    from mineralnet.infer.ort import ort_session, run_session
     from mineralnet.files import atomic_write_bytes
 
     o = ctx.options

@@ -143,7 +143,7 @@ def _write_model(repo: Path, name: str, model_file: Path, target: str, config: s
 def export_triton(ctx) -> list[tuple[Path, dict]]:
     """The model repository at ctx.options.triton_dir: one model per ONNX file written by this export,
     one per TensorRT engine (with its sidecar) in the export folder. Returns (model folder, record)."""
-    from mineralnet.export.tensorrt import read_sidecar
+    from mineralnet.infer.tensorrt import read_sidecar
 
     o = ctx.options
     if o.triton_kind not in KINDS:

@@ -2,16 +2,15 @@
 
     state.py   LRControl, Progress, StopFlag, ModelEma, build_optimizer
     inputs.py  prepare_data (scan, split, statistics), build_loaders
-    loop.py    train_one_epoch, evaluate (the one prediction loop), fresh_accelerator
+    loop.py    train_one_epoch, fresh_accelerator (validation predicts through mineralnet.infer.loop)
     fit.py     setup() -> TrainParts, fit(): train -> validate -> end of epoch -> budget
-    command.py the `mineralnet train` command
+    command.py the `mineralnet train` command (resolve_resume; it ends by calibrating the run)
 """
-from mineralnet.train.command import resolve_resume
 from mineralnet.train.fit import TrainParts, fit, make_accelerator, save_checkpoint, setup
 from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
-from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
+from mineralnet.train.loop import any_process, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
 
 __all__ = ["DataSplit", "LRControl", "ModelEma", "Progress", "StopFlag", "TrainParts", "any_process",
-           "build_loaders", "build_optimizer", "evaluate", "fit", "fresh_accelerator", "make_accelerator",
-           "prepare_data", "resolve_resume", "save_checkpoint", "setup", "train_one_epoch"]
+           "build_loaders", "build_optimizer", "fit", "fresh_accelerator", "make_accelerator",
+           "prepare_data", "save_checkpoint", "setup", "train_one_epoch"]

@@ -8,6 +8,7 @@ import yaml
 from mineralnet.config import TrainConfig, add_config_arguments, config_from_args, load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.runs import CONFIG_FILE
+from mineralnet.calibration.fit import after_training
 from mineralnet.train.fit import fit
 
 
@@ -73,6 +74,7 @@ def run(args) -> int:
             print(f"preset: {args.config} ({why}; --config paper|cpu|... chooses another)")
         cfg = config_from_args(args)
     result = fit(cfg)
+    after_training(result)  # training ends by calibrating "unknown" (calibration.json)
     if cfg.data is None or "demo-v1" in str(cfg.data):
         if result["status"] == "finished":
             print("this was the demo. Train on your own photos (one folder per mineral):\n"

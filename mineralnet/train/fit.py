@@ -34,7 +34,8 @@ from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, re
 from mineralnet.threads import apply_threads
 from mineralnet.train.inputs import DataSplit, build_device_augment, build_loaders, prepare_data
 from mineralnet.train.shard_inputs import build_shard_loaders, is_shards, prepare_shards
-from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
+from mineralnet.infer.loop import evaluate
+from mineralnet.train.loop import any_process, fresh_accelerator, train_one_epoch
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
 from mineralnet.weights import resolve_pretrained
 
@@ -192,27 +193,13 @@ def fit(cfg: TrainConfig) -> dict:
         parts = setup(cfg, accelerator, run)
         parts.threads = f"{threads} thread(s) per process ({why})"
         result = _fit(parts, accelerator)
-        main = accelerator.is_main_process
+        # the command that ran the training calibrates the run on this process (calibration.fit.after_training)
+        result["main_process"] = accelerator.is_main_process
     finally:
         if run is not None:
             run.release()
         accelerator.end_training()
-    if main and result["status"] != "interrupted" and result["best"].get("epoch", -1) > 0:
-        calibrate(run)
     return result
-
-
-def calibrate(run: RunDir) -> None:
-    """Fit the "unknown mineral" detector, temperature and conformal scores on the run's own photos
-    (after the processes have finished: it is one pass over the photos on the main process)."""
-    # imported here: calibration runs the prediction loop of this package (train.loop), so importing it
-    # at the top would make the train package and the calibration package wait on each other
-    from mineralnet.calibration.fit import calibrate_run
-
-    try:
-        calibrate_run(run.path)
-    except MineralNetError as e:  # e.g. too few validation photos: the run stays usable, without `unknown`
-        print(f"calibration skipped ({e}); predictions will have unknown: null")
 
 
 def _fit(parts: TrainParts, accelerator) -> dict:

@@ -1,16 +1,13 @@
-"""The two loops: one training epoch, and the one prediction loop that training, `eval` and
-`explain` share.
+"""The training epoch loop (the prediction loop that validation uses is mineralnet/infer/loop.py).
 
 A device sync costs a step on a GPU, so the loss is read back (`.item()`) and the cross-process stop
 check runs only every `log_every` steps and at the end of the epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
-import torch.nn.functional as F
 
 from mineralnet.train.state import StopFlag
 
@@ -102,35 +99,3 @@ def any_process(accelerator, flag: bool) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(t, reduction="sum").item() > 0)
 
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator=None, *, embeddings: bool = False) -> dict:
-    """Predictions over a prepared loader; every image counted exactly once whatever the process count.
-    With `accelerator=None`: this process alone, no autocast (batches must already be on the model's device).
-
-    Returns numpy `targets` (N,), `preds` (N,), `probs` (N, C), `logits` (N, C), the mean
-    cross-entropy `loss` and, with `embeddings=True`, the fused features `features` (N, D).
-    """
-    model.eval()
-    all_logits, all_targets, all_feats = [], [], []
-    autocast = accelerator.autocast if accelerator is not None else contextlib.nullcontext
-    gather = accelerator.gather_for_metrics if accelerator is not None else (lambda t: t)
-    for x, y in loader:
-        with autocast():
-            logits, feats = model(x, return_features=True)
-        if embeddings:
-            logits, y, feats = gather((logits.float().contiguous(), y, feats.float()))
-            all_feats.append(feats.cpu())
-        else:
-            logits, y = gather((logits.float().contiguous(), y))
-        all_logits.append(logits.cpu())
-        all_targets.append(y.cpu())
-    logits = torch.cat(all_logits) if all_logits else torch.zeros(0, 1)
-    targets = torch.cat(all_targets) if all_targets else torch.zeros(0, dtype=torch.long)
-    probs = logits.softmax(dim=1)
-    out = {"targets": targets.numpy(), "preds": probs.argmax(1).numpy(), "probs": probs.numpy(),
-           "logits": logits.numpy(),
-           "loss": float(F.cross_entropy(logits, targets).item()) if len(targets) else float("nan")}
-    if embeddings:
-        out["features"] = torch.cat(all_feats).numpy() if all_feats else None
-    return out

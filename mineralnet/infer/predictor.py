@@ -1,4 +1,4 @@
-"""Name the minerals in photos with any exported form of a model: `mineralnet predict`, `Predictor`.
+"""Name the minerals in photos with any form of a model: `Predictor`, `Prediction`, `Preprocessor`.
 
     Predictor("runs/exp1")                      # run directory (PyTorch)
     Predictor("runs/exp1/export/model.onnx")    # ONNX Runtime (fp32, fp16 or int8)
@@ -13,9 +13,7 @@ and is the evaluation transform of `mineralnet.data`, so a photo gets the same n
 """
 from __future__ import annotations
 
-import json
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,10 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from mineralnet.errors import MineralNetError
-
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-KINDS = "a run directory, an .onnx file from mineralnet-export, a TensorRT engine (.engine/.plan/.trt), an " \
-        "OpenVINO IR (.xml + .bin), a LiteRT .tflite or an ExecuTorch .pte"
+from mineralnet.infer.backends import open_backend
 
 
 class Preprocessor:
@@ -60,156 +55,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-# ----------------------------------------------------------------------------- backends
-class TorchBackend:
-    """A run directory or .safetensors file, in PyTorch (CUDA when available)."""
-
-    kind = "pytorch"
-
-    def __init__(self, path, device: str | None = None):
-        import torch
-
-        from mineralnet.runs import load_model
-
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model, self.meta = load_model(path, map_location="cpu")
-        self.model.to(self.device)
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        import torch
-
-        with torch.inference_mode():
-            out = {"logits": [], "embedding": []}
-            for start in range(0, len(x), 32):
-                xb = torch.from_numpy(x[start:start + 32]).to(self.device)
-                fused = self.model.embed(xb)
-                out["logits"].append(self.model.forward_head(fused).float().cpu().numpy())
-                out["embedding"].append(fused.float().cpu().numpy())
-        return {k: np.concatenate(v) for k, v in out.items()}
-
-
-class OnnxBackend:
-    """An .onnx file written by mineralnet-export, in ONNX Runtime."""
-
-    kind = "onnx"
-
-    def __init__(self, path, providers: Sequence[str] | None = None, threads: int | None = None):
-        from mineralnet.export.metadata import parse_metadata
-        from mineralnet.export.onnx import ort_session
-
-        if providers is None:
-            import onnxruntime as ort
-
-            available = ort.get_available_providers()
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.session = ort_session(path, providers=providers, threads=threads)
-        self.meta = parse_metadata(self.session.get_modelmeta().custom_metadata_map)
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        from mineralnet.export.onnx import run_session
-
-        return run_session(self.session, x)
-
-
-class TensorRTBackend:
-    """A TensorRT engine (plain plan file) with its `<engine>.json` sidecar."""
-
-    kind = "tensorrt"
-
-    def __init__(self, path):
-        from mineralnet.export.tensorrt import TRTRunner
-
-        self.runner = TRTRunner(path)
-        self.meta = self.runner.meta
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runner.run(x)
-
-
-class OpenVinoBackend:
-    """An OpenVINO IR (.xml + .bin) written by mineralnet-export, on the CPU.
-
-    `precision` is OpenVINO's inference precision hint: fp32 (the default: the numbers the export
-    gates checked), or bf16/fp16 where the CPU has those instructions.
-    """
-
-    kind = "openvino"
-
-    def __init__(self, path, precision: str | None = None, threads: int | None = None):
-        from mineralnet.export.ir import IRRunner
-
-        self.runner = IRRunner(path, precision=precision or "fp32", threads=threads)
-        self.meta = self.runner.meta
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runner.run(x)
-
-
-class LiteRTBackend:
-    """A .tflite file written by mineralnet-export, in the LiteRT interpreter (ai-edge-litert)."""
-
-    kind = "litert"
-
-    def __init__(self, path, threads: int | None = None):
-        from mineralnet.export.tflite import LiteRTRunner
-
-        self.runner = LiteRTRunner(path, threads=threads)
-        self.meta = self.runner.meta
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runner.run(x)
-
-
-class ExecuTorchBackend:
-    """A .pte file written by mineralnet-export, in ExecuTorch's Python runtime (XNNPACK)."""
-
-    kind = "executorch"
-
-    def __init__(self, path):
-        from mineralnet.export.executorch import ExecuTorchRunner
-
-        self.runner = ExecuTorchRunner(path)
-        self.meta = self.runner.meta
-
-    def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self.runner.run(x)
-
-
-def open_backend(path, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str | None = None, runtime: str | None = None):
-    """The backend for a run directory / .safetensors / model.json, an .onnx file, an engine or an IR.
-    `runtime="openvino"` runs an .onnx file in OpenVINO (its ONNX reader) instead of ONNX Runtime."""
-    p = Path(os.path.expanduser(os.fspath(path)))
-    if not p.exists():
-        raise MineralNetError(f"model {str(p)!r} does not exist; pass {KINDS}")
-    suffix = p.suffix.lower()
-    if runtime is not None and (runtime != "openvino" or suffix not in (".onnx", ".xml")):
-        raise MineralNetError(f"runtime {runtime!r} for {str(p)!r}: only 'openvino' can be chosen, for an .onnx "
-                              f"file or an IR (.xml)")
-    if runtime == "openvino":
-        return OpenVinoBackend(p, precision=precision, threads=threads)
-    if precision is not None and suffix != ".xml":
-        raise MineralNetError(f"--precision {precision} is OpenVINO's runtime hint; {str(p)!r} is not an "
-                              f"OpenVINO IR (.xml): drop --precision, or pass the IR")
-    if suffix == ".onnx":
-        return OnnxBackend(p, providers=providers, threads=threads)
-    if suffix in ENGINE_SUFFIXES:
-        return TensorRTBackend(p)
-    if suffix == ".xml":
-        return OpenVinoBackend(p, precision=precision, threads=threads)
-    if suffix == ".tflite":
-        return LiteRTBackend(p, threads=threads)
-    if suffix == ".pte":
-        return ExecuTorchBackend(p)
-    if suffix in (".mlpackage", ".mlmodel"):
-        raise MineralNetError(f"model {str(p)!r}: Core ML models run only on macOS/iOS (coremltools predict); "
-                              f"on this machine use the .onnx, .tflite or .pte of the same export")
-    if p.is_dir() or suffix in (".safetensors", ".json"):
-        return TorchBackend(p, device=device)
-    raise MineralNetError(f"model {str(p)!r}: unknown kind; pass {KINDS}")
-
-
-# ----------------------------------------------------------------------------- predictor
 NO_CALIBRATION_NOTE = ("the model has no calibration: `unknown` is null and probabilities are the plain softmax; "
                        "run `mineralnet calibrate RUN` (and export again for ONNX/TensorRT)")
 
@@ -233,9 +78,9 @@ class Prediction:
 
 def _calibration(backend, path):
     """The Calibration of a run directory, or the public part carried by an exported model, or None."""
-    from mineralnet.calibration import Calibration
+    from mineralnet.calibration.store import Calibration
 
-    if isinstance(backend, TorchBackend):
+    if backend.kind == "pytorch":
         return Calibration.load(Path(path))
     public = backend.meta.get("calibration")
     return Calibration.from_public(public) if isinstance(public, dict) else None
@@ -363,72 +208,3 @@ def score_photos(model, data, *, reference=None, batch_size: int = 32, **backend
         agreement = float((reference == preds).mean())
     return {"images": len(samples), "top1": float(metrics["top1"]), "mean_class_acc": float(metrics["mean_class_acc"]),
             "agreement": agreement, "preds": preds, "targets": targets}
-
-
-# ----------------------------------------------------------------------------- command line
-def expand_images(paths: Sequence[str]) -> list[str]:
-    """Files as given; folders expand to the image files under them (sorted)."""
-    from mineralnet.data import IMAGE_EXTENSIONS, list_images
-    from mineralnet.data.scan import list_unsupported
-
-    out: list[str] = []
-    for raw in paths:
-        p = Path(os.path.expanduser(raw))
-        if p.is_dir():
-            for path, reason in list_unsupported(p):  # never skipped silently
-                print(f"skipping {path}: {reason}", file=sys.stderr)
-            found = list_images(p)
-            if not found:
-                raise MineralNetError(f"folder {raw!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-            out += found
-        elif p.is_file():
-            out.append(str(p))
-        else:
-            raise MineralNetError(f"image {raw!r} does not exist; check the path (folders are searched for images)")
-    return out
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, TensorRT engine, "
-                                      "OpenVINO IR (.xml + .bin), LiteRT .tflite or ExecuTorch .pte")
-    parser.add_argument("images", nargs="+", metavar="IMAGE", help="photo files or folders of photos")
-    parser.add_argument("--topk", type=int, default=3, help="how many minerals to list per photo (default 3)")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
-    parser.add_argument("--batch-size", type=int, default=32, help="photos per forward pass (default 32)")
-    parser.add_argument("--device", default=None, help="PyTorch device for run directories (default cuda if present)")
-    parser.add_argument("--coverage", type=float, default=None,
-                        help="also give the smallest candidate set that holds the true mineral with this "
-                             "probability (e.g. 0.9; needs a calibrated model)")
-    parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
-                        help="OpenVINO inference precision for an IR (default fp32; bf16/fp16 run faster on CPUs "
-                             "that have them, with slightly different numbers)")
-
-
-def run(args) -> int:
-    if args.topk < 1:
-        raise MineralNetError(f"--topk {args.topk} must be at least 1")
-    if args.batch_size < 1:
-        raise MineralNetError(f"--batch-size {args.batch_size} must be at least 1")
-    if args.coverage is not None and not 0.0 < args.coverage < 1.0:
-        raise MineralNetError(f"--coverage {args.coverage} must be between 0 and 1, e.g. 0.9")
-    # a wrong model first: it is the first argument
-    predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None))
-    images = expand_images(args.images)
-    results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size, coverage=args.coverage)
-    if args.json:
-        doc = {"model": predictor.path, "runtime": predictor.kind, "calibrated": predictor.calibration is not None}
-        if predictor.note:
-            doc["note"] = predictor.note
-        if args.coverage is not None:
-            doc["coverage"] = args.coverage
-        print(json.dumps({**doc, "predictions": [r.to_dict() for r in results]}, indent=2))
-        return 0
-    if predictor.note:
-        print(f"note: {predictor.note}", file=sys.stderr)
-    width = min(60, max(len(r.image) for r in results))
-    for r in results:
-        tops = "  ".join(f"{name} {p:6.1%}" for name, p in r.top)
-        flag = "" if r.unknown is None else ("  UNKNOWN?" if r.unknown else "  known") + f" (novelty {r.novelty:.3g})"
-        cands = "" if r.set is None else f"  set {{{', '.join(r.set)}}}"
-        print(f"{r.image:<{width}}  {tops}{flag}{cands}")
-    return 0
