@@ -33,7 +33,8 @@ from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
                                 make_folds, pool_per_class, select_photos)
-from mineralnet.runs import atomic_write_json, atomic_write_text, read_metrics, read_result
+from mineralnet.files import atomic_write_json, atomic_write_text
+from mineralnet.runs import read_metrics, read_result
 from mineralnet import train
 
 DEFAULT_FOLDS = 10

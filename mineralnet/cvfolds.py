@@ -22,7 +22,8 @@ import numpy as np
 
 from mineralnet import data as mdata
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import atomic_write_json, read_split
+from mineralnet.files import atomic_write_json
+from mineralnet.runs import read_split
 
 MANIFEST = "photos.csv"
 

@@ -25,7 +25,8 @@ from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
 from mineralnet.report import EVAL_DIR, write_eval_report
-from mineralnet.runs import load_model, read_split
+from mineralnet.artifact import load_model
+from mineralnet.runs import read_split
 from mineralnet.threads import apply_threads, parse_threads
 from mineralnet.train.loop import evaluate, fresh_accelerator
 

@@ -22,7 +22,7 @@ from mineralnet.export import onnx as xonnx  # noqa: E402
 from mineralnet.export import gates as xgates  # noqa: E402
 from mineralnet.export import openvino as xov  # noqa: E402
 from mineralnet.predict import Predictor, score_photos  # noqa: E402
-from mineralnet.runs import model_meta, save_model  # noqa: E402
+from mineralnet.artifact import model_meta, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def exported(tmp_path_factory, run_dir, photos):
 def _torch_logits(run_dir, x):
     import torch
 
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     model, _ = load_model(run_dir)
     with torch.no_grad():
@@ -76,7 +76,7 @@ def test_fp32_ir_equals_pytorch_within_the_onnx_tolerance(exported, run_dir):
 
 
 def runner_model(run_dir):
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     return load_model(run_dir)[0]
 

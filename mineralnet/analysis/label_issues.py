@@ -185,7 +185,7 @@ def plot_gallery(path, oof: OutOfFold, ranked, top: int) -> Path | None:
 def label_issues(source, out, *, variant: str | None = None, top: int = 24, batch_size: int = 32,
                  device: str | None = None) -> dict:
     """Gather held-out predictions, find the suspects, write CSV, gallery and summary; returns the summary."""
-    from mineralnet.runs import atomic_write_json
+    from mineralnet.files import atomic_write_json
 
     oof = gather_out_of_fold(fold_runs(source, variant), batch_size=batch_size, device=device)
     ranked, quality = find_issues(oof.labels, oof.probs)

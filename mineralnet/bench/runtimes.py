@@ -33,8 +33,8 @@ from mineralnet.bench.environment import _arch_flops, _version
 from mineralnet.export.onnx import ort_session
 from mineralnet.export.tensorrt import TRTRunner
 from mineralnet.model import FusionNet
-from mineralnet.runs import load_model, read_meta
-from mineralnet.runs import model_meta, save_model
+from mineralnet.artifact import load_model, read_meta
+from mineralnet.artifact import model_meta, save_model
 
 def make_random_run(run_dir, backbone: str = "resnet50", stages=(2, 4), num_classes: int = 7,
                     image_size: int = 224, seed: int = 0) -> Path:

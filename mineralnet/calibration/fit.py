@@ -20,7 +20,8 @@ from mineralnet.calibration import core
 from mineralnet.calibration.store import Calibration
 from mineralnet.data import PhotoDataset, build_transforms
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import SPLIT_FILE, load_model, read_split
+from mineralnet.artifact import load_model
+from mineralnet.runs import SPLIT_FILE, read_split
 from mineralnet.train.loop import evaluate
 
 # Best mean AUROC (0.61, all five within 0.06) on the minet7 leave-classes-out protocol with short

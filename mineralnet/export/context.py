@@ -126,7 +126,7 @@ class ExportContext:
 
     def __init__(self, run, options: ExportOptions, formats: Sequence[str] = ("onnx",)):
         from mineralnet.predict import Preprocessor
-        from mineralnet.runs import load_model
+        from mineralnet.artifact import load_model
 
         self.run = Path(run)
         self.model, self.meta = load_model(run)

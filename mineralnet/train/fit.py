@@ -30,7 +30,8 @@ from mineralnet.metrics import confusion_matrix, summarize
 from mineralnet.model import FusionNet
 from mineralnet.precision import cpu_flags, resolve_precision
 from mineralnet.report import write_eval_report
-from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
+from mineralnet.artifact import MODEL_FILE, model_meta, read_meta
+from mineralnet.runs import RunDir, default_run_path
 from mineralnet.threads import apply_threads
 from mineralnet.train.inputs import DataSplit, build_device_augment, build_loaders, prepare_data
 from mineralnet.train.shard_inputs import build_shard_loaders, is_shards, prepare_shards
