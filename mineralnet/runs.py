@@ -19,12 +19,22 @@ from mineralnet.files import atomic_write_json, atomic_write_text, fsync_dir, fs
 
 
 # ----------------------------------------------------------------------------- the run directory
+# Every name in a run folder is spelled here (model.safetensors / model.json in artifact.py); other modules use
+# these constants or RunDir's paths and readers (tests/test_layout.py checks that no other module spells one).
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE = "config.yaml", "split.json", "metrics.jsonl", "result.json"
 RESUME_FILE, STATE_DIR, PROGRESS_FILE = "resume.json", "state", "progress.json"
-LOCK_FILE = ".lock"
+STATE_TMP, STATE_OLD = "state.tmp", "state.old"
+LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR = ".lock", "unreadable.txt", "tb"
+EVAL_DIR, EXPORT_DIR = "eval", "export"  # the final evaluation; the default `mineralnet-export` folder
+CALIBRATION_FILE, CALIBRATION_ARRAYS = "calibration.json", "calibration.safetensors"  # `mineralnet calibrate`
+# The evaluation report in RUN/eval/ (and in any `eval --out` / `explain --out` folder; report.py writes it).
+EVAL_METRICS_FILE, EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE = "metrics.json", "per_class.csv", "confusion.png"
 # What training itself writes into a run folder; anything else in a folder without config.yaml is not ours.
-RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, "state.tmp", "state.old",
-             LOCK_FILE, "unreadable.txt", "tb", "eval", MODEL_FILE, META_FILE)
+RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, STATE_TMP, STATE_OLD,
+             LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR, EVAL_DIR, MODEL_FILE, META_FILE)
+# Every name a run folder may hold (training, calibration, export, the eval report).
+FILE_NAMES = RUN_NAMES + (EXPORT_DIR, CALIBRATION_FILE, CALIBRATION_ARRAYS, EVAL_METRICS_FILE, EVAL_CLASSES_FILE,
+                          EVAL_CONFUSION_FILE)
 
 
 def _entries(path: Path) -> list[str]:
@@ -47,6 +57,79 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+    # -- where things are
+    @property
+    def config_file(self) -> Path:
+        return self / CONFIG_FILE
+
+    @property
+    def eval_dir(self) -> Path:
+        """RUN/eval/: the final evaluation training writes (and `mineralnet eval --split val`)."""
+        return self / EVAL_DIR
+
+    @property
+    def export_dir(self) -> Path:
+        """RUN/export/: where `mineralnet-export` writes by default."""
+        return self / EXPORT_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self / TENSORBOARD_DIR
+
+    @property
+    def unreadable_file(self) -> Path:
+        return self / UNREADABLE_FILE
+
+    @property
+    def calibration_files(self) -> tuple[Path, Path]:
+        """(calibration.json, calibration.safetensors): the run's open-set calibration."""
+        return self / CALIBRATION_FILE, self / CALIBRATION_ARRAYS
+
+    def has_model(self) -> bool:
+        return (self / MODEL_FILE).is_file()
+
+    def has_split(self) -> bool:
+        return (self / SPLIT_FILE).is_file()
+
+    def has_state(self) -> bool:
+        """A checkpoint to resume from: state/, or state.old/ when a swap was cut short."""
+        return (self / STATE_DIR).is_dir() or (self / STATE_OLD).is_dir()
+
+    # -- readers
+    def saved_config(self) -> dict | None:
+        """config.yaml as a dict (the flags the run was trained with); None when there is none."""
+        import yaml
+
+        path = self.config_file
+        if not path.is_file():
+            return None
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise MineralNetError(f"{str(path)!r} is not readable YAML ({str(e).splitlines()[0]}); restore it "
+                                  f"from a copy of the run or start a new run") from None
+
+    def eval_metrics(self, folder: str | None = None) -> dict | None:
+        """metrics.json of the run's final evaluation (or of `folder`, e.g. "eval-test"); None when absent."""
+        path = (self / (folder or EVAL_DIR)) / EVAL_METRICS_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise MineralNetError(f"{str(path)!r} is damaged ({e}); run `mineralnet eval {self.path}` again") from None
+
+    def split(self, root=None):
+        """split.json (see `read_split`)."""
+        return read_split(self.path, root=root)
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl (see `read_metrics`)."""
+        return read_metrics(self.path)
+
+    def result(self) -> dict | None:
+        return read_result(self.path)
 
     @classmethod
     def open(cls, path, *, resuming: bool, is_main: bool) -> "RunDir":
@@ -118,7 +201,7 @@ class RunDir:
 
     def write_unreadable(self, bad) -> None:
         if self.is_main and bad:
-            atomic_write_text(self / "unreadable.txt", "".join(f"{p}\t{r}\n" for p, r in bad))
+            atomic_write_text(self / UNREADABLE_FILE, "".join(f"{p}\t{r}\n" for p, r in bad))
 
     # -- per-epoch records
     def truncate_metrics(self, epochs_done: int) -> None:
@@ -145,7 +228,7 @@ class RunDir:
     def save_checkpoint(self, accelerator, counters: dict, ema=None) -> None:
         """accelerate save_state + the counters (JSON) + the EMA weights into state/, atomically: write
         state.tmp, then swap it in."""
-        tmp, final, old = self / "state.tmp", self / STATE_DIR, self / "state.old"
+        tmp, final, old = self / STATE_TMP, self / STATE_DIR, self / STATE_OLD
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
@@ -169,7 +252,7 @@ class RunDir:
 
     def state_dir(self) -> Path:
         """The folder to resume from: state/, or state.old/ when a swap was cut short."""
-        return self / STATE_DIR if (self / STATE_DIR).is_dir() else self / "state.old"
+        return self / STATE_DIR if (self / STATE_DIR).is_dir() else self / STATE_OLD
 
     def load_checkpoint(self, accelerator, ema=None) -> dict:
         """Restore model/optimizer/RNG state (+ EMA); returns the saved counters."""
@@ -216,7 +299,7 @@ def default_run_path(backbone: str, stages, loss: str) -> Path:
     return Path("runs") / f"{stamp}-{backbone}-s{''.join(map(str, stages))}-{loss}"
 
 
-def _run_root(run) -> Path:
+def run_folder(run) -> Path:
     """The run folder that owns `run` (`artifact.run_of`), else the folder given or the file's folder."""
     p = Path(run)
     return run_of(p) or (p if p.is_dir() else p.parent)
@@ -226,7 +309,7 @@ def read_split(run, root=None):
     """The split of a run dir (or of the run a model file sits in) -> `data.load_splits`'s dict
     (root, classes, splits: {"train", "val"} -> [(path, label)], info), paths resolved against `root`
     (default: the collection's saved location). Raises when there is none."""
-    path = _run_root(run) / SPLIT_FILE
+    path = run_folder(run) / SPLIT_FILE
     if not path.is_file():
         raise MineralNetError(f"{str(path)!r} not found: the run was not trained with a held-out split "
                               f"written by this version; pass labelled photos with --data DIR instead")
@@ -235,7 +318,7 @@ def read_split(run, root=None):
 
 def read_metrics(run) -> list[dict]:
     """metrics.jsonl of a run, one dict per finished epoch ([] when there is none yet)."""
-    path = _run_root(run) / METRICS_FILE
+    path = run_folder(run) / METRICS_FILE
     if not path.is_file():
         return []
     lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
@@ -252,5 +335,5 @@ def read_metrics(run) -> list[dict]:
 
 
 def read_result(run) -> dict | None:
-    path = _run_root(run) / RESULT_FILE
+    path = run_folder(run) / RESULT_FILE
     return json.loads(path.read_text()) if path.is_file() else None

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import RunDir
 
 CSV_NAME, PNG_NAME, JSON_NAME = "label_issues.csv", "label_issues.png", "label_issues.json"
 
@@ -47,7 +48,7 @@ def fold_runs(source, variant: str | None = None) -> list[Path]:
         results = src / "results.json"
         if results.is_file():
             runs += _cv_runs(src, results, variant)
-        elif (src / "model.safetensors").is_file():
+        elif RunDir(src).has_model():
             runs.append(src)
         else:
             raise MineralNetError(f"{str(src)!r} is neither a cv folder (results.json) nor a training run "
@@ -67,7 +68,7 @@ def _cv_runs(cv: Path, results: Path, variant: str | None = None) -> list[Path]:
                               f"{', '.join(repr(n) for n, _ in names)}")
     rec = chosen[0]
     runs = [cv / rec["slug"] / f"fold{f['fold']}" for f in rec["folds"]]
-    runs = [r for r in runs if (r / "model.safetensors").is_file()]
+    runs = [r for r in runs if RunDir(r).has_model()]
     if not runs:
         raise MineralNetError(f"{cv} has no finished fold run yet; run (or resume) the cv command first")
     return runs

@@ -18,9 +18,8 @@ from mineralnet.calibration import core
 from mineralnet.calibration.graph import NoveltyHead
 from mineralnet.errors import MineralNetError
 from mineralnet.files import atomic_write_bytes, atomic_write_json
+from mineralnet.runs import CALIBRATION_ARRAYS, CALIBRATION_FILE
 
-JSON_FILE = "calibration.json"
-ARRAYS_FILE = "calibration.safetensors"
 FORMAT = "mineralnet-calibration/1"
 NOVELTY_OUTPUT = "novelty"
 
@@ -117,13 +116,13 @@ class Calibration:
         run_dir = Path(run_dir)
         arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()}
         arrays["conformal_scores"] = np.ascontiguousarray(self.conformal_scores, np.float64)
-        atomic_write_bytes(run_dir / ARRAYS_FILE, save(arrays, metadata={"format": FORMAT}))
-        atomic_write_json(run_dir / JSON_FILE, {
+        atomic_write_bytes(run_dir / CALIBRATION_ARRAYS, save(arrays, metadata={"format": FORMAT}))
+        atomic_write_json(run_dir / CALIBRATION_FILE, {
             "format": FORMAT, "detector": self.detector, "temperature": self.temperature,
             "thresholds": self.thresholds, "acceptance": self.acceptance, "knn_k": self.knn_k,
             "conformal": {"method": "raps" if self.lam else "aps", "lam": self.lam, "k_reg": self.k_reg},
-            "arrays": ARRAYS_FILE, "info": self.info})
-        return run_dir / JSON_FILE, run_dir / ARRAYS_FILE
+            "arrays": CALIBRATION_ARRAYS, "info": self.info})
+        return run_dir / CALIBRATION_FILE, run_dir / CALIBRATION_ARRAYS
 
     @classmethod
     def load(cls, run_dir) -> Calibration | None:
@@ -132,7 +131,7 @@ class Calibration:
 
         run_dir = Path(run_dir)
         run_dir = run_dir.parent if run_dir.is_file() else run_dir
-        js, arr = run_dir / JSON_FILE, run_dir / ARRAYS_FILE
+        js, arr = run_dir / CALIBRATION_FILE, run_dir / CALIBRATION_ARRAYS
         if not js.is_file():
             return None
         try:

@@ -223,7 +223,7 @@ def _fit(parts: TrainParts, accelerator) -> dict:
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
-        parts.writer = SummaryWriter(str(run / "tb"), purge_step=progress.global_step or None)
+        parts.writer = SummaryWriter(str(run.tensorboard_dir), purge_step=progress.global_step or None)
         run.truncate_metrics(progress.epoch)
         print(f"training {cfg.backbone} stages {','.join(map(str, cfg.stages))} on {len(parts.split.train)} photos, "
               f"validating on {len(parts.split.val)}, {len(parts.split.classes)} classes, "
@@ -365,7 +365,7 @@ def final_evaluation(parts: TrainParts, accelerator) -> dict:
     ev = evaluate(model, parts.val_loader, accelerator)
     best = summarize(confusion_matrix(ev["targets"], ev["preds"], len(classes)))
     if accelerator.is_main_process:
-        write_eval_report(run / "eval", ev["targets"], ev["preds"], ev["probs"], classes)
+        write_eval_report(run.eval_dir, ev["targets"], ev["preds"], ev["probs"], classes)
     epoch = read_meta(run.path)["metrics"].get("epoch")
     return {"top1": best["top1"], "mean_class_acc": best["mean_class_acc"], "epoch": epoch}
 
