@@ -4,9 +4,9 @@
     inputs.py  prepare_data (scan, split, statistics), build_loaders
     loop.py    train_one_epoch, evaluate (the one prediction loop), fresh_accelerator
     fit.py     setup() -> TrainParts, fit(): train -> validate -> end of epoch -> budget
-    command.py the `mineralnet train` command
+    cli.py     the `mineralnet train` command
 """
-from mineralnet.train.command import resolve_resume
+from mineralnet.train.cli import resolve_resume
 from mineralnet.train.fit import TrainParts, fit, make_accelerator, save_checkpoint, setup
 from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data
 from mineralnet.train.loop import any_process, evaluate, fresh_accelerator, train_one_epoch
