@@ -158,9 +158,9 @@ def load_model(path, map_location: str | torch.device = "cpu"):
 def run_of(path) -> Path | None:
     """The run folder that owns a model or export file: a run folder itself, the folder of its
     model.safetensors / model.json, or the run whose export folder (RUN/export/) holds the file.
-    None when no folder there holds a model.safetensors (a lone file copied elsewhere)."""
+    None when no folder there holds a model.safetensors (a lone file copied elsewhere) or `path` does not exist."""
     p = Path(path)
-    for cand in ([p] if p.is_dir() else [p.parent, p.parent.parent]):
+    for cand in ([p] if p.is_dir() else [p.parent, p.parent.parent] if p.is_file() else []):
         if (cand / MODEL_FILE).is_file():
             return cand
     return None

@@ -300,9 +300,9 @@ def default_run_path(backbone: str, stages, loss: str) -> Path:
 
 
 def run_folder(run) -> Path:
-    """The run folder that owns `run` (`artifact.run_of`), else the folder given or the file's folder."""
+    """The run folder that owns `run` (`artifact.run_of`), else the file's folder, else `run` itself."""
     p = Path(run)
-    return run_of(p) or (p if p.is_dir() else p.parent)
+    return run_of(p) or (p.parent if p.is_file() else p)
 
 
 def read_split(run, root=None):

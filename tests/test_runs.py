@@ -25,6 +25,7 @@ def test_run_of_finds_the_run_from_the_folder_its_files_and_its_export_files(tmp
     loose.parent.mkdir()
     loose.write_bytes(b"")
     assert run_of(loose) is None and run_of(tmp_path / "elsewhere") is None
+    assert run_of(run / "not-there.onnx") is None and run_folder(run / "not-there") == run / "not-there"
     assert run_folder(loose) == loose.parent and run_folder(run / "export" / "model.onnx") == run
 
 
