@@ -47,8 +47,9 @@ def _entries(path: Path) -> list[str]:
 class RunDir:
     """A training run's folder and every file training writes into it (DESIGN.md section 4).
 
-    Nothing else writes these files, and readers go through `read_split`, `read_metrics` and
-    `read_result`. Writes happen on the main process only; checkpoints involve every process.
+    Nothing else spells these names: other modules take the paths (`eval_dir`, `export_dir`, ...) and the
+    readers (`saved_config`, `eval_metrics`, `split`, `metrics`, `result`, `has_state`, ...) from here.
+    Writes happen on the main process only; checkpoints involve every process.
     """
 
     def __init__(self, path, is_main: bool = True):
