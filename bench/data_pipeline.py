@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mineralnet import data as mdata
+from mineralnet.sizes import eval_resize
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.25]
 
@@ -46,7 +47,7 @@ def pipelines(size: int):
     tv = T.Compose([T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomRotation(30), T.RandomHorizontalFlip(),
                     T.ToTensor(), T.Normalize(MEAN, STD)])
     ours_eval = mdata.build_transforms(size, MEAN, STD, train=False)
-    tv_eval = T.Compose([T.Resize(mdata.eval_resize(size)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    tv_eval = T.Compose([T.Resize(eval_resize(size)), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
     return {
         "ours": lambda p: ours(mdata.load_image(p, min_size=ours.min_decode_size)),
         "albumentations": lambda p: alb(image=mdata.load_image(p))["image"],

@@ -55,7 +55,7 @@ def export_with_variants(run, out: Path, data, calib_size: int, variants: bool) 
     from mineralnet.export import BatchProfile, ExportOptions, export
     from mineralnet.export.int8 import quantize_int8
     from mineralnet.infer import Preprocessor
-    from mineralnet.runs import read_meta
+    from mineralnet.artifact import read_meta
 
     opts = ExportOptions(out_dir=out, quant_data=data, quant_size=calib_size, profile=BatchProfile.range(1, 8, 8),
                          outputs=("logits", "probs", "embedding"), int8_gate="drop=100,bound=100")
@@ -109,7 +109,7 @@ def interleaved(variants: dict, batch: int, size: int, rounds: int, warmup: int)
 
 def step_latency(args, work: Path, results: dict) -> None:
     from mineralnet import bench
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     model, meta = load_model(work / "run")
     out = results.setdefault("latency", {})
@@ -185,7 +185,7 @@ def agreement(export_dir: Path, meta: dict, samples, classes: int, probe: bool) 
 def step_agreement(args, work: Path, results: dict) -> None:
     from mineralnet.data import scan_dataset
     from mineralnet.export.context import spread as _spread
-    from mineralnet.runs import read_meta
+    from mineralnet.artifact import read_meta
 
     index = scan_dataset(args.data, verify=True)
     out = results.setdefault("agreement", {})

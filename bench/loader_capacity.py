@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mineralnet import data as mdata
+from mineralnet.sizes import eval_resize
 from mineralnet.bench.environment import environment
 
 MEAN, STD = [0.5, 0.45, 0.4], [0.25, 0.25, 0.25]
@@ -40,7 +41,7 @@ def _timed(fn, n_images: int) -> float:
 
 
 def measure(samples, size: int, batch: int, repeats: int) -> dict:
-    side = round(mdata.eval_resize(size) * 1.25)  # build_loaders' cache side for this image size
+    side = round(eval_resize(size) * 1.25)  # build_loaders' cache side for this image size
     t0 = time.perf_counter()
     workers_ds = mdata.PhotoDataset(samples, mdata.build_transforms(size, MEAN, STD, train=True), cache_side=side)
     canvas_ds = mdata.CanvasDataset(samples, side)

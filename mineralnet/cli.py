@@ -1,9 +1,10 @@
 """``mineralnet``: one command with subcommands; ``mineralnet-export`` is ``mineralnet export``.
 
-Each subcommand lives in the module that owns its logic. That module defines
-``add_arguments(parser)`` (or ``add_<name>_arguments``) and ``run(args) -> int`` (or
-``run_<name>``); only the chosen subcommand's module is imported, so ``mineralnet data check``
-does not pay for importing onnx or matplotlib.
+This module only dispatches. Each feature package holds its command in its ``cli.py`` (train, calibration,
+app, export, bench, data); the single-module commands (eval, cv, explain, predict, weights) keep theirs at
+the bottom of their module. That module defines ``add_arguments(parser)`` (or ``add_<name>_arguments``) and
+``run(args) -> int`` (or ``run_<name>``); only the chosen subcommand's module is imported, so
+``mineralnet data check`` does not pay for importing onnx or matplotlib.
 """
 from __future__ import annotations
 
@@ -17,14 +18,14 @@ from mineralnet.errors import MineralNetError
 
 # name -> (module, one-line help). Order is the order shown by `mineralnet --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("mineralnet.train.command", "train a model (same as `python launch/train.py`)"),
+    "train": ("mineralnet.train.cli", "train a model (same as `python launch/train.py`)"),
     "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder or on its own held-out photos"),
     "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
     "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
     "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),
-    "calibrate": ("mineralnet.calibration.fit", "fit unknown-mineral detection, temperature and candidate sets for a run"),
+    "calibrate": ("mineralnet.calibration.cli", "fit unknown-mineral detection, temperature and candidate sets for a run"),
     "predict": ("mineralnet.infer.cli", "name the minerals in photos with a run, ONNX file or engine"),
-    "app": ("mineralnet.app.ui", "a local web page: drop photos, see the minerals (pip install \"mineralnet[app]\")"),
+    "app": ("mineralnet.app.cli", "a local web page: drop photos, see the minerals (pip install \"mineralnet[app]\")"),
     "bench": ("mineralnet.bench.cli", "latency/throughput benchmark of models across runtimes"),
     "data": ("mineralnet.data.cli", "inspect a photo collection (`mineralnet data check DIR`)"),
     "weights": ("mineralnet.weights", "list offline pretrained weights; convert a checkpoint to timm safetensors"),

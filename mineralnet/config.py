@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import yaml
 
-from mineralnet.data import eval_resize
 from mineralnet.errors import MineralNetError
+from mineralnet.sizes import eval_resize
 from mineralnet.stages import parse_stages
 
 # Presets ship inside the package (a wheel has them too): mineralnet/presets/*.yaml is their one home.

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import shlex
 import shutil
 import subprocess
@@ -34,7 +33,8 @@ from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
                                 make_folds, pool_per_class, select_photos)
-from mineralnet.runs import atomic_write_json, atomic_write_text, read_metrics, read_result
+from mineralnet.files import atomic_write_json, atomic_write_text
+from mineralnet.runs import RunDir, read_metrics, read_result
 from mineralnet import train
 
 DEFAULT_FOLDS = 10
@@ -152,12 +152,9 @@ RERUN_SAFE = ("resume", "out", "workers", "log_every", "cache_images", "cache_bu
 
 def check_same_config(run_dir: Path, cfg) -> None:
     """A fold run found on disk must have been trained with this variant's settings."""
-    import yaml
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
+    saved = RunDir(run_dir).saved_config()
+    if saved is None:
         return
-    saved = yaml.safe_load(path.read_text()) or {}
     want = cfg.to_dict()
     diff = [f"{k}: {saved.get(k)!r} -> {want[k]!r}" for k in want
             if k not in RERUN_SAFE and k in saved and saved[k] != want[k]]
@@ -168,10 +165,12 @@ def check_same_config(run_dir: Path, cfg) -> None:
 
 def fold_result(run_dir: Path) -> dict | None:
     """Metrics of a finished fold run, or None when it has not finished."""
-    result, ev = read_result(run_dir), run_dir / "eval" / "metrics.json"
-    if result is None or not ev.is_file() or result.get("status") not in FINISHED:
+    result = read_result(run_dir)
+    if result is None or result.get("status") not in FINISHED:
         return None
-    m = json.loads(ev.read_text())
+    m = RunDir(run_dir).eval_metrics()
+    if m is None:
+        return None
     out = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "top3": m.get("top3"),
            "epoch": result.get("best", {}).get("epoch"), "status": result.get("status"),
            "train_seconds": result.get("train_seconds"), "run_dir": str(run_dir)}
@@ -185,7 +184,7 @@ def fold_result(run_dir: Path) -> dict | None:
 def _prepare_fold_dir(run_dir: Path) -> bool:
     """True when the fold has a saved state to resume; a run that died before its first checkpoint
     holds nothing worth keeping and is cleared so that training can start it again."""
-    if (run_dir / "state").is_dir() or (run_dir / "state.old").is_dir():
+    if RunDir(run_dir).has_state():
         return True
     if run_dir.exists():
         shutil.rmtree(run_dir)

@@ -22,7 +22,8 @@ import numpy as np
 
 from mineralnet import data as mdata
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import atomic_write_json, read_split
+from mineralnet.files import atomic_write_json
+from mineralnet.runs import RunDir, read_split
 
 MANIFEST = "photos.csv"
 
@@ -123,7 +124,9 @@ def check_run_split(run_dir: Path, data_root, fold_val: list[str]) -> None:
 
 def fold_per_class(run_dir: Path) -> dict:
     """{class: [correct, support]} of a finished fold run's eval/metrics.json."""
-    m = json.loads((Path(run_dir) / "eval" / "metrics.json").read_text())
+    m = RunDir(run_dir).eval_metrics()
+    if m is None:
+        raise MineralNetError(f"{str(run_dir)!r} has no final evaluation (eval/metrics.json); resume the cv run")
     return {row["class"]: [int(row["correct"]), int(row["support"])] for row in m.get("per_class", [])}
 
 

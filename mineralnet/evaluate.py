@@ -24,8 +24,9 @@ from mineralnet.data import DatasetIndex, PhotoDataset, build_transforms, scan_d
 from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
-from mineralnet.report import EVAL_DIR, write_eval_report
-from mineralnet.runs import load_model, read_split
+from mineralnet.report import write_eval_report
+from mineralnet.artifact import load_model
+from mineralnet.runs import EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE, EVAL_DIR, EVAL_METRICS_FILE, read_split
 from mineralnet.threads import apply_threads, parse_threads
 from mineralnet.infer.loop import evaluate
 from mineralnet.train.loop import fresh_accelerator
@@ -139,7 +140,7 @@ def run(args) -> int:
     if accelerator.is_main_process:
         if split != "train":
             warn_training_overlap(args.run, [p for p, _ in index.samples])
-        if (out_dir / "metrics.json").is_file():
+        if (out_dir / EVAL_METRICS_FILE).is_file():
             print(f"replacing the previous evaluation in {out_dir}")
         source = {"split": split} if split else {"data": str(args.data)}
         calibration = eval_calibration(args.run, targets, logits, meta["classes"], out_dir, args.coverage)
@@ -150,7 +151,7 @@ def run(args) -> int:
             print(f"skipped {len(index.bad)} unreadable image(s), e.g. {index.bad[0]}")
         print(format_table(metrics))
         print(format_calibration(calibration))
-        print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_class.csv'}, {out_dir / 'confusion.png'}, "
+        print(f"wrote {out_dir / EVAL_METRICS_FILE}, {out_dir / EVAL_CLASSES_FILE}, {out_dir / EVAL_CONFUSION_FILE}, "
               f"{out_dir / 'reliability.png'}")
     accelerator.end_training()
     return 0

@@ -34,7 +34,9 @@ from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
 from mineralnet.report import abbreviate, write_eval_report
-from mineralnet.runs import atomic_write_text, load_model, read_split
+from mineralnet.artifact import load_model
+from mineralnet.files import atomic_write_text
+from mineralnet.runs import read_split
 from mineralnet.infer.loop import evaluate
 
 EXPLAIN_DIR = "explain"

@@ -14,8 +14,8 @@ import numpy as np
 
 from mineralnet.metrics import compute_metrics, row_percent
 from mineralnet.files import atomic_write_json, atomic_write_text
+from mineralnet.runs import EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE, EVAL_METRICS_FILE
 
-EVAL_DIR = "eval"
 CSV_FIELDS = ("class", "support", "correct", "predicted", "accuracy", "precision", "recall", "f1")
 
 # Mineral symbols of the IMA-CNMNC list (Warr 2021, Mineralogical Magazine 85, 291-320), the
@@ -167,7 +167,7 @@ def write_eval_report(out_dir, targets, preds, probs, classes, extra: dict | Non
     metrics = compute_metrics(targets, preds, probs, classes=list(classes))
     if extra:
         metrics.update(extra)
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / EVAL_METRICS_FILE, metrics)
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
@@ -175,6 +175,6 @@ def write_eval_report(out_dir, targets, preds, probs, classes, extra: dict | Non
     for row in metrics["per_class"]:
         writer.writerow({k: ("" if row[k] is None else (f"{row[k]:.6f}" if isinstance(row[k], float) else row[k]))
                          for k in CSV_FIELDS})
-    atomic_write_text(out_dir / "per_class.csv", buf.getvalue())
-    plot_confusion(np.asarray(metrics["confusion"]), list(classes), out_dir / "confusion.png")
+    atomic_write_text(out_dir / EVAL_CLASSES_FILE, buf.getvalue())
+    plot_confusion(np.asarray(metrics["confusion"]), list(classes), out_dir / EVAL_CONFUSION_FILE)
     return metrics

@@ -1,170 +1,40 @@
-"""Saving and loading trained models: safetensors weights + a JSON that rebuilds and preprocesses.
+"""A training run's folder: every file and folder name in it, who writes them and the readers.
 
-A run directory holds `model.safetensors` (best weights) and `model.json` (DESIGN.md section 4).
-The same JSON is also stored in the safetensors header under the key "mineralnet", so a lone
-.safetensors file is self-describing. No pickle is used for weights anywhere.
+The model file itself (model.safetensors + model.json) is mineralnet/artifact.py's; RunDir names it
+and calls artifact to write it. DESIGN.md section 4 lists the files.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import platform
-import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from mineralnet import __version__
+from mineralnet.artifact import META_FILE, MODEL_FILE, check_state_files, run_of, save_model
 from mineralnet.data import load_splits, save_splits
 from mineralnet.errors import MineralNetError
-from mineralnet.files import atomic_write_bytes, atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
-from mineralnet.model import FusionNet
-
-MODEL_FILE = "model.safetensors"
-META_FILE = "model.json"
-FORMAT = "mineralnet-model/1"
-REQUIRED_KEYS = ("backbone", "stages", "num_classes", "classes", "image_size", "mean", "std", "resize")
-
-
-def versions() -> dict[str, str]:
-    import timm
-    out = {"mineralnet": __version__, "torch": torch.__version__, "timm": timm.__version__,
-           "python": platform.python_version()}
-    try:
-        import accelerate
-        out["accelerate"] = accelerate.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def model_meta(model, *, classes, image_size: int, mean, std, resize: int, metrics: dict | None = None,
-               extra: dict | None = None) -> dict[str, Any]:
-    """The model.json contents for a FusionNet."""
-    cfg = model.config()
-    if len(classes) != cfg["num_classes"]:
-        raise MineralNetError(f"{len(classes)} class names for a model with {cfg['num_classes']} outputs")
-    meta = {
-        "format": FORMAT,
-        **cfg,
-        "feature_dim": model.feature_dim,
-        "classes": list(classes),
-        "image_size": int(image_size),
-        "resize": int(resize),
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "input": {"layout": "NCHW", "color": "RGB", "scale": "0..1 then (x - mean) / std",
-                  "preprocess": "resize shorter side to `resize`, centre crop `image_size`"},
-        "metrics": metrics or {},
-        "versions": versions(),
-    }
-    if extra:
-        meta.update(extra)
-    return meta
-
-
-def save_model(run_dir, model, meta: dict) -> Path:
-    """Write model.safetensors and model.json into run_dir, each atomically. Returns the weights path."""
-    from safetensors.torch import save
-
-    run_dir = Path(run_dir)
-    model = getattr(model, "module", model)  # unwrap DDP
-    model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    blob = save(state, metadata={"mineralnet": json.dumps(meta), "format": "pt"})
-    atomic_write_bytes(run_dir / MODEL_FILE, blob)
-    atomic_write_json(run_dir / META_FILE, meta)
-    return run_dir / MODEL_FILE
-
-
-def _resolve(path) -> tuple[Path, Path | None]:
-    """(weights file, json file or None) for a run dir, a .safetensors file or a model.json."""
-    p = Path(path)
-    if not p.exists():
-        raise MineralNetError(f"model {str(p)!r} does not exist; pass a run directory made by training "
-                              f"(it holds {MODEL_FILE} and {META_FILE}) or a {MODEL_FILE} file")
-    if p.is_dir():
-        w, j = p / MODEL_FILE, p / META_FILE
-        if not w.is_file():
-            raise MineralNetError(f"run {str(p)!r} has no {MODEL_FILE} (training writes it after the first "
-                                  f"validated epoch); train it first or pass another run")
-        return w, (j if j.is_file() else None)
-    if p.suffix == ".json":
-        w = p.with_name(MODEL_FILE)
-        if not w.is_file():
-            raise MineralNetError(f"{str(p)!r} has no {MODEL_FILE} beside it")
-        return w, p
-    if p.suffix == ".safetensors":
-        j = p.with_name(META_FILE)
-        return p, (j if j.is_file() else None)
-    raise MineralNetError(f"{str(p)!r} is not a run directory, .safetensors or model.json; "
-                          f"(ONNX files and TensorRT engines are loaded by `mineralnet predict`)")
-
-
-def read_meta(path) -> dict:
-    """model.json of a run dir / weights file (from the safetensors header when no JSON is beside it)."""
-    weights, js = _resolve(path)
-    if js is not None:
-        try:
-            meta = json.loads(js.read_text())
-        except (OSError, ValueError) as e:
-            raise MineralNetError(f"{str(js)!r} is not valid JSON ({e}); re-export or retrain the run") from None
-    else:
-        from safetensors import safe_open
-        try:
-            with safe_open(str(weights), framework="pt") as f:
-                raw = (f.metadata() or {}).get("mineralnet")
-        except Exception as e:
-            raise MineralNetError(f"{str(weights)!r} is not a readable safetensors file ({e})") from None
-        if raw is None:
-            raise MineralNetError(f"{str(weights)!r} carries no MineralNet metadata and has no {META_FILE} "
-                                  f"beside it; it was not written by MineralNet")
-        meta = json.loads(raw)
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
-    if missing:
-        raise MineralNetError(f"model metadata of {str(path)!r} lacks {', '.join(missing)}; it was written by "
-                              f"an incompatible version; retrain or fix {META_FILE}")
-    return meta
-
-
-def load_model(path, map_location: str | torch.device = "cpu"):
-    """Rebuild a trained FusionNet from a run directory or weights file -> (model in eval mode, meta)."""
-    from safetensors.torch import load_file
-
-    weights, _ = _resolve(path)
-    meta = read_meta(path)
-    backbone = str(meta["backbone"])
-    if backbone.split(":", 1)[0].lower() in ("hf-hub", "hf_hub", "local-dir"):
-        raise MineralNetError(f"model metadata of {str(path)!r} names backbone {backbone!r}, which timm builds from "
-                              f"the network or another folder; saved models load offline from plain timm names "
-                              f"only: retrain with a timm architecture name (e.g. resnet50)")
-    model = FusionNet(meta["backbone"], meta["stages"], meta["num_classes"], pretrained=False,
-                      drop_rate=meta.get("drop_rate", 0.0))
-    try:
-        state = load_file(str(weights), device=str(map_location))
-    except Exception as e:
-        raise MineralNetError(f"cannot read weights {str(weights)!r} ({type(e).__name__}: {e}); the file is "
-                              f"damaged: retrain or copy it again") from None
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[0:2]
-        raise MineralNetError(f"weights {str(weights)!r} do not match the architecture in its metadata "
-                              f"({' '.join(first)[:200]}); the checkpoint is incompatible") from None
-    return model.eval(), meta
+from mineralnet.files import atomic_write_json, atomic_write_text, fsync_dir, fsync_tree
 
 
 # ----------------------------------------------------------------------------- the run directory
+# Every name in a run folder is spelled here (model.safetensors / model.json in artifact.py); other modules use
+# these constants or RunDir's paths and readers (tests/test_layout.py checks that no other module spells one).
 CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE = "config.yaml", "split.json", "metrics.jsonl", "result.json"
 RESUME_FILE, STATE_DIR, PROGRESS_FILE = "resume.json", "state", "progress.json"
-LOCK_FILE = ".lock"
+STATE_TMP, STATE_OLD = "state.tmp", "state.old"
+LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR = ".lock", "unreadable.txt", "tb"
+EVAL_DIR, EXPORT_DIR = "eval", "export"  # the final evaluation; the default `mineralnet-export` folder
+CALIBRATION_FILE, CALIBRATION_ARRAYS = "calibration.json", "calibration.safetensors"  # `mineralnet calibrate`
+# The evaluation report in RUN/eval/ (and in any `eval --out` / `explain --out` folder; report.py writes it).
+EVAL_METRICS_FILE, EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE = "metrics.json", "per_class.csv", "confusion.png"
 # What training itself writes into a run folder; anything else in a folder without config.yaml is not ours.
-RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, "state.tmp", "state.old",
-             LOCK_FILE, "unreadable.txt", "tb", "eval", MODEL_FILE, META_FILE)
+RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, STATE_TMP, STATE_OLD,
+             LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR, EVAL_DIR, MODEL_FILE, META_FILE)
+# Every name a run folder may hold (training, calibration, export, the eval report).
+FILE_NAMES = RUN_NAMES + (EXPORT_DIR, CALIBRATION_FILE, CALIBRATION_ARRAYS, EVAL_METRICS_FILE, EVAL_CLASSES_FILE,
+                          EVAL_CONFUSION_FILE)
 
 
 def _entries(path: Path) -> list[str]:
@@ -177,8 +47,9 @@ def _entries(path: Path) -> list[str]:
 class RunDir:
     """A training run's folder and every file training writes into it (DESIGN.md section 4).
 
-    Nothing else writes these files, and readers go through `read_split`, `read_metrics` and
-    `read_result`. Writes happen on the main process only; checkpoints involve every process.
+    Nothing else spells these names: other modules take the paths (`eval_dir`, `export_dir`, ...) and the
+    readers (`saved_config`, `eval_metrics`, `split`, `metrics`, `result`, `has_state`, ...) from here.
+    Writes happen on the main process only; checkpoints involve every process.
     """
 
     def __init__(self, path, is_main: bool = True):
@@ -187,6 +58,79 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+    # -- where things are
+    @property
+    def config_file(self) -> Path:
+        return self / CONFIG_FILE
+
+    @property
+    def eval_dir(self) -> Path:
+        """RUN/eval/: the final evaluation training writes (and `mineralnet eval --split val`)."""
+        return self / EVAL_DIR
+
+    @property
+    def export_dir(self) -> Path:
+        """RUN/export/: where `mineralnet-export` writes by default."""
+        return self / EXPORT_DIR
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self / TENSORBOARD_DIR
+
+    @property
+    def unreadable_file(self) -> Path:
+        return self / UNREADABLE_FILE
+
+    @property
+    def calibration_files(self) -> tuple[Path, Path]:
+        """(calibration.json, calibration.safetensors): the run's open-set calibration."""
+        return self / CALIBRATION_FILE, self / CALIBRATION_ARRAYS
+
+    def has_model(self) -> bool:
+        return (self / MODEL_FILE).is_file()
+
+    def has_split(self) -> bool:
+        return (self / SPLIT_FILE).is_file()
+
+    def has_state(self) -> bool:
+        """A checkpoint to resume from: state/, or state.old/ when a swap was cut short."""
+        return (self / STATE_DIR).is_dir() or (self / STATE_OLD).is_dir()
+
+    # -- readers
+    def saved_config(self) -> dict | None:
+        """config.yaml as a dict (the flags the run was trained with); None when there is none."""
+        import yaml
+
+        path = self.config_file
+        if not path.is_file():
+            return None
+        try:
+            return yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise MineralNetError(f"{str(path)!r} is not readable YAML ({str(e).splitlines()[0]}); restore it "
+                                  f"from a copy of the run or start a new run") from None
+
+    def eval_metrics(self, folder: str | None = None) -> dict | None:
+        """metrics.json of the run's final evaluation (or of `folder`, e.g. "eval-test"); None when absent."""
+        path = (self / (folder or EVAL_DIR)) / EVAL_METRICS_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise MineralNetError(f"{str(path)!r} is damaged ({e}); run `mineralnet eval {self.path}` again") from None
+
+    def split(self, root=None):
+        """split.json (see `read_split`)."""
+        return read_split(self.path, root=root)
+
+    def metrics(self) -> list[dict]:
+        """metrics.jsonl (see `read_metrics`)."""
+        return read_metrics(self.path)
+
+    def result(self) -> dict | None:
+        return read_result(self.path)
 
     @classmethod
     def open(cls, path, *, resuming: bool, is_main: bool) -> "RunDir":
@@ -258,7 +202,7 @@ class RunDir:
 
     def write_unreadable(self, bad) -> None:
         if self.is_main and bad:
-            atomic_write_text(self / "unreadable.txt", "".join(f"{p}\t{r}\n" for p, r in bad))
+            atomic_write_text(self / UNREADABLE_FILE, "".join(f"{p}\t{r}\n" for p, r in bad))
 
     # -- per-epoch records
     def truncate_metrics(self, epochs_done: int) -> None:
@@ -285,7 +229,7 @@ class RunDir:
     def save_checkpoint(self, accelerator, counters: dict, ema=None) -> None:
         """accelerate save_state + the counters (JSON) + the EMA weights into state/, atomically: write
         state.tmp, then swap it in."""
-        tmp, final, old = self / "state.tmp", self / STATE_DIR, self / "state.old"
+        tmp, final, old = self / STATE_TMP, self / STATE_DIR, self / STATE_OLD
         if self.is_main and tmp.exists():
             shutil.rmtree(tmp)
         accelerator.wait_for_everyone()
@@ -309,7 +253,7 @@ class RunDir:
 
     def state_dir(self) -> Path:
         """The folder to resume from: state/, or state.old/ when a swap was cut short."""
-        return self / STATE_DIR if (self / STATE_DIR).is_dir() else self / "state.old"
+        return self / STATE_DIR if (self / STATE_DIR).is_dir() else self / STATE_OLD
 
     def load_checkpoint(self, accelerator, ema=None) -> dict:
         """Restore model/optimizer/RNG state (+ EMA); returns the saved counters."""
@@ -327,38 +271,6 @@ class RunDir:
             ema.load(state)
         return _read_json(path)
 
-
-# Accelerate's own RNG file is a pickle but is read with weights_only=True (plain tensors and numpy state).
-_ACCELERATE_RNG = re.compile(r"random_states_\d+\.pkl")
-
-
-def check_state_files(state) -> None:
-    """Refuse a state/ that could run code when loaded, and name the first damaged file in one line.
-
-    MineralNet never writes custom pickles (Accelerate's `custom_checkpoint_N.pkl` is loaded with full
-    unpickling); a state/ that holds one, or any other *.pkl, came from elsewhere."""
-    from accelerate.utils import load as torch_load_safe
-    from safetensors.torch import load_file
-
-    state = Path(state)
-    files = sorted(p for p in state.iterdir() if p.is_file())
-    for f in files:
-        if f.name.startswith("custom_checkpoint_") or (f.suffix == ".pkl" and not _ACCELERATE_RNG.fullmatch(f.name)):
-            raise MineralNetError(f"{str(f)!r} is a pickle that MineralNet never writes and will not load (loading "
-                                  f"it could run code); resume only runs you trust, or start fresh without --resume")
-    fix = "resume from a copy of the run's previous state (state.old/) or start fresh without --resume"
-    for f in files:
-        try:
-            if f.suffix == ".safetensors":
-                load_file(str(f))
-            elif f.suffix in (".bin", ".pt", ".pkl"):
-                torch_load_safe(str(f), map_location="cpu", weights_only=True)
-            elif f.suffix == ".json":
-                json.loads(f.read_text())
-        except Exception as e:  # noqa: BLE001 -- any failure to read means a damaged file
-            msg = str(e).splitlines()[0][:160] if str(e) else ""
-            raise MineralNetError(f"checkpoint file {str(f)!r} is damaged ({type(e).__name__}: {msg}); "
-                                  f"{fix}") from None
 
 
 def _read_json(path: Path):
@@ -388,16 +300,17 @@ def default_run_path(backbone: str, stages, loss: str) -> Path:
     return Path("runs") / f"{stamp}-{backbone}-s{''.join(map(str, stages))}-{loss}"
 
 
-def _run_root(run) -> Path:
+def run_folder(run) -> Path:
+    """The run folder that owns `run` (`artifact.run_of`), else the file's folder, else `run` itself."""
     p = Path(run)
-    return p.parent if p.is_file() else p
+    return run_of(p) or (p.parent if p.is_file() else p)
 
 
 def read_split(run, root=None):
     """The split of a run dir (or of the run a model file sits in) -> `data.load_splits`'s dict
     (root, classes, splits: {"train", "val"} -> [(path, label)], info), paths resolved against `root`
     (default: the collection's saved location). Raises when there is none."""
-    path = _run_root(run) / SPLIT_FILE
+    path = run_folder(run) / SPLIT_FILE
     if not path.is_file():
         raise MineralNetError(f"{str(path)!r} not found: the run was not trained with a held-out split "
                               f"written by this version; pass labelled photos with --data DIR instead")
@@ -406,7 +319,7 @@ def read_split(run, root=None):
 
 def read_metrics(run) -> list[dict]:
     """metrics.jsonl of a run, one dict per finished epoch ([] when there is none yet)."""
-    path = _run_root(run) / METRICS_FILE
+    path = run_folder(run) / METRICS_FILE
     if not path.is_file():
         return []
     lines = [l for l in path.read_text(errors="replace").splitlines() if l.strip()]
@@ -423,5 +336,5 @@ def read_metrics(run) -> list[dict]:
 
 
 def read_result(run) -> dict | None:
-    path = _run_root(run) / RESULT_FILE
+    path = run_folder(run) / RESULT_FILE
     return json.loads(path.read_text()) if path.is_file() else None

@@ -28,7 +28,7 @@ import numpy as np
 from mineralnet import crossval, data as mdata, train
 from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import atomic_write_text
+from mineralnet.files import atomic_write_text
 
 TAIL = 3  # the rarest classes whose mean accuracy gets its own column
 

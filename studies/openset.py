@@ -21,7 +21,7 @@ from mineralnet.calibration import calibrate_arrays, core
 from mineralnet.calibration.fit import DEFAULT_SHRINKAGE, calibration_report, extract, openset_report
 from mineralnet.data import scan_dataset
 from mineralnet.evaluate import split_samples
-from mineralnet.runs import load_model
+from mineralnet.artifact import load_model
 
 
 def halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

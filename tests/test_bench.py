@@ -13,7 +13,7 @@ from torch import nn
 from mineralnet import bench
 from mineralnet.cli import main
 from mineralnet.model import FusionNet
-from mineralnet.runs import model_meta, save_model
+from mineralnet.artifact import model_meta, save_model
 
 
 @pytest.fixture(autouse=True)

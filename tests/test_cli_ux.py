@@ -75,7 +75,7 @@ def test_bare_mineralnet_prints_usage_and_exits_2(tmp_path):
     (False, False, {"paper", "cpu", "cpu-pretrained"}, "cpu"),
 ])
 def test_default_preset_fits_the_machine(gpu, weights, available, expected):
-    from mineralnet.train.command import default_preset
+    from mineralnet.train.cli import default_preset
     assert default_preset(gpu, weights, available) == expected
 
 

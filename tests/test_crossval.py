@@ -36,7 +36,7 @@ def _fake_fit(calls):
     """Stands in for train.fit: the REAL data split of training (prepare_data writes split.json), then
     predictions that depend on the variant and fold, written through the real eval report."""
     from mineralnet.evaluate import write_eval_report
-    from mineralnet.runs import atomic_write_json
+    from mineralnet.files import atomic_write_json
 
     def fit(cfg):
         calls.append(cfg)

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from mineralnet import cli
 from mineralnet import data as D
 from mineralnet.errors import MineralNetError
+from mineralnet.sizes import eval_resize
 
 EXIF_ROT6 = Image.Exif()
 EXIF_ROT6[0x0112] = 6
@@ -438,7 +439,7 @@ def test_transform_shapes_dtypes_and_determinism():
     a = train(img)
     train.set_random_seed(7)
     assert torch.equal(a, train(img))
-    assert D.eval_resize(224) == 256 and ev.resize == D.eval_resize(64) == 73
+    assert eval_resize(224) == 256 and ev.resize == eval_resize(64) == 73
 
 
 def test_normalisation_equals_torchvision():

@@ -11,7 +11,7 @@ import torch
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.model import FusionNet
-from mineralnet.runs import load_model, model_meta, save_model
+from mineralnet.artifact import load_model, model_meta, save_model
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.explain import comparison_stage, explain, grad_cam, pick_cam_images, sample_per_class
 from mineralnet.model import FusionNet
-from mineralnet.runs import load_model, model_meta, save_model
+from mineralnet.artifact import load_model, model_meta, save_model
 
 S, P, C = 64, 16, 3
 PATCH_COLOURS = torch.tensor([[1.0, -1, -1], [-1, 1, -1], [-1, -1, 1]])  # normalised RGB of each class

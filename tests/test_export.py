@@ -28,7 +28,7 @@ from mineralnet.export import gates as xgates
 from mineralnet.export import tensorrt as xtrt
 from mineralnet.model import FusionNet
 from mineralnet.quantize.graph import CalibrationReader
-from mineralnet.runs import model_meta, save_model
+from mineralnet.artifact import model_meta, save_model
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["pyrite", "malachite", "quartz"]
@@ -85,7 +85,7 @@ def exported(run_dir, photos):
 
 
 def _torch_reference(run_dir, x: np.ndarray):
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     model, _ = load_model(run_dir)
     with torch.no_grad():

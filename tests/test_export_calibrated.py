@@ -32,7 +32,8 @@ from mineralnet.export import gates as xgates  # noqa: E402
 from mineralnet.export import onnx as xonnx  # noqa: E402
 from mineralnet.export import openvino as xov  # noqa: E402
 from mineralnet.export import tensorrt as xtrt  # noqa: E402
-from mineralnet.runs import atomic_write_json, model_meta, save_model  # noqa: E402
+from mineralnet.artifact import model_meta, save_model  # noqa: E402
+from mineralnet.files import atomic_write_json  # noqa: E402
 
 FLOAT_FILES = ("model.onnx", "model.fp16.onnx", "model.xml")
 INT8_FILES = ("model.int8.onnx", "model.int8.xml")

@@ -122,6 +122,64 @@ def test_layer_check_catches_an_upward_import(tmp_path, monkeypatch):
                                          "mineralnet.infer.loop -> mineralnet.train.fit"]
 
 
+def test_config_imports_nothing_from_data():
+    graph = _graph()
+    assert not {d for d in graph["mineralnet.config"] if d.startswith("mineralnet.data")}, graph["mineralnet.config"]
+
+
+# Names equal to a run-folder name that are not about a run folder: (file under mineralnet/, name) -> why.
+NOT_RUN_FILES = {("data/shards.py", "split.json"): "the shard folder's own split file (same format, another folder)",
+                 ("weights.py", "model.safetensors"): "a file name on the Hugging Face hub"}
+
+
+def _run_file_literals(pkg: Path, names) -> list[str]:
+    """String constants under `pkg` that spell a run-folder name, outside runs.py and artifact.py (the owners).
+    Names with a dot count anywhere; bare folder names ("eval", "state", "export", "tb") count where they build
+    a path (an operand of `/`, or an argument of Path/joinpath/os.path.join/with_name), since "eval" and "export"
+    are also command names."""
+    found = []
+    for f in sorted(pkg.rglob("*.py")):
+        rel = f.relative_to(pkg).as_posix()
+        if rel in ("runs.py", "artifact.py"):
+            continue
+        tree = ast.parse(f.read_text())
+        parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names):
+                continue
+            if (rel, node.value) in NOT_RUN_FILES:
+                continue
+            up = parent.get(node)
+            call = getattr(getattr(up, "func", None), "attr", None) or getattr(getattr(up, "func", None), "id", None)
+            in_path = (isinstance(up, ast.BinOp) and isinstance(up.op, ast.Div)) or \
+                (isinstance(up, ast.Call) and call in ("Path", "joinpath", "join", "with_name"))
+            if "." in node.value or in_path:
+                found.append(f"{rel}:{node.lineno}: {node.value!r}")
+    return found
+
+
+def test_no_run_file_name_outside_runs_and_artifact():
+    from mineralnet.runs import FILE_NAMES
+
+    assert {"eval", "split.json", "state", "model.safetensors", "config.yaml", "export"} <= set(FILE_NAMES)
+    found = _run_file_literals(PKG, set(FILE_NAMES))
+    assert not found, f"run-folder names spelled outside runs.py/artifact.py (use RunDir or its constants): {found}"
+
+
+def test_run_file_check_catches_a_literal(tmp_path):
+    # the check itself must be able to fail: a path built from "eval" and a "split.json" anywhere are found, the
+    # command name "eval", the owners and the listed exceptions are not
+    (tmp_path / "data").mkdir()
+    (tmp_path / "runs.py").write_text('SPLIT = "split.json"\n')
+    (tmp_path / "evaluate.py").write_text('def f(run):\n    return run / "eval" / "metrics.json"\n')
+    (tmp_path / "cli.py").write_text('COMMANDS = {"eval": 1}\nHELP = "reads split.json"\n')
+    (tmp_path / "fold.py").write_text('from pathlib import Path\nP = Path("state")\nF = "split.json"\n')
+    (tmp_path / "data" / "shards.py").write_text('SPLIT_FILE = "split.json"\n')
+    names = {"eval", "state", "split.json", "metrics.json"}
+    assert sorted(_run_file_literals(tmp_path, names)) == ["evaluate.py:2: 'eval'", "evaluate.py:2: 'metrics.json'",
+                                                   "fold.py:2: 'state'", "fold.py:3: 'split.json'"]
+
+
 def _preset_copies(repo: Path) -> list[str]:
     """YAML files outside mineralnet/presets/ that hold the same text as a packaged preset."""
     packaged = {p.read_text() for p in (repo / "mineralnet" / "presets").glob("*.yaml")}

@@ -15,7 +15,8 @@ from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import RunDir, atomic_write_json
+from mineralnet.files import atomic_write_json
+from mineralnet.runs import RunDir
 
 TINY = {"backbone": "resnet18", "image_size": 32, "batch_size": 2, "workers": 0, "epochs": 1, "optimizer": "sgd",
         "scheduler": "none", "precision": "fp32", "normalize": "imagenet"}

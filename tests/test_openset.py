@@ -17,7 +17,8 @@ from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.export import ExportOptions, export
 from mineralnet.model import FusionNet
 from mineralnet.infer import Predictor
-from mineralnet.runs import atomic_write_json, model_meta, save_model
+from mineralnet.artifact import model_meta, save_model
+from mineralnet.files import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["pyrite", "malachite", "quartz"]

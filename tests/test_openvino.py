@@ -23,7 +23,7 @@ from mineralnet.export import gates as xgates  # noqa: E402
 from mineralnet.export import openvino as xov  # noqa: E402
 from mineralnet.infer import openvino as iov  # noqa: E402
 from mineralnet.infer import Predictor, score_photos  # noqa: E402
-from mineralnet.runs import model_meta, save_model  # noqa: E402
+from mineralnet.artifact import model_meta, save_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +52,7 @@ def exported(tmp_path_factory, run_dir, photos):
 def _torch_logits(run_dir, x):
     import torch
 
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     model, _ = load_model(run_dir)
     with torch.no_grad():
@@ -77,7 +77,7 @@ def test_fp32_ir_equals_pytorch_within_the_onnx_tolerance(exported, run_dir):
 
 
 def runner_model(run_dir):
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     return load_model(run_dir)[0]
 

@@ -24,7 +24,7 @@ from mineralnet.errors import MineralNetError  # noqa: E402
 from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
 from mineralnet.export import phone  # noqa: E402
 from mineralnet.infer import Predictor  # noqa: E402
-from mineralnet.runs import model_meta, save_model  # noqa: E402
+from mineralnet.artifact import model_meta, save_model  # noqa: E402
 
 HAS = {m: importlib.util.find_spec(m) is not None
        for m in ("litert_torch", "ai_edge_litert", "ai_edge_quantizer", "executorch", "coremltools")}
@@ -52,7 +52,7 @@ def _torch(run_dir, x):
     """Independent reference: the saved model, loaded again, logits and softmax in float64."""
     import torch
 
-    from mineralnet.runs import load_model
+    from mineralnet.artifact import load_model
 
     model, _ = load_model(run_dir)
     with torch.no_grad():
@@ -63,7 +63,7 @@ def _torch(run_dir, x):
 
 def _check_images(run_dir, photos):
     from mineralnet.infer import Preprocessor
-    from mineralnet.runs import read_meta
+    from mineralnet.artifact import read_meta
 
     return Preprocessor(read_meta(run_dir)).batch(_photos(photos)[:12])
 
@@ -150,7 +150,7 @@ def test_tflite_int8_is_full_integer(tflite_export):
 @needs_litert
 def test_tflite_metadata_round_trip(tflite_export, run_dir):
     from mineralnet.infer.litert import read_metadata
-    from mineralnet.runs import read_meta
+    from mineralnet.artifact import read_meta
 
     meta = read_meta(run_dir)
     for name in ("model.tflite", "model.int8.tflite"):
@@ -208,7 +208,7 @@ def pte_export(run_dir, photos, tmp_path_factory):
 @needs_executorch
 def test_pte_files_metadata_and_parity(pte_export, run_dir, photos):
     from mineralnet.infer.executorch import ExecuTorchRunner
-    from mineralnet.runs import read_meta
+    from mineralnet.artifact import read_meta
 
     fp32, int8 = pte_export["model.pte"], pte_export["model.int8.pte"]
     assert fp32.record["parity"]["passed"] and int8.record["int8"]["agreement"]["top1"] >= 0.75

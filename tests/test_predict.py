@@ -14,7 +14,7 @@ from mineralnet.data import build_transforms, load_image, make_demo_dataset
 from mineralnet.errors import MineralNetError
 from mineralnet.model import FusionNet
 from mineralnet.infer import Predictor
-from mineralnet.runs import load_model, model_meta, save_model
+from mineralnet.artifact import load_model, model_meta, save_model
 
 CLASSES = ["pyrite", "malachite", "quartz"]
 

@@ -292,7 +292,7 @@ def test_loading_a_model_never_reaches_the_network(tmp_path, monkeypatch):
     import socket
 
     from mineralnet.model import FusionNet
-    from mineralnet.runs import load_model, model_meta, save_model
+    from mineralnet.artifact import load_model, model_meta, save_model
 
     def no_network(*a, **k):
         raise AssertionError("network access while loading a model")
@@ -331,7 +331,7 @@ def test_known_backbone_names_pass_validation():
 @pytest.fixture(scope="module")
 def small_export_run(tmp_path_factory):
     from mineralnet.model import FusionNet
-    from mineralnet.runs import model_meta, save_model
+    from mineralnet.artifact import model_meta, save_model
 
     root = tmp_path_factory.mktemp("export")
     photos = mdata.make_demo_dataset(root / "photos", classes=3, per_class=4, size=40, seed=4)

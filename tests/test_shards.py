@@ -358,7 +358,7 @@ def test_shards_given_where_photos_are_needed_say_what_to_pass(photos, shards, t
     err = capsys.readouterr().err
     assert "folder of WebDataset shards" in err and len(err.strip().splitlines()) == 1
     from mineralnet.model import FusionNet
-    from mineralnet.runs import model_meta, save_model
+    from mineralnet.artifact import model_meta, save_model
 
     model = FusionNet("resnet18", (2, 4), 3)
     save_model(tmp_path / "run", model, model_meta(model, classes=["malachite", "pyrite", "quartz"], image_size=32,

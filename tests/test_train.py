@@ -17,9 +17,10 @@ from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import RunDir, load_model, read_split
+from mineralnet.artifact import load_model
+from mineralnet.runs import RunDir, read_split
 from mineralnet.train import fit
-from mineralnet.train.command import resolve_resume
+from mineralnet.train.cli import resolve_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -161,7 +162,7 @@ def test_sigterm_saves_state_and_leaves_a_loadable_run(tiny_data, tmp_path):
 KILL_WRITER = r"""
 import sys, torch
 from mineralnet.model import FusionNet
-from mineralnet.runs import model_meta, save_model
+from mineralnet.artifact import model_meta, save_model
 m = FusionNet("resnet18", (2, 4), 3)
 meta = model_meta(m, classes=["a", "b", "c"], image_size=32, mean=[.5]*3, std=[.2]*3, resize=37)
 i = 0
@@ -252,7 +253,7 @@ def test_no_argument_demo_produces_a_complete_run(tmp_path):
 
 
 def test_atomic_writes_have_normal_file_permissions(tmp_path):
-    from mineralnet.runs import atomic_write_text
+    from mineralnet.files import atomic_write_text
     old = os.umask(0o022)
     try:
         atomic_write_text(tmp_path / "x.json", "{}")

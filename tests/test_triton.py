@@ -24,7 +24,7 @@ from mineralnet.export import BatchProfile, ExportOptions, export  # noqa: E402
 from mineralnet.export import tensorrt as xtrt  # noqa: E402
 from mineralnet.export import metadata as xmeta  # noqa: E402
 from mineralnet.export import triton as xtriton  # noqa: E402
-from mineralnet.runs import model_meta, save_model  # noqa: E402
+from mineralnet.artifact import model_meta, save_model  # noqa: E402
 
 ORT_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(int64)": "TYPE_INT64"}
 DEVICE = {"tensorrt_version": "10.3.0", "gpu": "NVIDIA H200", "compute_capability": "9.0", "cuda": "12.4"}

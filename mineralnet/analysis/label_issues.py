@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import RunDir
 
 CSV_NAME, PNG_NAME, JSON_NAME = "label_issues.csv", "label_issues.png", "label_issues.json"
 
@@ -47,7 +48,7 @@ def fold_runs(source, variant: str | None = None) -> list[Path]:
         results = src / "results.json"
         if results.is_file():
             runs += _cv_runs(src, results, variant)
-        elif (src / "model.safetensors").is_file():
+        elif RunDir(src).has_model():
             runs.append(src)
         else:
             raise MineralNetError(f"{str(src)!r} is neither a cv folder (results.json) nor a training run "
@@ -67,7 +68,7 @@ def _cv_runs(cv: Path, results: Path, variant: str | None = None) -> list[Path]:
                               f"{', '.join(repr(n) for n, _ in names)}")
     rec = chosen[0]
     runs = [cv / rec["slug"] / f"fold{f['fold']}" for f in rec["folds"]]
-    runs = [r for r in runs if (r / "model.safetensors").is_file()]
+    runs = [r for r in runs if RunDir(r).has_model()]
     if not runs:
         raise MineralNetError(f"{cv} has no finished fold run yet; run (or resume) the cv command first")
     return runs
@@ -185,7 +186,7 @@ def plot_gallery(path, oof: OutOfFold, ranked, top: int) -> Path | None:
 def label_issues(source, out, *, variant: str | None = None, top: int = 24, batch_size: int = 32,
                  device: str | None = None) -> dict:
     """Gather held-out predictions, find the suspects, write CSV, gallery and summary; returns the summary."""
-    from mineralnet.runs import atomic_write_json
+    from mineralnet.files import atomic_write_json
 
     oof = gather_out_of_fold(fold_runs(source, variant), batch_size=batch_size, device=device)
     ranked, quality = find_issues(oof.labels, oof.probs)

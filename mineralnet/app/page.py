@@ -130,30 +130,24 @@ def percent(p: float) -> str:
 
 
 # ----------------------------------------------------------------------------- model card
-def _run_root(model, kind: str) -> list[Path]:
-    """Folders that may hold the run's split.json: the run itself, or the run an export sits in (RUN/export/)."""
-    p = Path(os.path.expanduser(os.fspath(model)))
-    if p.is_dir():
-        return [p]
-    return [p.parent, p.parent.parent] if kind != "pytorch" else [p.parent]
-
-
 def _weights_file(model) -> Path:
-    from mineralnet.runs import MODEL_FILE
+    from mineralnet.artifact import MODEL_FILE
 
     p = Path(os.path.expanduser(os.fspath(model)))
     return p / MODEL_FILE if p.is_dir() else p
 
 
-def training_photos(model, kind: str, classes: Sequence[str]) -> dict[str, int] | None:
+def training_photos(model, classes: Sequence[str]) -> dict[str, int] | None:
     """Training photos per class from the run's split file, or None when the model carries no run."""
+    from mineralnet.artifact import run_of
     from mineralnet.runs import read_split
 
-    for root in _run_root(model, kind):
+    root = run_of(os.path.expanduser(os.fspath(model)))
+    if root is not None:
         try:
             split = read_split(root)
         except MineralNetError:
-            continue
+            return None
         labels = [label for _, label in split["splits"].get("train", [])]
         names = split["classes"]
         counts = {c: 0 for c in classes}
@@ -174,7 +168,7 @@ def model_card(model, predictor: Predictor) -> dict:
     except OSError:
         date = None
     return {"classes": list(predictor.classes),
-            "train_photos": training_photos(model, predictor.kind, predictor.classes),
+            "train_photos": training_photos(model, predictor.classes),
             "top1": metrics.get("top1"), "mean_class_acc": metrics.get("mean_class_acc"),
             "val_images": metrics.get("val_images"), "date": date, "backbone": meta.get("backbone"),
             "stages": meta.get("stages"), "image_size": meta.get("image_size"), "runtime": predictor.kind,

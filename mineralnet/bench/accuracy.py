@@ -11,18 +11,10 @@ from typing import Callable, Optional
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.runtimes import _autocast
 from mineralnet.infer import Predictor, labelled_photos, score_photos
+from mineralnet.artifact import run_of
 from mineralnet.runs import read_split
 
 ACCURACY_KEYS = ("images", "top1", "mean_class_acc", "agreement")
-
-
-def run_of(path) -> Optional[Path]:
-    """The run directory of a model: the run itself, or the run whose export folder holds the file."""
-    p = Path(path)
-    for cand in ([p] if p.is_dir() else [p.parent, p.parent.parent]):
-        if (cand / "model.safetensors").is_file() and (cand / "model.json").is_file():
-            return cand
-    return None
 
 
 def _key(path) -> str:

@@ -40,11 +40,19 @@ def machine_line(env: dict) -> str:
 
 def render_markdown(report: dict, title: Optional[str] = None) -> str:
     """Table of measured rows (with the ratio to each group's baseline) and a list of skipped ones."""
-    rows, env, s = report["rows"], report["environment"], report.get("settings", {})
-    train = report.get("kind") == "train"
+    rows, train = report["rows"], report.get("kind") == "train"
+    scored = any(r.get("top1") is not None for r in rows)
     out = [f"### {title or ('Training throughput' if train else 'Inference latency and throughput')}", ""]
-    out.append(f"- Date: {report['created']}")
-    out.append(f"- Machine: {machine_line(env)}")
+    out += _conditions(report, scored) + [""]
+    out += _table(rows, report.get("settings", {}), train, scored)
+    out += _footnotes(rows, train)
+    return "\n".join(out) + "\n"
+
+
+def _conditions(report: dict, scored: bool) -> list[str]:
+    """The bullet list above the table: date, machine, command, timing, load, peak, accuracy, notes."""
+    rows, env, s = report["rows"], report["environment"], report.get("settings", {})
+    out = [f"- Date: {report['created']}", f"- Machine: {machine_line(env)}"]
     if report.get("command"):
         out.append(f"- Command: `{report['command']}`")
     out.append(f"- Timing: warm-up {s.get('warmup_s')} s, then >= {s.get('duration_s')} s and >= "
@@ -54,18 +62,9 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
                   "ONNX Runtime's idle-thread spinning off so that it leaves the cores to the next runtime)"
                   if s.get("interleaved") else ""))
     if env.get("load_average"):
-        after = s.get("load_average_after")
-        worst = max([env["load_average"][0], (after or [0])[0]] +
-                    [r.get("load_1min") or 0 for r in rows])
-        out.append(f"- Load average (1/5/15 min) at start: {'/'.join(map(str, env['load_average']))}"
-                   + (f", at end: {'/'.join(map(str, after))}" if after else "")
-                   + f" on {env['cpu'].get('usable_cpus')} CPUs"
-                   + (": **oversubscribed** (other processes held the cores; multi-threaded rows suffer most, "
-                      "as their threads wait for each other at every parallel region)"
-                      if worst > OVERSUBSCRIBED * (env["cpu"].get("usable_cpus") or 1) else ""))
+        out.append(_load_line(env, s, rows))
     if s.get("peak_gflops"):
         out.append(f"- Peak: {s['peak_gflops']:.0f} GFLOP/s fp32 ({s.get('peak_source') or 'given with --peak-gflops'})")
-    scored = any(r.get("top1") is not None for r in rows)
     if scored:
         n = next(r["images"] for r in rows if r.get("top1") is not None)
         out.append(f"- Accuracy: every row on the same {n} labelled photos of {s.get('data')}"
@@ -78,7 +77,22 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
     if any(r.get("load_1min") is not None for r in rows):
         out.append("- load: the 1-minute load average when the row's batch size finished (2 CPUs: above 2, other "
                    "processes were competing for the cores)")
-    out.append("")
+    return out
+
+
+def _load_line(env: dict, s: dict, rows: list[dict]) -> str:
+    after = s.get("load_average_after")
+    worst = max([env["load_average"][0], (after or [0])[0]] + [r.get("load_1min") or 0 for r in rows])
+    return (f"- Load average (1/5/15 min) at start: {'/'.join(map(str, env['load_average']))}"
+            + (f", at end: {'/'.join(map(str, after))}" if after else "")
+            + f" on {env['cpu'].get('usable_cpus')} CPUs"
+            + (": **oversubscribed** (other processes held the cores; multi-threaded rows suffer most, "
+               "as their threads wait for each other at every parallel region)"
+               if worst > OVERSUBSCRIBED * (env["cpu"].get("usable_cpus") or 1) else ""))
+
+
+def _table(rows: list[dict], s: dict, train: bool, scored: bool) -> list[str]:
+    """The Markdown table of the measured rows, with each row's ratio to its group's baseline."""
     baselines = {r["group"]: r for r in rows if r.get("baseline") and r["status"] == "ok"}
     unit = "step" if train else ""
     ratio_name = s.get("ratio_label") or ("p50 vs bare" if train else "p50 vs torch fp32")
@@ -86,8 +100,7 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
            [f"p50 ms{' /' + unit if unit else ''}", "p90 ms", "p99 ms", "mean ms", "img/s", "runs", "GFLOP/s",
             "% of fp32 peak", ratio_name] + (["top-1", "mean class acc", "agrees w/ torch fp32"] if scored else []) + \
            (["load"] if any(r.get("load_1min") is not None for r in rows) else [])
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + "---|" * len(head))
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r["status"] != "ok":
             continue
@@ -105,6 +118,12 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
         if head[-1] == "load":
             cells.append(_fmt(r.get("load_1min"), ".1f"))
         out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def _footnotes(rows: list[dict], train: bool) -> list[str]:
+    """Below the table: the FLOPs per image, and the rows that were not measured (one line per reason)."""
+    out = []
     gflop = next((r["gflop_per_image"] for r in rows if r.get("gflop_per_image")), None)
     if gflop:
         out.append("")
@@ -124,7 +143,7 @@ def render_markdown(report: dict, title: Optional[str] = None) -> str:
             seen.add(key)
             out.append(f"- {r['model']} / {r['runtime']} / {r['precision']} (batch {','.join(batches)}): "
                        f"{r['status']}: {r['reason']}")
-    return "\n".join(out) + "\n"
+    return out
 
 
 def load_report(path: str) -> dict:

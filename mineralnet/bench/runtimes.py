@@ -34,8 +34,7 @@ from mineralnet.infer.backends import KINDS, model_kind
 from mineralnet.infer.ort import ort_session
 from mineralnet.infer.tensorrt import TRTRunner
 from mineralnet.model import FusionNet
-from mineralnet.runs import load_model, read_meta
-from mineralnet.runs import model_meta, save_model
+from mineralnet.artifact import META_FILE, load_model, model_meta, read_meta, run_of, save_model
 
 def make_random_run(run_dir, backbone: str = "resnet50", stages=(2, 4), num_classes: int = 7,
                     image_size: int = 224, seed: int = 0) -> Path:
@@ -110,7 +109,9 @@ def _ir_meta_and_precision(path: Path) -> tuple[Optional[dict], str]:
 
 
 def _sidecar_meta(path: Path) -> Optional[dict]:
-    for cand in (Path(str(path) + ".json"), path.with_suffix(".json"), path.parent / "model.json", path.parent.parent / "model.json"):
+    run = run_of(path)  # the export manifest beside the file, else the run's own model.json
+    for cand in (Path(str(path) + ".json"), path.with_suffix(".json"), path.parent / META_FILE,
+                 *([run / META_FILE] if run else [])):
         if cand.is_file():
             with contextlib.suppress(OSError, ValueError):
                 meta = json.loads(cand.read_text())

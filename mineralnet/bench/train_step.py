@@ -15,7 +15,7 @@ from mineralnet.bench.harness import _interleave, skipped_row
 from mineralnet.bench.runtimes import Skip, _autocast, _check_torch_precision, open_model
 from mineralnet.config import load_config
 from mineralnet.model import FusionNet
-from mineralnet.runs import load_model
+from mineralnet.artifact import load_model
 from mineralnet.losses import build_loss
 from mineralnet.train import LRControl, Progress, TrainParts, build_optimizer, make_accelerator, train_one_epoch
 

@@ -18,9 +18,8 @@ from mineralnet.calibration import core
 from mineralnet.calibration.graph import NoveltyHead
 from mineralnet.errors import MineralNetError
 from mineralnet.files import atomic_write_bytes, atomic_write_json
+from mineralnet.runs import RunDir, run_folder
 
-JSON_FILE = "calibration.json"
-ARRAYS_FILE = "calibration.safetensors"
 FORMAT = "mineralnet-calibration/1"
 NOVELTY_OUTPUT = "novelty"
 
@@ -114,25 +113,24 @@ class Calibration:
         from safetensors.numpy import save
 
 
-        run_dir = Path(run_dir)
+        js, arr = RunDir(run_dir).calibration_files
         arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in self.params.items()}
         arrays["conformal_scores"] = np.ascontiguousarray(self.conformal_scores, np.float64)
-        atomic_write_bytes(run_dir / ARRAYS_FILE, save(arrays, metadata={"format": FORMAT}))
-        atomic_write_json(run_dir / JSON_FILE, {
+        atomic_write_bytes(arr, save(arrays, metadata={"format": FORMAT}))
+        atomic_write_json(js, {
             "format": FORMAT, "detector": self.detector, "temperature": self.temperature,
             "thresholds": self.thresholds, "acceptance": self.acceptance, "knn_k": self.knn_k,
             "conformal": {"method": "raps" if self.lam else "aps", "lam": self.lam, "k_reg": self.k_reg},
-            "arrays": ARRAYS_FILE, "info": self.info})
-        return run_dir / JSON_FILE, run_dir / ARRAYS_FILE
+            "arrays": arr.name, "info": self.info})
+        return js, arr
 
     @classmethod
     def load(cls, run_dir) -> Calibration | None:
         """The calibration of a run directory (or of the run holding a weights file), or None."""
         from safetensors.numpy import load_file
 
-        run_dir = Path(run_dir)
-        run_dir = run_dir.parent if run_dir.is_file() else run_dir
-        js, arr = run_dir / JSON_FILE, run_dir / ARRAYS_FILE
+        run_dir = run_folder(run_dir)  # the run of a weights file too
+        js, arr = RunDir(run_dir).calibration_files
         if not js.is_file():
             return None
         try:

@@ -23,7 +23,7 @@ from mineralnet.data.decode import _decode_jpeg_fast, _decode_pil, _jpeg_header 
 from mineralnet.data.scan import IMAGE_EXTENSIONS, DatasetIndex, identical_groups, list_images, scan_dataset
 from mineralnet.data.stats import channel_stats
 from mineralnet.data.transforms import (BatchMix, EvalTransform, Transform, TrainTransform, build_transforms,
-                                        eval_resize, warp_crop)
+                                        warp_crop)
 from mineralnet.data.datasets import EpochShuffleSampler, ImageDataset, PhotoDataset
 from mineralnet.data.device_augment import CanvasDataset, DeviceAugment, RawPhotos
 from mineralnet.data.balance import SAMPLING, ClassBalancedSampler, class_counts, target_distribution
@@ -40,7 +40,7 @@ __all__ = [
     "ImageDecodeError", "load_image", "verify_image",
     "IMAGE_EXTENSIONS", "DatasetIndex", "list_images", "scan_dataset",
     "channel_stats",
-    "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "eval_resize", "warp_crop",
+    "BatchMix", "EvalTransform", "Transform", "TrainTransform", "build_transforms", "warp_crop",
     "EpochShuffleSampler", "ImageDataset", "PhotoDataset", "identical_groups",
     "CanvasDataset", "DeviceAugment", "RawPhotos",
     "SAMPLING", "ClassBalancedSampler", "class_counts", "target_distribution",

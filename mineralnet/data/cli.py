@@ -11,8 +11,8 @@ from pathlib import Path
 from mineralnet.data.demo import make_demo_dataset
 from mineralnet.data.duplicates import (DEFAULT_MAX_DISTANCE, DEFAULT_MAX_GROUP, false_partner_note, group_duplicates,
                                         hash_photos, near_duplicate_pairs)
-from mineralnet.data.splits import load_splits
 from mineralnet.errors import MineralNetError
+from mineralnet.runs import RunDir
 from mineralnet.data.scan import identical_groups, scan_dataset
 from mineralnet.data.stats import channel_stats
 
@@ -158,9 +158,9 @@ def validation_sets(split) -> list[tuple[str, set]]:
         base = doc.get("base") or doc["data"]
         return [(f"fold {i}", {os.path.abspath(os.path.join(base, rel)) for rel in val})
                 for i, val in enumerate(doc["val"])]
-    if (folder / "split.json").is_file():
-        return [("the run's split", {p for p, _ in load_splits(folder / "split.json", check_files=False)
-                                     ["splits"].get("val", [])})]
+    run = RunDir(folder)
+    if run.has_split():
+        return [("the run's split", {p for p, _ in run.split()["splits"].get("val", [])})]
     raise MineralNetError(f"--split {str(split)!r} holds neither split.json (a training run) nor folds.json (a cv "
                           f"folder); pass one of those folders")
 

@@ -19,11 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mineralnet.errors import MineralNetError
-
-
-def eval_resize(image_size: int) -> int:
-    """Default shorter-side resize before the evaluation centre crop: round(image_size / 0.875)."""
-    return round(image_size / 0.875)
+from mineralnet.sizes import eval_resize
 
 
 _CV2_THREADS_BEFORE_FORK: list[int] = []

@@ -126,13 +126,14 @@ class ExportContext:
 
     def __init__(self, run, options: ExportOptions, formats: Sequence[str] = ("onnx",)):
         from mineralnet.infer import Preprocessor
-        from mineralnet.runs import load_model
+        from mineralnet.artifact import load_model
+        from mineralnet.runs import RunDir, run_folder
 
         self.run = Path(run)
         self.model, self.meta = load_model(run)
         self.options = options
         self.formats = tuple(formats)  # the rows of the table asked for (writers may depend on each other's)
-        out = options.out_dir or (self.run / "export" if self.run.is_dir() else self.run.parent / "export")
+        out = options.out_dir or RunDir(run_folder(self.run)).export_dir
         self.out_dir = Path(os.path.expanduser(os.fspath(out)))
         self.preprocess = Preprocessor(self.meta)
         self.files: dict[str, Path] = {}  # precision -> ONNX file written by this export

@@ -195,8 +195,9 @@ def check(options, run=None) -> None:
     if options.quant_size is not None and options.quant_size < 1:
         raise MineralNetError(f"--calib-size {options.quant_size} must be at least 1")
     if not options.quant_data and run is not None:
-        folder = Path(run) if Path(run).is_dir() else Path(run).parent
-        if not (folder / "split.json").is_file():
+        from mineralnet.runs import RunDir, run_folder
+
+        if not RunDir(run_folder(run)).has_split():
             raise MineralNetError(NEEDS_PHOTOS)
 
 

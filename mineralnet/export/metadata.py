@@ -16,8 +16,9 @@ from typing import Sequence
 
 from mineralnet import __version__
 from mineralnet.infer.metadata import major_of
+from mineralnet.artifact import META_FILE
 
-MANIFEST = "model.json"
+MANIFEST = META_FILE  # the export folder describes itself like a run: RUN/export/model.json
 SIDECAR_FORMAT = "mineralnet-engine/2"  # /2: records tensorrt_major and strongly_typed
 INPUT_NAME = "images"
 PREPROCESS = ("decode (EXIF upright) -> resize shorter side to `resize` (area when shrinking, bilinear when "

@@ -35,7 +35,7 @@ class TorchBackend:
     def __init__(self, path, device: str | None = None):
         import torch
 
-        from mineralnet.runs import load_model
+        from mineralnet.artifact import load_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.meta = load_model(path, map_location="cpu")

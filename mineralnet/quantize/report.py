@@ -305,7 +305,7 @@ def plot(report: dict, path) -> None:
 
 def write(report: dict, folder, stem: str = "model.int8.report") -> dict[str, Path]:
     """STEM.json, STEM.md and STEM.png in `folder` (atomically); returns their paths."""
-    from mineralnet.runs import atomic_write_bytes, atomic_write_text
+    from mineralnet.files import atomic_write_bytes, atomic_write_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

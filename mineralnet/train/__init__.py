@@ -4,7 +4,7 @@
     inputs.py  prepare_data (scan, split, statistics), build_loaders
     loop.py    train_one_epoch, fresh_accelerator (validation predicts through mineralnet.infer.loop)
     fit.py     setup() -> TrainParts, fit(): train -> validate -> end of epoch -> budget
-    command.py the `mineralnet train` command (resolve_resume; it ends by calibrating the run)
+    cli.py     the `mineralnet train` command (resolve_resume; it ends by calibrating the run)
 """
 from mineralnet.train.fit import TrainParts, fit, make_accelerator, save_checkpoint, setup
 from mineralnet.train.inputs import DataSplit, build_loaders, prepare_data

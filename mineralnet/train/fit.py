@@ -30,7 +30,8 @@ from mineralnet.metrics import confusion_matrix, summarize
 from mineralnet.model import FusionNet
 from mineralnet.precision import cpu_flags, resolve_precision
 from mineralnet.report import write_eval_report
-from mineralnet.runs import MODEL_FILE, RunDir, default_run_path, model_meta, read_meta
+from mineralnet.artifact import MODEL_FILE, model_meta, read_meta
+from mineralnet.runs import RunDir, default_run_path
 from mineralnet.threads import apply_threads
 from mineralnet.train.inputs import DataSplit, build_device_augment, build_loaders, prepare_data
 from mineralnet.train.shard_inputs import build_shard_loaders, is_shards, prepare_shards
@@ -209,7 +210,7 @@ def _fit(parts: TrainParts, accelerator) -> dict:
     if main:
         from torch.utils.tensorboard import SummaryWriter
 
-        parts.writer = SummaryWriter(str(run / "tb"), purge_step=progress.global_step or None)
+        parts.writer = SummaryWriter(str(run.tensorboard_dir), purge_step=progress.global_step or None)
         run.truncate_metrics(progress.epoch)
         print(f"training {cfg.backbone} stages {','.join(map(str, cfg.stages))} on {len(parts.split.train)} photos, "
               f"validating on {len(parts.split.val)}, {len(parts.split.classes)} classes, "
@@ -351,7 +352,7 @@ def final_evaluation(parts: TrainParts, accelerator) -> dict:
     ev = evaluate(model, parts.val_loader, accelerator)
     best = summarize(confusion_matrix(ev["targets"], ev["preds"], len(classes)))
     if accelerator.is_main_process:
-        write_eval_report(run / "eval", ev["targets"], ev["preds"], ev["probs"], classes)
+        write_eval_report(run.eval_dir, ev["targets"], ev["preds"], ev["probs"], classes)
     epoch = read_meta(run.path)["metrics"].get("epoch")
     return {"top1": best["top1"], "mean_class_acc": best["mean_class_acc"], "epoch": epoch}
 

@@ -125,7 +125,7 @@ def prepare_data(cfg: TrainConfig, run: RunDir) -> DataSplit:
     run.write_unreadable(bad)
     if bad and run.is_main:
         warnings.warn(f"{len(bad)} unreadable photo(s) excluded from training; the list is in "
-                      f"{run / 'unreadable.txt'} (`mineralnet data check` shows why)", stacklevel=2)
+                      f"{run.unreadable_file} (`mineralnet data check` shows why)", stacklevel=2)
     return DataSplit(index.classes, train, val, [float(m) for m in mean], [float(s) for s in std], bad, split_info)
 
 

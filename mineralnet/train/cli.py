@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from mineralnet.config import TrainConfig, add_config_arguments, config_from_args, load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.runs import CONFIG_FILE
+from mineralnet.runs import CONFIG_FILE, RunDir
 from mineralnet.calibration.fit import after_training
 from mineralnet.train.fit import fit
 
@@ -18,10 +16,10 @@ def resolve_resume(cfg: TrainConfig, cli_overrides: dict | None = None) -> Train
     if not (run / CONFIG_FILE).is_file():
         raise MineralNetError(f"--resume {str(run)!r} is not a run directory (no {CONFIG_FILE}); pass the folder "
                               f"training wrote")
-    if not (run / "state").is_dir() and not (run / "state.old").is_dir():
+    if not RunDir(run).has_state():
         raise MineralNetError(f"--resume {str(run)!r} has no saved state/ (it stopped before its first "
                               f"checkpoint); start it again without --resume")
-    saved = yaml.safe_load((run / CONFIG_FILE).read_text())
+    saved = RunDir(run).saved_config()
     saved.update(cli_overrides or {})
     saved.update(resume=str(run), out=str(run))
     return load_config(None, **saved)
