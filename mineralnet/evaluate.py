@@ -31,7 +31,8 @@ from mineralnet.train.loop import evaluate, fresh_accelerator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json)")
+    parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json), or an "
+                                    "ensemble folder from `mineralnet ensemble`")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", help="labelled folder: one sub-folder per mineral, named as in the run's classes")
     src.add_argument("--split", choices=("val", "train"),
@@ -45,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default="auto",
                         help="intra-op CPU threads per process (default auto: OMP_NUM_THREADS when you set it, else "
                              "cores / processes under `accelerate launch`, else torch's default)")
+    parser.add_argument("--tta", default=None,  # issue 30
+                        help="test-time augmentation: flip, scales or flip,scales (probabilities averaged over "
+                             "views; scored through the Predictor with the time per photo); 'none' scores one view "
+                             "the same way, for a like-for-like time")
     parser.add_argument("--coverage", type=float, default=0.9,
                         help="conformal candidate-set coverage to check on a calibrated run (default 0.9)")
 
@@ -127,6 +132,12 @@ def default_out_dir(run, data=None, split: str | None = None) -> Path:
 
 
 def run(args) -> int:
+    from mineralnet.ensemble.core import is_ensemble  # issue 30: ensembles and TTA go through the Predictor
+
+    if getattr(args, "tta", None) or is_ensemble(args.run):
+        from mineralnet.ensemble.evaluate import run_eval
+
+        return run_eval(args)
     split = getattr(args, "split", None)
     if not split and not args.data:
         raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "

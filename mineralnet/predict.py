@@ -258,8 +258,23 @@ class Predictor:
     conformal candidate `set`; without one, `unknown`/`novelty` are None and `note` says why.
     """
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # issue 30: a folder with ensemble.json opens as an EnsemblePredictor (same public methods)
+        if cls is Predictor and model is not None:
+            from mineralnet.ensemble.core import is_ensemble
+
+            if is_ensemble(model):
+                from mineralnet.ensemble.core import EnsemblePredictor
+
+                cls = EnsemblePredictor
+        return super().__new__(cls)
+
     def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str | None = None, runtime: str | None = None):
+                 threads: int | None = None, precision: str | None = None, runtime: str | None = None,
+                 tta: str | None = None):
+        from mineralnet.tta import parse_tta  # issue 30: test-time augmentation
+
+        self.tta = parse_tta(tta)
         self.path = os.fspath(model)
         self.backend = open_backend(model, device=device, providers=providers, threads=threads,
                                     precision=precision, runtime=runtime)
@@ -279,7 +294,19 @@ class Predictor:
         return self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
 
     def answers(self, images: Sequence, coverage: float | None = None) -> dict:
-        """{"probs" (N, C), "novelty" (N,) or None, "unknown" (N,) or None, "sets" (with a coverage)}."""
+        """{"probs" (N, C), "novelty" (N,) or None, "unknown" (N,) or None, "sets" (with a coverage)};
+        with `tta`, probs are averaged over the views of each photo (mineralnet.tta)."""
+        if self.tta:  # issue 30
+            from mineralnet.tta import tta_answers
+
+            if coverage is not None:
+                raise MineralNetError("--coverage with --tta: the candidate sets are calibrated on single views; "
+                                      "drop one of them")
+            return tta_answers(self.answers_once, images, self.tta)
+        return self.answers_once(images, coverage)
+
+    def answers_once(self, images: Sequence, coverage: float | None = None) -> dict:
+        """`answers` on the photos as they are (no test-time augmentation)."""
         out = self.outputs(images)
         if self.calibration is not None:
             return self.calibration.answer(out, coverage=coverage)
@@ -399,6 +426,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--coverage", type=float, default=None,
                         help="also give the smallest candidate set that holds the true mineral with this "
                              "probability (e.g. 0.9; needs a calibrated model)")
+    from mineralnet.tta import HELP as TTA_HELP  # issue 30
+
+    parser.add_argument("--tta", default=None, help=TTA_HELP)
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                         help="OpenVINO inference precision for an IR (default fp32; bf16/fp16 run faster on CPUs "
                              "that have them, with slightly different numbers)")
@@ -412,11 +442,14 @@ def run(args) -> int:
     if args.coverage is not None and not 0.0 < args.coverage < 1.0:
         raise MineralNetError(f"--coverage {args.coverage} must be between 0 and 1, e.g. 0.9")
     # a wrong model first: it is the first argument
-    predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None))
+    predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None),
+                          tta=getattr(args, "tta", None))
     images = expand_images(args.images)
     results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size, coverage=args.coverage)
     if args.json:
         doc = {"model": predictor.path, "runtime": predictor.kind, "calibrated": predictor.calibration is not None}
+        if predictor.tta:  # issue 30
+            doc["tta"] = list(predictor.tta)
         if predictor.note:
             doc["note"] = predictor.note
         if args.coverage is not None:
