@@ -258,24 +258,24 @@ class Predictor:
     conformal candidate `set`; without one, `unknown`/`novelty` are None and `note` says why.
     """
 
-    def __new__(cls, model=None, *args, **kwargs):
-        # issue 30: a folder with ensemble.json opens as an EnsemblePredictor (same public methods)
-        if cls is Predictor and model is not None:
-            from mineralnet.ensemble.core import is_ensemble
-
-            if is_ensemble(model):
-                from mineralnet.ensemble.core import EnsemblePredictor
-
-                cls = EnsemblePredictor
-        return super().__new__(cls)
-
     def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
                  threads: int | None = None, precision: str | None = None, runtime: str | None = None,
                  tta: str | None = None):
         from mineralnet.tta import parse_tta  # issue 30: test-time augmentation
 
+        from mineralnet.ensemble.core import Ensemble, is_ensemble  # issue 30: an ensemble folder
+
         self.tta = parse_tta(tta)
         self.path = os.fspath(model)
+        self.ensemble = None
+        if is_ensemble(model):
+            if precision is not None or runtime is not None or providers is not None:
+                raise MineralNetError(f"{self.path!r} is an ensemble of run directories; --precision/--runtime/"
+                                      f"providers apply to exported models: drop them")
+            self.ensemble = self.backend = Ensemble(model, Predictor, device=device, threads=threads)
+            self.meta, self.classes, self.note = self.ensemble.meta, self.ensemble.classes, self.ensemble.note
+            self.preprocess = self.calibration = None
+            return
         self.backend = open_backend(model, device=device, providers=providers, threads=threads,
                                     precision=precision, runtime=runtime)
         self.meta = self.backend.meta
@@ -290,6 +290,8 @@ class Predictor:
 
     def outputs(self, images: Sequence) -> dict[str, np.ndarray]:
         """Raw model outputs for photos (paths, arrays or PIL images) or a preprocessed (N,3,S,S) array."""
+        if self.ensemble is not None:  # issue 30
+            return self.ensemble.outputs(images)
         x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.preprocess.batch(images)
         return self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
 
@@ -307,6 +309,8 @@ class Predictor:
 
     def answers_once(self, images: Sequence, coverage: float | None = None) -> dict:
         """`answers` on the photos as they are (no test-time augmentation)."""
+        if self.ensemble is not None:  # issue 30
+            return self.ensemble.answers(images, coverage)
         out = self.outputs(images)
         if self.calibration is not None:
             return self.calibration.answer(out, coverage=coverage)

@@ -16,7 +16,7 @@ import torch
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.ensemble import core as ens
-from mineralnet.ensemble.core import EnsemblePredictor
+from mineralnet.ensemble.core import common_val
 from mineralnet.errors import MineralNetError
 from mineralnet.model import FusionNet
 from mineralnet.predict import Predictor
@@ -179,13 +179,11 @@ def test_ensemble_end_to_end(two_runs, tmp_path, capsys):
     assert n > 0 and f"the {n} photos held out by every member" in printed
 
     # the ensemble's probabilities are the mean of the members' calibrated ones, each at its own resolution
-    from mineralnet.ensemble.build import common_val
-
     samples = common_val(runs)
     assert len(samples) == n
     paths = [p for p, _ in samples]
     pred = Predictor(out)
-    assert isinstance(pred, EnsemblePredictor) and pred.kind == "ensemble" and pred.classes == spec["classes"]
+    assert pred.kind == "ensemble" and pred.classes == spec["classes"] and len(pred.ensemble.members) == 2
     members = np.stack([_member_probs_by_hand(r, paths) for r in runs])
     np.testing.assert_allclose(pred.probabilities(paths), members.mean(0), atol=1e-5)
     ans = pred.answers(paths)

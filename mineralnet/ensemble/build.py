@@ -11,7 +11,7 @@ import numpy as np
 
 from mineralnet.calibration import core as cal
 from mineralnet.errors import MineralNetError
-from mineralnet.ensemble.core import DEFAULT_SCORE, ENSEMBLE_FILE, FORMAT, SCORES, normalised_weights
+from mineralnet.ensemble.core import DEFAULT_SCORE, ENSEMBLE_FILE, FORMAT, SCORES, common_val, normalised_weights
 from mineralnet.files import atomic_write_json
 
 # the members' own default (mineralnet.calibration.fit.DEFAULT_ACCEPTANCE): 95% of known photos accepted
@@ -41,31 +41,6 @@ def check_members(runs: Sequence) -> list[str]:
                                   f"{classes}" + ("; the same names in another order: retrain it with the same "
                                                   "class order" if same else "; members must know the same minerals"))
     return classes
-
-
-def common_val(runs: Sequence) -> list[tuple[str, int]]:
-    """[(path, label)]: the photos in the validation split of EVERY run (in the first run's order)."""
-    from mineralnet.runs import read_split
-
-    splits = [read_split(r) for r in runs]
-    val_sets = [{str(Path(p).resolve()): y for p, y in s["splits"]["val"]} for s in splits]
-    out = []
-    for p, y in splits[0]["splits"]["val"]:
-        key = str(Path(p).resolve())
-        if all(key in v for v in val_sets[1:]):
-            if any(v[key] != y for v in val_sets[1:]):
-                raise MineralNetError(f"photo {p!r} has different labels in the members' splits; the members "
-                                      f"were trained on differently labelled collections")
-            out.append((p, int(y)))
-    if not out:
-        sizes = ", ".join(str(len(s["splits"]["val"])) for s in splits)
-        raise MineralNetError(f"no photo is held out by every member (their validation sets: {sizes} photos); "
-                              f"train the members on the same split (train --split-seed S with different --seed)")
-    missing = [p for p, _ in out if not Path(p).is_file()]
-    if missing:
-        raise MineralNetError(f"{len(missing)} of the {len(out)} common validation photos are missing, e.g. "
-                              f"{missing[0]!r}; were the photos moved?")
-    return out
 
 
 def _member_path(run, out: Path) -> str:

@@ -1,4 +1,5 @@
-"""An ensemble of trained runs: ENS/ensemble.json, the averaging maths and `EnsemblePredictor`.
+"""An ensemble of trained runs: ENS/ensemble.json, the averaging maths, and `Ensemble`, what
+`Predictor("ENS")` answers with.
 
 The ensemble's probabilities are the weighted mean of its members' calibrated probabilities
 (softmax(logits / T) with each member's own temperature when it has a calibration, else the plain
@@ -17,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from mineralnet.calibration import core as cal
 from mineralnet.errors import MineralNetError
-from mineralnet.predict import Predictor
 
 ENSEMBLE_FILE = "ensemble.json"
 FORMAT = "mineralnet-ensemble/1"
@@ -86,26 +86,17 @@ def read_ensemble(path) -> dict:
     return spec
 
 
-# ----------------------------------------------------------------------------- predictor
-class EnsemblePredictor(Predictor):
-    """`Predictor` for an ensemble folder: `Predictor("ENS")` returns one.
+# ----------------------------------------------------------------------------- the members together
+class Ensemble:
+    """The members of an ensemble folder, opened with `open_member` (the Predictor class), answering
+    together. `Predictor("ENS")` holds one and gives it photos; answers also carry "member_probs"
+    (M, N, C) and "scores" {"energy", "mutual_information"} (N,) each."""
 
-    Same public methods (classes, meta, predict, probabilities, answers); answers also carry
-    "member_probs" (M, N, C) and "scores" {energy, mutual_information} (N,) each.
-    """
+    kind = "ensemble"
 
-    def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str | None = None, runtime: str | None = None,
-                 tta: str | None = None):
-        from mineralnet.tta import parse_tta
-
-        if precision is not None or runtime is not None or providers is not None:
-            raise MineralNetError(f"{os.fspath(model)!r} is an ensemble of run directories (PyTorch); "
-                                  f"--precision/--runtime/providers apply to exported models only: drop them")
-        self.tta = parse_tta(tta)
-        self.path = os.fspath(model)
-        self.spec = read_ensemble(model)
-        self.members = [Predictor(m["resolved"], device=device, threads=threads) for m in self.spec["members"]]
+    def __init__(self, path, open_member: Callable, *, device: str | None = None, threads: int | None = None):
+        self.spec = read_ensemble(path)
+        self.members = [open_member(m["resolved"], device=device, threads=threads) for m in self.spec["members"]]
         self.weights = normalised_weights([m["weight"] for m in self.spec["members"]], len(self.members))
         self.classes = list(self.spec["classes"])
         for m, p in zip(self.spec["members"], self.members):
@@ -114,18 +105,13 @@ class EnsemblePredictor(Predictor):
                                       f"{self.classes}; make the ensemble again")
         self.meta = {"classes": self.classes, "ensemble": {k: v for k, v in self.spec.items() if k != "members"},
                      "members": [p.meta for p in self.members]}
-        self.novelty_spec = self.spec.get("novelty") or {}
-        self.calibration = None  # the members carry theirs; the ensemble's own thresholds are in novelty_spec
-        self.note = None if self.novelty_spec.get("thresholds") else (
+        self.novelty = self.spec.get("novelty") or {}
+        self.note = None if self.novelty.get("thresholds") else (
             "the ensemble has no novelty threshold: `unknown` is null; make it again with `mineralnet ensemble`")
-        self.preprocess = None
-
-    @property
-    def kind(self) -> str:
-        return "ensemble"
 
     def outputs(self, images: Sequence) -> dict[str, np.ndarray]:
-        """{"member_logits", "member_probs"} (M, N, C): each member on the photos through its own preprocessing."""
+        """{"member_logits", "member_probs"} (M, N, C): each member on the photos through its own preprocessing,
+        probabilities calibrated with its own temperature (plain softmax without a calibration)."""
         if isinstance(images, np.ndarray) and images.ndim == 4:
             raise MineralNetError("an ensemble takes photos (paths or (H, W, 3) arrays), not a preprocessed "
                                   "(N, 3, S, S) batch: its members may use different resolutions")
@@ -139,15 +125,41 @@ class EnsemblePredictor(Predictor):
             probs.append(m.calibration.probs(z) if m.calibration is not None else cal.softmax(z))
         return {"member_logits": np.stack(logits), "member_probs": np.stack(probs)}
 
-    def answers_once(self, images: Sequence, coverage: float | None = None) -> dict:
+    def answers(self, images: Sequence, coverage: float | None = None) -> dict:
+        """{"probs" (N, C), "novelty" and "unknown" (N,) of the chosen score, "scores", "member_probs"}."""
         if coverage is not None:
             raise MineralNetError("--coverage: an ensemble has no conformal calibration yet; drop --coverage")
         out = self.outputs(images)
-        scores = {"energy": self.weights @ np.stack([cal.logit_novelty("energy", z) for z in out["member_logits"]])
-                  if len(out["member_logits"][0]) else np.zeros(0),
+        energies = np.stack([cal.logit_novelty("energy", z) for z in out["member_logits"]])  # (M, N)
+        scores = {"energy": self.weights @ energies,
                   "mutual_information": mutual_information(out["member_probs"], self.weights)}
-        detector = self.novelty_spec.get("detector", DEFAULT_SCORE)
-        threshold = (self.novelty_spec.get("thresholds") or {}).get(detector)
+        detector = self.novelty.get("detector", DEFAULT_SCORE)
+        threshold = (self.novelty.get("thresholds") or {}).get(detector)
         return {"probs": average_probs(out["member_probs"], self.weights).astype(np.float32),
                 "novelty": scores[detector], "unknown": None if threshold is None else scores[detector] > threshold,
                 "scores": scores, "member_probs": out["member_probs"].astype(np.float32)}
+
+
+def common_val(runs: Sequence) -> list[tuple[str, int]]:
+    """[(path, label)]: the photos in the validation split of EVERY run (in the first run's order)."""
+    from mineralnet.runs import read_split
+
+    splits = [read_split(r) for r in runs]
+    val_sets = [{str(Path(p).resolve()): y for p, y in s["splits"]["val"]} for s in splits]
+    out = []
+    for p, y in splits[0]["splits"]["val"]:
+        key = str(Path(p).resolve())
+        if all(key in v for v in val_sets[1:]):
+            if any(v[key] != y for v in val_sets[1:]):
+                raise MineralNetError(f"photo {p!r} has different labels in the members' splits; the members "
+                                      f"were trained on differently labelled collections")
+            out.append((p, int(y)))
+    if not out:
+        sizes = ", ".join(str(len(s["splits"]["val"])) for s in splits)
+        raise MineralNetError(f"no photo is held out by every member (their validation sets: {sizes} photos); "
+                              f"train the members on the same split (train --split-seed S with different --seed)")
+    missing = [p for p, _ in out if not Path(p).is_file()]
+    if missing:
+        raise MineralNetError(f"{len(missing)} of the {len(out)} common validation photos are missing, e.g. "
+                              f"{missing[0]!r}; were the photos moved?")
+    return out

@@ -1,10 +1,11 @@
-"""`mineralnet eval` through the Predictor: for an ensemble folder and for `--tta` (any run).
+"""Scoring through the Predictor, for an ensemble and for test-time augmentation: `mineralnet
+ensemble` and `mineralnet eval ENS` / `eval RUN --tta ...` (mineralnet.evaluate.run_with_predictor).
 
-`mineralnet eval RUN --split val` normally runs the model in the training loop's evaluation; an
-ensemble (several models, each with its own preprocessing) and test-time augmentation (views of
-the photo) need the photos themselves, so they are scored here with `Predictor.answers` and the
-same report files (metrics.json, per_class.csv, confusion.png). The time per photo (decoding,
-preprocessing, every model and view) is written beside the accuracy.
+The usual `mineralnet eval RUN` runs the model in the training loop's evaluation; an ensemble
+(several models, each with its own preprocessing) and TTA (views of the photo) need the photos
+themselves, so they are scored with `Predictor.answers` into the same report files (metrics.json,
+per_class.csv, confusion.png), with the time per photo (decoding, preprocessing, every model and
+view) beside the accuracy.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def write_report(out_dir, predictor, samples, result: dict, extra: dict) -> dict
     metrics = write_eval_report(out_dir, t, result["probs"].argmax(1), result["probs"], classes, extra=common)
     rows = [("ensemble" if "member_probs" in result else "model", metrics)]
     if "member_probs" in result:
-        for name, p in zip(member_names(predictor.spec), result["member_probs"]):
+        for name, p in zip(member_names(predictor.ensemble.spec), result["member_probs"]):
             m = write_eval_report(out_dir / "members" / name, t, p.argmax(1), p, classes,
                                   extra={**common, "member": name, "ms_per_photo": None})
             rows.append((name, m))
@@ -69,62 +70,3 @@ def write_report(out_dir, predictor, samples, result: dict, extra: dict) -> dict
     lines += [f"| {n} | {m['n']} | {100 * m['top1']:.2f} | {100 * m['mean_class_acc']:.2f} |" for n, m in rows]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return {"metrics": metrics, "rows": rows, "table": "\n".join(lines)}
-
-
-def run_eval(args) -> int:
-    """`mineralnet eval` for an ensemble folder or with --tta (see the module docstring)."""
-    from mineralnet.data import scan_dataset
-    from mineralnet.data.hints import check_class_root
-    from mineralnet.evaluate import default_out_dir, split_samples, warn_training_overlap
-    from mineralnet.metrics import format_table
-    from mineralnet.predict import Predictor
-    from mineralnet.threads import apply_threads, parse_threads
-
-    split = getattr(args, "split", None)
-    if not split and not args.data:
-        raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
-                              "or --split val (the held-out photos)")
-    apply_threads(parse_threads(args.threads))
-    predictor = Predictor(args.run, tta=getattr(args, "tta", None))
-    ensemble = predictor.kind == "ensemble"
-    if split and ensemble:
-        if split != "val":
-            raise MineralNetError("--split train: an ensemble's members trained on different photos; use --split val "
-                                  "(the photos every member held out) or --data DIR")
-        from mineralnet.ensemble.build import common_val
-
-        samples = common_val([m["resolved"] for m in predictor.spec["members"]])
-    elif split:
-        index = split_samples(args.run, split)
-        if index.classes != predictor.classes:
-            raise MineralNetError(f"the split of {str(args.run)!r} lists classes {index.classes} but its model has "
-                                  f"{predictor.classes}; the run is inconsistent, evaluate with --data DIR")
-        samples = list(index.samples)
-    else:
-        check_class_root(args.data, predictor.classes)
-        index = scan_dataset(args.data, verify=True, classes=predictor.classes)
-        samples = list(index.samples)
-        if index.bad:
-            print(f"skipped {len(index.bad)} unreadable image(s), e.g. {index.bad[0]}")
-    if not samples:
-        raise MineralNetError(f"no readable labelled photos to evaluate in {args.data or split!r}")
-    if not ensemble and split != "train":
-        warn_training_overlap(args.run, [p for p, _ in samples])
-    out_dir = Path(args.out) if args.out else default_out_dir(args.run, args.data, split)
-    if not args.out and getattr(args, "tta", None):  # never replace training's RUN/eval with a TTA score
-        out_dir = out_dir.with_name(f"{out_dir.name}-tta-{'-'.join(predictor.tta[1:]) if predictor.tta else 'none'}")
-    if (out_dir / "metrics.json").is_file():
-        print(f"replacing the previous evaluation in {out_dir}")
-    result = score(predictor, samples, args.batch_size)
-    source = {"split": split} if split else {"data": str(args.data)}
-    report = write_report(out_dir, predictor, samples, result, {"run": str(args.run), **source})
-    print(format_table(report["metrics"]))
-    views = len(predictor.tta) if predictor.tta else 1
-    print(f"{result['ms_per_photo']:.1f} ms/photo ({views} view{'s' if views > 1 else ''}"
-          f"{f', {len(predictor.members)} members' if ensemble else ''}, batch {args.batch_size}, "
-          f"decoding included)")
-    if ensemble:
-        print(report["table"])
-    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_class.csv'}, {out_dir / 'confusion.png'}, "
-          f"{out_dir / 'summary.md'}")
-    return 0
