@@ -175,6 +175,7 @@ def test_ensemble_end_to_end(two_runs, tmp_path, capsys):
     spec = json.loads((out / "ensemble.json").read_text())
     assert [m["path"] for m in spec["members"]] == [os.path.relpath(r.resolve(), out.resolve()) for r in runs]
     assert spec["members"][0]["image_size"] == 32 and spec["members"][1]["image_size"] == 40
+    assert all(m["calibrated"] for m in spec["members"])  # so each member's own temperature is exercised
     n = spec["common_val_photos"]
     assert n > 0 and f"the {n} photos held out by every member" in printed
 
@@ -238,3 +239,17 @@ def test_ensemble_refuses_members_without_common_held_out_photos(two_runs, tmp_p
     code = cli_main(["ensemble", str(runs[0]), str(other), "--out", str(tmp_path / "e")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "no photo is held out by every member" in err
+
+
+def test_eval_tta_on_a_run_writes_its_own_folder(two_runs, capsys):
+    root, data, runs = two_runs
+    before = (runs[0] / "eval" / "metrics.json").read_text()
+    assert cli_main(["eval", str(runs[0]), "--split", "val", "--tta", "flip"]) == 0
+    assert "ms/photo (2 views" in capsys.readouterr().out
+    assert (runs[0] / "eval" / "metrics.json").read_text() == before  # training's evaluation stays
+    m = json.loads((runs[0] / "eval-tta-flip" / "metrics.json").read_text())
+    samples = common_val(runs[:1])
+    targets = np.array([y for _, y in samples])
+    probs = Predictor(runs[0], tta="flip").probabilities([p for p, _ in samples])
+    assert m["tta"] == ["original", "flip"] and m["ms_per_photo"] > 0
+    assert m["top1"] == pytest.approx(np.mean(probs.argmax(1) == targets))
