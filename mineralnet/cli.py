@@ -20,6 +20,7 @@ from mineralnet.errors import MineralNetError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mineralnet.train.cli", "train a model (same as `python launch/train.py`)"),
     "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder or on its own held-out photos"),
+    "ensemble": ("mineralnet.ensemble.cli", "average several trained runs into one ensemble and evaluate it"),
     "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
     "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
     "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),

@@ -33,7 +33,8 @@ from mineralnet.train.loop import fresh_accelerator
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json)")
+    parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json), or an "
+                                    "ensemble folder from `mineralnet ensemble`")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--data", help="labelled folder: one sub-folder per mineral, named as in the run's classes")
     src.add_argument("--split", choices=("val", "train"),
@@ -47,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", default="auto",
                         help="intra-op CPU threads per process (default auto: OMP_NUM_THREADS when you set it, else "
                              "cores / processes under `accelerate launch`, else torch's default)")
+    parser.add_argument("--tta", default=None,
+                        help="test-time augmentation: flip, scales or flip,scales (probabilities averaged over "
+                             "views; scored through the Predictor with the time per photo); 'none' scores one view "
+                             "the same way, for a like-for-like time")
     parser.add_argument("--coverage", type=float, default=0.9,
                         help="conformal candidate-set coverage to check on a calibrated run (default 0.9)")
 
@@ -129,6 +134,10 @@ def default_out_dir(run, data=None, split: str | None = None) -> Path:
 
 
 def run(args) -> int:
+    from mineralnet.infer.ensemble import is_ensemble  # ensembles and TTA go through the Predictor
+
+    if getattr(args, "tta", None) or is_ensemble(args.run):
+        return run_with_predictor(args)
     split = getattr(args, "split", None)
     if not split and not args.data:
         raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
@@ -154,4 +163,60 @@ def run(args) -> int:
         print(f"wrote {out_dir / EVAL_METRICS_FILE}, {out_dir / EVAL_CLASSES_FILE}, {out_dir / EVAL_CONFUSION_FILE}, "
               f"{out_dir / 'reliability.png'}")
     accelerator.end_training()
+    return 0
+
+
+# ----------------------------------------------------------------------------- ensembles, TTA
+def run_with_predictor(args) -> int:
+    """`mineralnet eval` of an ensemble folder, or with --tta: through the Predictor (photos, not one
+    preprocessed tensor), with the time per photo; files as `run` writes them, plus summary.md."""
+    from mineralnet.infer.ensemble import common_val
+    from mineralnet.ensemble.evaluate import score, write_report
+    from mineralnet.infer import Predictor
+
+    split = getattr(args, "split", None)
+    if not split and not args.data:
+        raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
+                              "or --split val (the held-out photos)")
+    apply_threads(parse_threads(args.threads))
+    predictor = Predictor(args.run, tta=getattr(args, "tta", None))
+    ensemble = predictor.kind == "ensemble"
+    if split and ensemble:
+        if split != "val":
+            raise MineralNetError("--split train: an ensemble's members trained on different photos; use --split val "
+                                  "(the photos every member held out) or --data DIR")
+        samples = common_val([m["resolved"] for m in predictor.ensemble.spec["members"]])
+    elif split:
+        index = split_samples(args.run, split)
+        if index.classes != predictor.classes:
+            raise MineralNetError(f"the split of {str(args.run)!r} lists classes {index.classes} but its model has "
+                                  f"{predictor.classes}; the run is inconsistent, evaluate with --data DIR")
+        samples = list(index.samples)
+    else:
+        check_class_root(args.data, predictor.classes)
+        index = scan_dataset(args.data, verify=True, classes=predictor.classes)
+        samples = list(index.samples)
+        if index.bad:
+            print(f"skipped {len(index.bad)} unreadable image(s), e.g. {index.bad[0]}")
+    if not samples:
+        raise MineralNetError(f"no readable labelled photos to evaluate in {args.data or split!r}")
+    if not ensemble and split != "train":
+        warn_training_overlap(args.run, [p for p, _ in samples])
+    out_dir = Path(args.out) if args.out else default_out_dir(args.run, args.data, split)
+    if not args.out and getattr(args, "tta", None):  # never replace training's RUN/eval with a TTA score
+        out_dir = out_dir.with_name(f"{out_dir.name}-tta-{args.tta.strip().lower().replace(',', '-')}")
+    if (out_dir / "metrics.json").is_file():
+        print(f"replacing the previous evaluation in {out_dir}")
+    result = score(predictor, samples, args.batch_size)
+    source = {"split": split} if split else {"data": str(args.data)}
+    report = write_report(out_dir, predictor, samples, result, {"run": str(args.run), **source})
+    print(format_table(report["metrics"]))
+    views = len(predictor.tta) if predictor.tta else 1
+    print(f"{result['ms_per_photo']:.1f} ms/photo ({views} view{'s' if views > 1 else ''}"
+          f"{f', {len(predictor.ensemble.members)} members' if ensemble else ''}, batch {args.batch_size}, "
+          f"decoding included)")
+    if ensemble:
+        print(report["table"])
+    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_class.csv'}, {out_dir / 'confusion.png'}, "
+          f"{out_dir / 'summary.md'}")
     return 0

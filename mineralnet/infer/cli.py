@@ -9,6 +9,7 @@ from typing import Sequence
 
 from mineralnet.errors import MineralNetError
 from mineralnet.infer.predictor import Predictor
+from mineralnet.infer.tta import HELP as TTA_HELP
 
 
 def expand_images(paths: Sequence[str]) -> list[str]:
@@ -44,6 +45,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--coverage", type=float, default=None,
                         help="also give the smallest candidate set that holds the true mineral with this "
                              "probability (e.g. 0.9; needs a calibrated model)")
+    parser.add_argument("--tta", default=None, help=TTA_HELP)
     parser.add_argument("--precision", default=None, choices=("fp32", "bf16", "fp16"),
                         help="OpenVINO inference precision for an IR (default fp32; bf16/fp16 run faster on CPUs "
                              "that have them, with slightly different numbers)")
@@ -57,11 +59,14 @@ def run(args) -> int:
     if args.coverage is not None and not 0.0 < args.coverage < 1.0:
         raise MineralNetError(f"--coverage {args.coverage} must be between 0 and 1, e.g. 0.9")
     # a wrong model first: it is the first argument
-    predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None))
+    predictor = Predictor(args.model, device=args.device, precision=getattr(args, "precision", None),
+                          tta=getattr(args, "tta", None))
     images = expand_images(args.images)
     results = predictor.predict(images, topk=args.topk, batch_size=args.batch_size, coverage=args.coverage)
     if args.json:
         doc = {"model": predictor.path, "runtime": predictor.kind, "calibrated": predictor.calibration is not None}
+        if predictor.tta:
+            doc["tta"] = list(predictor.tta)
         if predictor.note:
             doc["note"] = predictor.note
         if args.coverage is not None:

@@ -104,8 +104,22 @@ class Predictor:
     """
 
     def __init__(self, model, *, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, precision: str | None = None, runtime: str | None = None):
+                 threads: int | None = None, precision: str | None = None, runtime: str | None = None,
+                 tta: str | None = None):
+        from mineralnet.infer.ensemble import Ensemble, is_ensemble
+        from mineralnet.infer.tta import parse_tta
+
+        self.tta = parse_tta(tta)
         self.path = os.fspath(model)
+        self.ensemble = None
+        if is_ensemble(model):
+            if precision is not None or runtime is not None or providers is not None:
+                raise MineralNetError(f"{self.path!r} is an ensemble of run directories; --precision/--runtime/"
+                                      f"providers apply to exported models: drop them")
+            self.ensemble = self.backend = Ensemble(model, Predictor, device=device, threads=threads)
+            self.meta, self.classes, self.note = self.ensemble.meta, self.ensemble.classes, self.ensemble.note
+            self.preprocess = self.calibration = None
+            return
         self.backend = open_backend(model, device=device, providers=providers, threads=threads,
                                     precision=precision, runtime=runtime)
         self.meta = self.backend.meta
@@ -120,11 +134,27 @@ class Predictor:
 
     def outputs(self, images: Sequence) -> dict[str, np.ndarray]:
         """Raw model outputs for photos (paths, arrays or PIL images) or a preprocessed (N,3,S,S) array."""
+        if self.ensemble is not None:
+            return self.ensemble.outputs(images)
         x = images if isinstance(images, np.ndarray) and images.ndim == 4 else self.preprocess.batch(images)
         return self.backend.run(np.ascontiguousarray(x, dtype=np.float32))
 
     def answers(self, images: Sequence, coverage: float | None = None) -> dict:
-        """{"probs" (N, C), "novelty" (N,) or None, "unknown" (N,) or None, "sets" (with a coverage)}."""
+        """{"probs" (N, C), "novelty" (N,) or None, "unknown" (N,) or None, "sets" (with a coverage)};
+        with `tta`, probs are averaged over the views of each photo (mineralnet.infer.tta)."""
+        if self.tta:
+            from mineralnet.infer.tta import tta_answers
+
+            if coverage is not None:
+                raise MineralNetError("--coverage with --tta: the candidate sets are calibrated on single views; "
+                                      "drop one of them")
+            return tta_answers(self.answers_once, images, self.tta)
+        return self.answers_once(images, coverage)
+
+    def answers_once(self, images: Sequence, coverage: float | None = None) -> dict:
+        """`answers` on the photos as they are (no test-time augmentation)."""
+        if self.ensemble is not None:
+            return self.ensemble.answers(images, coverage)
         out = self.outputs(images)
         if self.calibration is not None:
             return self.calibration.answer(out, coverage=coverage)
