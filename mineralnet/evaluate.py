@@ -205,7 +205,7 @@ def run_with_predictor(args) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(args.run, args.data, split)
     if not args.out and getattr(args, "tta", None):  # never replace training's RUN/eval with a TTA score
         out_dir = out_dir.with_name(f"{out_dir.name}-tta-{args.tta.strip().lower().replace(',', '-')}")
-    if (out_dir / "metrics.json").is_file():
+    if (out_dir / EVAL_METRICS_FILE).is_file():
         print(f"replacing the previous evaluation in {out_dir}")
     result = score(predictor, samples, args.batch_size)
     source = {"split": split} if split else {"data": str(args.data)}
@@ -217,6 +217,6 @@ def run_with_predictor(args) -> int:
           f"decoding included)")
     if ensemble:
         print(report["table"])
-    print(f"wrote {out_dir / 'metrics.json'}, {out_dir / 'per_class.csv'}, {out_dir / 'confusion.png'}, "
+    print(f"wrote {out_dir / EVAL_METRICS_FILE}, {out_dir / EVAL_CLASSES_FILE}, {out_dir / EVAL_CONFUSION_FILE}, "
           f"{out_dir / 'summary.md'}")
     return 0

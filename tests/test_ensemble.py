@@ -15,12 +15,12 @@ import torch
 
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
-from mineralnet.ensemble import core as ens
+from mineralnet.infer import ensemble as ens
 from mineralnet.infer.ensemble import common_val
 from mineralnet.errors import MineralNetError
 from mineralnet.model import FusionNet
 from mineralnet.infer import Predictor
-from mineralnet.runs import model_meta, save_model
+from mineralnet.artifact import model_meta, save_model
 from mineralnet.infer.tta import parse_tta, tta_answers, view
 
 

@@ -81,7 +81,7 @@ LAYERS = {
     "mineralnet.infer": 2,
     "mineralnet.train": 3, "mineralnet.calibration": 3, "mineralnet.export": 3, "mineralnet.quantize": 3,
     "mineralnet.evaluate": 4, "mineralnet.crossval": 4, "mineralnet.cvfolds": 4, "mineralnet.explain": 4,
-    "mineralnet.analysis": 4, "mineralnet.bench": 4, "mineralnet.app": 4,
+    "mineralnet.analysis": 4, "mineralnet.bench": 4, "mineralnet.app": 4, "mineralnet.ensemble": 4,
     "mineralnet.cli": 5,
 }
 COMMAND_MODULES = ("cli", "command", "ui")

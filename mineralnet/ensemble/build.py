@@ -9,7 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mineralnet.calibration import core as cal
+import mineralnet.calibration.core as cal
 from mineralnet.errors import MineralNetError
 from mineralnet.infer.ensemble import DEFAULT_SCORE, ENSEMBLE_FILE, FORMAT, SCORES, common_val, normalised_weights
 from mineralnet.files import atomic_write_json
@@ -21,7 +21,7 @@ ACCEPTANCE = 0.95
 def check_members(runs: Sequence) -> list[str]:
     """The members' class names (the first member's), after checking every member has the same
     classes in the same order; a mismatch is one line naming the odd member."""
-    from mineralnet.runs import read_meta
+    from mineralnet.artifact import read_meta
 
     if len(runs) < 2:
         raise MineralNetError(f"an ensemble needs at least 2 runs (got {len(runs)}): mineralnet ensemble RUN1 RUN2 "
@@ -60,7 +60,8 @@ def build_ensemble(runs: Sequence, out, weights: Sequence[float] | None = None, 
     """
     from mineralnet.ensemble.evaluate import score, write_report
     from mineralnet.infer import Predictor
-    from mineralnet.runs import read_meta, versions
+    from mineralnet.artifact import META_FILE, read_meta, versions
+    from mineralnet.runs import RunDir
 
     if detector not in SCORES:
         raise MineralNetError(f"--detector {detector!r}: choose one of {', '.join(SCORES)}")
@@ -70,14 +71,14 @@ def build_ensemble(runs: Sequence, out, weights: Sequence[float] | None = None, 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise MineralNetError(f"--out {str(out)!r} is a file; give a folder for the ensemble")
-    if out.is_dir() and (out / "model.json").is_file():
+    if out.is_dir() and (out / META_FILE).is_file():
         raise MineralNetError(f"--out {str(out)!r} is a run directory; give a new folder for the ensemble")
     out.mkdir(parents=True, exist_ok=True)
     members = []
     for r, wi in zip(runs, w):
         meta = read_meta(r)
         members.append({"path": _member_path(r, out), "weight": round(float(wi), 6), "backbone": meta["backbone"],
-                        "image_size": meta["image_size"], "calibrated": (Path(r) / "calibration.json").is_file()})
+                        "image_size": meta["image_size"], "calibrated": RunDir(r).calibration_files[0].is_file()})
     spec = {"format": FORMAT, "classes": classes, "members": members,
             "combine": "weighted mean of the members' calibrated probabilities",
             "novelty": {"detector": detector, "acceptance": ACCEPTANCE, "thresholds": {}},
@@ -90,7 +91,7 @@ def build_ensemble(runs: Sequence, out, weights: Sequence[float] | None = None, 
     # the novelty thresholds: ACCEPTANCE of these known photos below each score, as a member's calibration does
     spec["novelty"]["thresholds"] = {k: cal.acceptance_threshold(v, ACCEPTANCE) for k, v in result["scores"].items()}
     atomic_write_json(out / ENSEMBLE_FILE, spec)
-    report = write_report(out / "eval", predictor, samples, result,
+    report = write_report(RunDir(out).eval_dir, predictor, samples, result,
                           {"run": str(out), "split": "val (held out by every member)"})
     return {"photos": len(samples), "table": report["table"], "metrics": report["metrics"],
             "scores": result["scores"]}

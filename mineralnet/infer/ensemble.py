@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from mineralnet.calibration import core as cal
+import mineralnet.calibration.core as cal
 from mineralnet.errors import MineralNetError
 
 ENSEMBLE_FILE = "ensemble.json"
