@@ -19,17 +19,17 @@ from mineralnet.errors import MineralNetError
 # name -> (module, one-line help). Order is the order shown by `mineralnet --help`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mineralnet.train.cli", "train a model (same as `python launch/train.py`)"),
-    "eval": ("mineralnet.evaluate", "evaluate a trained run on a labelled folder or on its own held-out photos"),
+    "eval": ("mineralnet.analysis.cli", "evaluate a trained run on a labelled folder or on its own held-out photos"),
     "ensemble": ("mineralnet.ensemble.cli", "average several trained runs into one ensemble and evaluate it"),
-    "cv": ("mineralnet.crossval", "K-fold cross-validation over a grid of variants"),
-    "explain": ("mineralnet.explain", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
+    "cv": ("mineralnet.analysis.cli", "K-fold cross-validation over a grid of variants"),
+    "explain": ("mineralnet.analysis.cli", "Grad-CAM, t-SNE and misrecognised-photo gallery for a run"),
     "export": ("mineralnet.export.cli", "export a run to ONNX (fp32/fp16/int8) and TensorRT"),
     "calibrate": ("mineralnet.calibration.cli", "fit unknown-mineral detection, temperature and candidate sets for a run"),
     "predict": ("mineralnet.infer.cli", "name the minerals in photos with a run, ONNX file or engine"),
     "app": ("mineralnet.app.cli", "a local web page: drop photos, see the minerals (pip install \"mineralnet[app]\")"),
     "bench": ("mineralnet.bench.cli", "latency/throughput benchmark of models across runtimes"),
     "data": ("mineralnet.data.cli", "inspect a photo collection (`mineralnet data check DIR`)"),
-    "weights": ("mineralnet.weights", "list offline pretrained weights; convert a checkpoint to timm safetensors"),
+    "weights": ("mineralnet.weights.cli", "list offline pretrained weights; convert a checkpoint to timm safetensors"),
 }
 
 

@@ -20,7 +20,7 @@ import numpy as np
 from mineralnet.calibration import calibrate_arrays, core
 from mineralnet.calibration.fit import DEFAULT_SHRINKAGE, calibration_report, extract, openset_report
 from mineralnet.data import scan_dataset
-from mineralnet.evaluate import split_samples
+from mineralnet.analysis.evaluate import split_samples
 from mineralnet.artifact import load_model
 
 

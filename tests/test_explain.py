@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
-from mineralnet.explain import comparison_stage, explain, grad_cam, pick_cam_images, sample_per_class
+from mineralnet.analysis.explain import comparison_stage, explain, grad_cam, pick_cam_images, sample_per_class
 from mineralnet.model import FusionNet
 from mineralnet.artifact import load_model, model_meta, save_model
 

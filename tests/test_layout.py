@@ -80,11 +80,11 @@ LAYERS = {
     "mineralnet.calibration.core": 1, "mineralnet.calibration.store": 1, "mineralnet.calibration.graph": 1,
     "mineralnet.infer": 2,
     "mineralnet.train": 3, "mineralnet.calibration": 3, "mineralnet.export": 3, "mineralnet.quantize": 3,
-    "mineralnet.evaluate": 4, "mineralnet.crossval": 4, "mineralnet.cvfolds": 4, "mineralnet.explain": 4,
+    "mineralnet.analysis.evaluate": 4, "mineralnet.analysis.crossval": 4, "mineralnet.analysis.cvfolds": 4, "mineralnet.analysis.explain": 4,
     "mineralnet.analysis": 4, "mineralnet.bench": 4, "mineralnet.app": 4, "mineralnet.ensemble": 4,
     "mineralnet.cli": 5,
 }
-COMMAND_MODULES = ("cli", "command", "ui")
+COMMAND_MODULES = ("cli",)
 
 
 def _layer(module: str) -> int:
@@ -129,7 +129,7 @@ def test_config_imports_nothing_from_data():
 
 # Names equal to a run-folder name that are not about a run folder: (file under mineralnet/, name) -> why.
 NOT_RUN_FILES = {("data/shards.py", "split.json"): "the shard folder's own split file (same format, another folder)",
-                 ("weights.py", "model.safetensors"): "a file name on the Hugging Face hub"}
+                 ("weights/__init__.py", "model.safetensors"): "a file name on the Hugging Face hub"}
 
 
 def _run_file_literals(pkg: Path, names) -> list[str]:
@@ -266,3 +266,81 @@ def test_wheel_ships_the_presets_and_train_help_works_installed(tmp_path):
                        text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "--backbone" in p.stdout
+
+
+# ----------------------------------------------------------------------------- sizes and the one prediction loop
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
+
+
+def _oversized(pkg: Path) -> list[str]:
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        text = path.read_text()
+        rel = path.relative_to(pkg.parent).as_posix()
+        if len(text.splitlines()) > MAX_MODULE_LINES:
+            found.append(f"{rel}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{rel}:{node.lineno} {node.name}(): {length} lines")
+    return found
+
+
+def test_no_module_over_500_lines_and_no_function_over_80():
+    found = _oversized(PKG)
+    assert not found, f"split these (at most {MAX_MODULE_LINES} lines a module, {MAX_FUNCTION_LINES} a function): {found}"
+
+
+def test_size_check_catches_a_long_module_and_function(tmp_path):
+    pkg = tmp_path / "mineralnet"
+    pkg.mkdir()
+    (pkg / "short.py").write_text("def f():\n    return 1\n")
+    (pkg / "long_function.py").write_text("def f():\n" + "    x = 1\n" * 80 + "\n\ndef g():\n    return 2\n")
+    (pkg / "long_module.py").write_text("x = 1\n" * 501)
+    assert _oversized(pkg) == ["mineralnet/long_function.py:1 f(): 81 lines", "mineralnet/long_module.py: 501 lines"]
+
+
+# Model forwards without gradients in a loop over batches are predictions: they live in infer/loop.py
+# (predict_loader over a DataLoader, predict_array over a preprocessed array). Listed here: loops that are not.
+NOT_PREDICTION_LOOPS = {
+    ("weights/__init__.py", "bn_statistics"): "forward hooks collect BatchNorm inputs; no answers",
+    ("export/executorch.py", "to_pte"): "PT2E observers record int8 ranges while the quantization photos pass",
+    ("train/state.py", "update"): "the weight EMA loops over tensors, not over photos",
+}
+NO_GRAD = ("no_grad", "inference_mode")
+
+
+def _no_grad(node) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr in NO_GRAD or isinstance(n, ast.Name) and n.id in NO_GRAD
+               for n in ast.walk(node))
+
+
+def _prediction_loops(pkg: Path) -> list[str]:
+    """Functions outside infer/loop.py that loop (`for`) inside a no-grad/inference-mode block or function."""
+    found = []
+    for path in sorted(pkg.rglob("*.py")):
+        rel = path.relative_to(pkg).as_posix()
+        if rel == "infer/loop.py":
+            continue
+        for fn in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)) or (rel, fn.name) in NOT_PREDICTION_LOOPS:
+                continue
+            scopes = [fn] if any(_no_grad(d) for d in fn.decorator_list) else \
+                [w for w in ast.walk(fn) if isinstance(w, ast.With) and any(_no_grad(i.context_expr) for i in w.items)]
+            if any(isinstance(n, ast.For) for scope in scopes for n in ast.walk(scope)):
+                found.append(f"{rel}:{fn.lineno} {fn.name}()")
+    return sorted(set(found))
+
+
+def test_one_prediction_loop():
+    found = _prediction_loops(PKG)
+    assert not found, f"prediction loops outside mineralnet/infer/loop.py (use predict_loader/predict_array): {found}"
+
+
+def test_prediction_loop_check_catches_a_second_loop(tmp_path):
+    (tmp_path / "infer").mkdir()
+    (tmp_path / "infer" / "loop.py").write_text("@torch.no_grad()\ndef predict_loader(m, xs):\n    for x in xs:\n        m(x)\n")
+    (tmp_path / "mine.py").write_text("def score(m, xs):\n    with torch.inference_mode():\n        for x in xs:\n"
+                                      "            m(x)\n\n\ndef train(m, xs):\n    for x in xs:\n        m(x)\n")
+    assert _prediction_loops(tmp_path) == ["mine.py:1 score()"]

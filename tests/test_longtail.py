@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mineralnet import crossval, cvfolds, train
+from mineralnet.analysis import crossval, cvfolds, train
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config

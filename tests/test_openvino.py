@@ -128,7 +128,7 @@ def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
 
 
 def test_score_photos_torch_row_equals_mineralnet_eval(run_dir, photos):
-    from mineralnet.evaluate import predict_folder
+    from mineralnet.analysis.evaluate import predict_folder
     from mineralnet.metrics import compute_metrics
 
     targets, preds, probs, meta, index, acc = predict_folder(run_dir, photos, batch_size=8, workers=0)
@@ -166,7 +166,7 @@ def test_bad_ir_inputs_are_one_clear_line(exported, run_dir, tmp_path):
 
 # ----------------------------------------------------------------------------- mineralnet bench --runtimes openvino --data
 def _eval_preds(run_dir, photos, split=None):
-    from mineralnet.evaluate import predict_folder
+    from mineralnet.analysis.evaluate import predict_folder
     from mineralnet.metrics import compute_metrics
 
     targets, preds, probs, meta, index, acc = predict_folder(run_dir, photos, batch_size=8, workers=0, split=split)

@@ -213,7 +213,7 @@ def test_one_owner_per_run_folder(tiny_data, tmp_path, capsys):
     import subprocess
     import sys
 
-    from mineralnet.crossval import cross_validate
+    from mineralnet.analysis.crossval import cross_validate
 
     run = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True,

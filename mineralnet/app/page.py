@@ -78,7 +78,7 @@ class Page:
         """(overlay (CAM_SIDE, CAM_SIDE, 3) uint8 of where the model finds `label`, None) or (None, why not)."""
         import torch
 
-        from mineralnet.explain import grad_cam
+        from mineralnet.analysis.explain import grad_cam
 
         backend = self.predictor.backend
         target = torch.tensor([self.predictor.classes.index(label)])

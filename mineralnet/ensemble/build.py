@@ -7,7 +7,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 
 import mineralnet.calibration.core as cal
 from mineralnet.errors import MineralNetError

@@ -1,5 +1,5 @@
 """Scoring through the Predictor, for an ensemble and for test-time augmentation: `mineralnet
-ensemble` and `mineralnet eval ENS` / `eval RUN --tta ...` (mineralnet.evaluate.run_with_predictor).
+ensemble` and `mineralnet eval ENS` / `eval RUN --tta ...` (mineralnet.analysis.evaluate.run_with_predictor).
 
 The usual `mineralnet eval RUN` runs the model in the training loop's evaluation; an ensemble
 (several models, each with its own preprocessing) and TTA (views of the photo) need the photos

@@ -28,25 +28,19 @@ FP16_RTOL = 1e-2  # fp16: max |logit difference| <= FP16_RTOL * max(1, max |logi
 Runner = Callable[[np.ndarray], dict]
 
 
-@torch.inference_mode()
 def torch_outputs(model: nn.Module, images: np.ndarray, outputs: Sequence[str], batch: int = 16,
                   novelty: nn.Module | None = None) -> dict[str, np.ndarray]:
     """The reference numbers: FusionNet in fp32 eager mode on CPU (`novelty`: the run's detector)."""
+    from mineralnet.infer.loop import predict_array
+
     if "novelty" in outputs and novelty is None:
         raise MineralNetError("the novelty output needs the run's detector: this run has no calibration; run "
                               "`mineralnet calibrate RUN` first")
-    model = model.float().eval().cpu()
-    parts: dict[str, list] = {n: [] for n in outputs}
-    for start in range(0, len(images), batch):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch], dtype=np.float32))
-        fused = model.embed(x)
-        logits = model.forward_head(fused)
-        values = {"logits": logits, "probs": torch.softmax(logits, 1), "embedding": fused}
-        if "novelty" in outputs:
-            values["novelty"] = novelty(fused, logits)
-        for n in outputs:
-            parts[n].append(values[n].numpy())
-    return {n: np.concatenate(v) for n, v in parts.items()}
+    values = predict_array(model.float().cpu(), images, batch=batch, device="cpu",
+                           novelty=novelty if "novelty" in outputs else None)
+    if "probs" in outputs:
+        values["probs"] = torch.softmax(torch.from_numpy(values["logits"]), 1).numpy()
+    return {n: values[n] for n in outputs}
 
 
 def reference(ctx, images: np.ndarray) -> dict[str, np.ndarray]:

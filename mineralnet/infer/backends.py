@@ -42,16 +42,9 @@ class TorchBackend:
         self.model.to(self.device)
 
     def run(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        import torch
+        from mineralnet.infer.loop import predict_array
 
-        with torch.inference_mode():
-            out = {"logits": [], "embedding": []}
-            for start in range(0, len(x), 32):
-                xb = torch.from_numpy(x[start:start + 32]).to(self.device)
-                fused = self.model.embed(xb)
-                out["logits"].append(self.model.forward_head(fused).float().cpu().numpy())
-                out["embedding"].append(fused.float().cpu().numpy())
-        return {k: np.concatenate(v) for k, v in out.items()}
+        return predict_array(self.model, x, batch=32, device=self.device)
 
 
 class OnnxBackend:

@@ -91,3 +91,32 @@ def evaluate(model, loader, accelerator=None, *, embeddings: bool = False) -> di
     if embeddings:
         out["features"] = raw["embeddings"]
     return out
+
+
+@torch.no_grad()
+def predict_array(model, images: np.ndarray, *, batch: int = 32, device=None, autocast_dtype=None,
+                  novelty=None) -> dict[str, np.ndarray]:
+    """The same prediction for photos already preprocessed into one (N, 3, S, S) float32 array (the
+    Predictor's PyTorch backend, the export gates' reference, int8's bf16 noise floor).
+
+    Returns {"logits" (N, C), "embedding" (N, D)} as float32 numpy arrays, plus "novelty" (N,) when the run's
+    detector `novelty(embedding, logits)` is given. `autocast_dtype` (e.g. torch.bfloat16) runs the model under
+    autocast on its device type; without it the model runs in its own precision.
+    """
+    model = model.eval()
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    autocast = (lambda: torch.autocast(device.type, dtype=autocast_dtype)) if autocast_dtype is not None \
+        else contextlib.nullcontext
+    parts: dict[str, list] = {"logits": [], "embedding": [], **({"novelty": []} if novelty is not None else {})}
+    for start in range(0, len(images), batch):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + batch], dtype=np.float32)).to(device)
+        with autocast():
+            fused = model.embed(x)
+            logits = model.forward_head(fused)
+        parts["logits"].append(logits.float().cpu().numpy())
+        parts["embedding"].append(fused.float().cpu().numpy())
+        if novelty is not None:
+            parts["novelty"].append(novelty(fused.float(), logits.float()).float().cpu().numpy())
+    if not len(images):
+        return {k: np.zeros((0,) if k == "novelty" else (0, 0), np.float32) for k in parts}
+    return {k: np.concatenate(v) for k, v in parts.items()}

@@ -151,12 +151,10 @@ def bf16_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
     noise floor int8 is read against)."""
     import torch
 
-    model = model.float().eval().cpu()
-    parts = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        for s in range(0, len(images), batch):
-            parts.append(model(torch.from_numpy(np.ascontiguousarray(images[s:s + batch]))).float().numpy())
-    return np.concatenate(parts).astype(np.float64)
+    from mineralnet.infer.loop import predict_array
+
+    out = predict_array(model.float().cpu(), images, batch=batch, device="cpu", autocast_dtype=torch.bfloat16)
+    return out["logits"].astype(np.float64)
 
 
 def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_dir, spec: GateSpec,

@@ -1,38 +1,26 @@
-"""`mineralnet eval RUN --data DIR`: evaluate a trained run on a labelled folder of photos.
-
-`mineralnet eval RUN --split val` evaluates the photos the run held out for validation (its split.json:
-a `--folds K --fold I` fold, a `--val-split` fraction or the default 10%), with the same preprocessing, so
-it reproduces the validation numbers of training from the files.
-
-Writes RUN/eval/ for --split val, RUN/eval-<data folder name>/ for --data (the training-time evaluation in
-RUN/eval/ stays), or --out; warns when the photos include the run's training photos. The files: metrics.json (Top1, mean class accuracy = the paper's "mAP", Top3,
-per-class accuracy/precision/recall/F1, confusion matrix in counts and row-normalised %),
-per_class.csv and confusion.png, and prints the per-class table. Training calls
-`write_eval_report` at its end to produce the same files for its validation set.
-"""
+"""The analysis commands: `mineralnet eval`, `mineralnet cv` and `mineralnet explain` (their logic is in
+evaluate.py, crossval.py + cvfolds.py and explain.py + figures.py of this package)."""
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
-import numpy as np
-
-from torch.utils.data import DataLoader
-
+from mineralnet.analysis.crossval import DEFAULT_FOLDS, cross_validate, parse_grid, parse_variants
+from mineralnet.analysis.evaluate import default_out_dir, predict_folder, split_samples, warn_training_overlap
+from mineralnet.analysis.explain import explain
 from mineralnet.calibration.fit import eval_calibration, format_calibration
-from mineralnet.data import DatasetIndex, PhotoDataset, build_transforms, scan_dataset
+from mineralnet.config import FIELD_NAMES, add_config_arguments
+from mineralnet.data import scan_dataset
 from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import format_table
 from mineralnet.report import write_eval_report
-from mineralnet.artifact import load_model
-from mineralnet.runs import EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE, EVAL_DIR, EVAL_METRICS_FILE, read_split
+from mineralnet.runs import EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE, EVAL_METRICS_FILE
 from mineralnet.threads import apply_threads, parse_threads
-from mineralnet.infer.loop import evaluate
-from mineralnet.train.loop import fresh_accelerator
 
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", help="run directory made by training (holds model.safetensors + model.json), or an "
                                     "ensemble folder from `mineralnet ensemble`")
     src = parser.add_mutually_exclusive_group()
@@ -55,89 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coverage", type=float, default=0.9,
                         help="conformal candidate-set coverage to check on a calibrated run (default 0.9)")
 
-
-def split_samples(run, which: str = "val"):
-    """The photos a run trained (`which="train"`) or validated on, from its split file, as a DatasetIndex."""
-    split = read_split(run)
-    samples = split["splits"][which]
-    missing = [p for p, _ in samples if not Path(p).is_file()]
-    if missing:
-        raise MineralNetError(f"{len(missing)} of the {len(samples)} {which} photos listed in the split of "
-                              f"{str(run)!r} are missing, e.g. {missing[0]!r}; were the photos moved? Evaluate "
-                              f"with --data DIR instead")
-    return DatasetIndex(root=split["root"], classes=list(split["classes"]), samples=list(samples))
-
-
-def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str | None = None,
-                   with_logits: bool = False):
-    """Load `run`, scan `data` with the run's class names (or take its own `split` photos: "val" or
-    "train") and predict every image under an Accelerator.
-
-    Returns:
-        (targets (N,), preds (N,), probs (N, C), meta, index, accelerator) on every process, and the
-        logits (N, C) last with `with_logits`.
-    """
-    if batch_size < 1:
-        raise MineralNetError(f"--batch-size {batch_size} must be at least 1")
-    if workers < 0:
-        raise MineralNetError(f"--workers {workers} must be 0 or more")
-    model, meta = load_model(run)
-    if split:
-        index = split_samples(run, split)
-        if index.classes != list(meta["classes"]):
-            raise MineralNetError(f"the split of {str(run)!r} lists classes {index.classes} but its model has "
-                                  f"{meta['classes']}; the run is inconsistent, evaluate with --data DIR")
-    else:
-        check_class_root(data, list(meta["classes"]))
-        index = scan_dataset(data, verify=True, classes=list(meta["classes"]))
-    if not index.samples:
-        raise MineralNetError(f"no readable images under {str(data)!r}; put photos in one sub-folder per "
-                              f"mineral named as the run's classes ({', '.join(meta['classes'])})")
-    transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False,
-                                 resize=meta.get("resize"))
-    loader = DataLoader(PhotoDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
-                        num_workers=workers)
-    accelerator = fresh_accelerator()
-    model, loader = accelerator.prepare(model, loader)
-    out = evaluate(model, loader, accelerator)
-    result = (np.asarray(out["targets"]), np.asarray(out["preds"]), np.asarray(out["probs"]), meta, index, accelerator)
-    return (*result, np.asarray(out["logits"])) if with_logits else result
-
-
-def training_overlap(run, paths) -> tuple[int, int]:
-    """(photos among `paths` that the run trained on, len(paths)); (0, n) when the run has no split file."""
-    try:
-        train = {str(Path(p).resolve()) for p, _ in read_split(run)["splits"]["train"]}
-    except MineralNetError:
-        return 0, len(paths)
-    return sum(str(Path(p).resolve()) in train for p in paths), len(paths)
-
-
-def warn_training_overlap(run, paths, what: str = "scores") -> int:
-    """Print a console warning when photos in `paths` were training photos of `run`; returns the count."""
-    n, total = training_overlap(run, paths)
-    if n:
-        print(f"warning: {n} of the {total} photos ({n / total:.0%}) are training photos of this run; these "
-              f"{what} overstate accuracy on new photos (use --split val for the held-out ones)")
-    return n
-
-
-def default_out_dir(run, data=None, split: str | None = None) -> Path:
-    """RUN/eval for the run's own held-out photos (what training wrote), RUN/eval-train for its training
-    photos, RUN/eval-<folder or CSV name> for other data: training's evaluation is never replaced silently."""
-    if split:
-        return Path(run) / (EVAL_DIR if split == "val" else f"{EVAL_DIR}-{split}")
-    p = Path(str(data).rstrip("/") or "/").resolve()
-    raw = p.name if p.is_dir() else p.stem
-    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in raw) or "data"
-    return Path(run) / f"{EVAL_DIR}-{name}"
-
-
-def run(args) -> int:
+def run_eval(args) -> int:
     from mineralnet.infer.ensemble import is_ensemble  # ensembles and TTA go through the Predictor
 
     if getattr(args, "tta", None) or is_ensemble(args.run):
-        return run_with_predictor(args)
+        return _eval_with_predictor(args)
     split = getattr(args, "split", None)
     if not split and not args.data:
         raise MineralNetError("say what to evaluate: --data DIR (labelled photos, one sub-folder per mineral) "
@@ -165,9 +75,8 @@ def run(args) -> int:
     accelerator.end_training()
     return 0
 
-
 # ----------------------------------------------------------------------------- ensembles, TTA
-def run_with_predictor(args) -> int:
+def _eval_with_predictor(args) -> int:
     """`mineralnet eval` of an ensemble folder, or with --tta: through the Predictor (photos, not one
     preprocessed tensor), with the time per photo; files as `run` writes them, plus summary.md."""
     from mineralnet.infer.ensemble import common_val
@@ -219,4 +128,80 @@ def run_with_predictor(args) -> int:
         print(report["table"])
     print(f"wrote {out_dir / EVAL_METRICS_FILE}, {out_dir / EVAL_CLASSES_FILE}, {out_dir / EVAL_CONFUSION_FILE}, "
           f"{out_dir / 'summary.md'}")
+    return 0
+
+def add_cv_arguments(parser) -> None:
+
+    parser.description = ("K-fold cross-validation: every grid cell is trained once per fold on identical "
+                          "stratified folds; results.md/json give Top1 and mean class accuracy (the paper's "
+                          "mAP) as mean ± std with a paired t-test against the first cell. Re-running the "
+                          "same command resumes. Takes every training flag (`mineralnet train --help`).")
+    cv = parser.add_argument_group("cross-validation")
+    cv.add_argument("--grid", nargs="+", action="append", metavar="FIELD=V1 V2",
+                    help="vary a training field over values, repeatable; the cartesian product is run, the "
+                         "first cell is the baseline. e.g. --grid stages=4 2,4 --grid loss=ce wtopk")
+    cv.add_argument("--variant", action="append", metavar="\"FIELD=V FIELD=V\"",
+                    help="one explicit variant, repeatable (the first is the baseline), e.g. --variant "
+                         "\"stages=4 loss=ce\" --variant \"stages=2,4 loss=wtopk\"; crossed with --grid if both")
+    cv.add_argument("--only-folds", default=None, metavar="I,J",
+                    help="run only these folds of the K (e.g. 0,1,2 to fit a time budget); the split stays K-fold")
+    cv.add_argument("--drop-rare", type=int, default=0, metavar="N",
+                    help="leave out the classes with fewer than N photos (listed when cv starts); a class with a "
+                         "single photo cannot be cross-validated, so N >= 2 lets such a collection run")
+    cv.add_argument("--launcher", default=None, metavar="CMD",
+                    help="run each fold as `CMD launch/train.py ...` in a subprocess, e.g. "
+                         "\"accelerate launch --multi_gpu --num_processes 8\" (default: in this process)")
+    add_config_arguments(parser)  # --data, --out, --folds, --config and every other training flag
+    # The shared training flags mean something slightly different here: say so in --help.
+    for flag, text in (("--out", "cv folder: folds.json, results.md/json and one run per variant and fold"),
+                       ("--folds", f"K of the stratified K-fold split (default {DEFAULT_FOLDS}, the paper's)"),
+                       ("--fold", "not used by cv (it runs every fold); see --only-folds"),
+                       ("--data", "photos: one sub-folder per mineral (or a CSV manifest path,label)")):
+        parser._option_string_actions[flag].help = text
+
+def _parse_int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(p) for p in text.replace(" ", "").split(",") if p]
+    except ValueError:
+        raise MineralNetError(f"{flag} {text!r} must be a comma list of fold numbers, e.g. 0,1,2") from None
+
+def run_cv(args) -> int:
+
+    fields = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    if "fold" in fields:
+        raise MineralNetError("--fold is chosen by cv (it runs every fold); use --only-folds I,J to run some")
+    if fields.get("resume"):
+        raise MineralNetError("--resume is not a cv flag: run the same cv command again and it resumes")
+    folds = fields.pop("folds", DEFAULT_FOLDS)
+    try:
+        folds = int(folds)
+    except ValueError:
+        raise MineralNetError(f"--folds {folds!r} must be a whole number of folds, at least 2") from None
+    grid = parse_grid(args.grid)
+    variants = parse_variants(args.variant)
+    only = _parse_int_list(args.only_folds, "--only-folds") if args.only_folds else None
+    command = "mineralnet cv " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "cv" else None
+    cross_validate(fields, config=args.config, grid=grid, variants=variants, folds=folds, only_folds=only,
+                   launcher=args.launcher, command=command, drop_rare=args.drop_rare)
+    return 0
+
+def add_explain_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", help="run directory made by training (model.safetensors + model.json)")
+    parser.add_argument("--data", help="labelled photos: one sub-folder per mineral (the run's class names); "
+                                        "optional with --val-only")
+    parser.add_argument("--per-class", type=int, default=10, help="photos per mineral in the t-SNE (default 10; paper 5)")
+    parser.add_argument("--cams", type=int, default=16,
+                        help="photos in the Grad-CAM grid (one right and one wrong per mineral; default 16)")
+    parser.add_argument("--gallery", type=int, default=24, help="misrecognised photos shown (default 24)")
+    parser.add_argument("--val-only", action="store_true",
+                        help="only the run's validation photos (from its split.json; without --data, where "
+                             "training found them), e.g. for a cv fold")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    parser.add_argument("--workers", type=int, default=0, help="data-loading processes (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the photo choice and t-SNE (default 0)")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/explain)")
+
+def run_explain(args) -> int:
+    explain(args.run, args.data, out=args.out, per_class=args.per_class, cams=args.cams, gallery=args.gallery,
+            batch_size=args.batch_size, workers=args.workers, val_only=args.val_only, seed=args.seed)
     return 0

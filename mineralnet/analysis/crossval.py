@@ -22,16 +22,15 @@ import itertools
 import shlex
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mineralnet.calibration.fit import after_training
-from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
+from mineralnet.config import FIELD_NAMES, load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
+from mineralnet.analysis.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
                                 make_folds, pool_per_class, select_photos)
 from mineralnet.files import atomic_write_json, atomic_write_text
 from mineralnet.runs import RunDir, read_metrics, read_result
@@ -425,62 +424,3 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
     print(results_markdown(summary))
     print(f"wrote {out / 'results.md'} and {out / 'results.json'}")
     return summary
-
-
-# ----------------------------------------------------------------------------- CLI
-def add_arguments(parser) -> None:
-
-    parser.description = ("K-fold cross-validation: every grid cell is trained once per fold on identical "
-                          "stratified folds; results.md/json give Top1 and mean class accuracy (the paper's "
-                          "mAP) as mean ± std with a paired t-test against the first cell. Re-running the "
-                          "same command resumes. Takes every training flag (`mineralnet train --help`).")
-    cv = parser.add_argument_group("cross-validation")
-    cv.add_argument("--grid", nargs="+", action="append", metavar="FIELD=V1 V2",
-                    help="vary a training field over values, repeatable; the cartesian product is run, the "
-                         "first cell is the baseline. e.g. --grid stages=4 2,4 --grid loss=ce wtopk")
-    cv.add_argument("--variant", action="append", metavar="\"FIELD=V FIELD=V\"",
-                    help="one explicit variant, repeatable (the first is the baseline), e.g. --variant "
-                         "\"stages=4 loss=ce\" --variant \"stages=2,4 loss=wtopk\"; crossed with --grid if both")
-    cv.add_argument("--only-folds", default=None, metavar="I,J",
-                    help="run only these folds of the K (e.g. 0,1,2 to fit a time budget); the split stays K-fold")
-    cv.add_argument("--drop-rare", type=int, default=0, metavar="N",
-                    help="leave out the classes with fewer than N photos (listed when cv starts); a class with a "
-                         "single photo cannot be cross-validated, so N >= 2 lets such a collection run")
-    cv.add_argument("--launcher", default=None, metavar="CMD",
-                    help="run each fold as `CMD launch/train.py ...` in a subprocess, e.g. "
-                         "\"accelerate launch --multi_gpu --num_processes 8\" (default: in this process)")
-    add_config_arguments(parser)  # --data, --out, --folds, --config and every other training flag
-    # The shared training flags mean something slightly different here: say so in --help.
-    for flag, text in (("--out", "cv folder: folds.json, results.md/json and one run per variant and fold"),
-                       ("--folds", f"K of the stratified K-fold split (default {DEFAULT_FOLDS}, the paper's)"),
-                       ("--fold", "not used by cv (it runs every fold); see --only-folds"),
-                       ("--data", "photos: one sub-folder per mineral (or a CSV manifest path,label)")):
-        parser._option_string_actions[flag].help = text
-
-
-def _parse_int_list(text: str, flag: str) -> list[int]:
-    try:
-        return [int(p) for p in text.replace(" ", "").split(",") if p]
-    except ValueError:
-        raise MineralNetError(f"{flag} {text!r} must be a comma list of fold numbers, e.g. 0,1,2") from None
-
-
-def run(args) -> int:
-
-    fields = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
-    if "fold" in fields:
-        raise MineralNetError("--fold is chosen by cv (it runs every fold); use --only-folds I,J to run some")
-    if fields.get("resume"):
-        raise MineralNetError("--resume is not a cv flag: run the same cv command again and it resumes")
-    folds = fields.pop("folds", DEFAULT_FOLDS)
-    try:
-        folds = int(folds)
-    except ValueError:
-        raise MineralNetError(f"--folds {folds!r} must be a whole number of folds, at least 2") from None
-    grid = parse_grid(args.grid)
-    variants = parse_variants(args.variant)
-    only = _parse_int_list(args.only_folds, "--only-folds") if args.only_folds else None
-    command = "mineralnet cv " + shlex.join(sys.argv[2:]) if len(sys.argv) > 2 and sys.argv[1] == "cv" else None
-    cross_validate(fields, config=args.config, grid=grid, variants=variants, folds=folds, only_folds=only,
-                   launcher=args.launcher, command=command, drop_rare=args.drop_rare)
-    return 0
