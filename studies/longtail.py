@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mineralnet.analysis import crossval, data as mdata, train
+from mineralnet import data as mdata, train
+from mineralnet.analysis import crossval
 from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.files import atomic_write_text

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mineralnet.analysis import crossval, cvfolds, train
+from mineralnet import train
+from mineralnet.analysis import crossval, cvfolds
 from mineralnet import data as mdata
 from mineralnet.cli import main as cli_main
 from mineralnet.config import load_config
