@@ -35,7 +35,7 @@ def _split_val(run_dir, base):
 def _fake_fit(calls):
     """Stands in for train.fit: the REAL data split of training (prepare_data writes split.json), then
     predictions that depend on the variant and fold, written through the real eval report."""
-    from mineralnet.analysis.evaluate import write_eval_report
+    from mineralnet.report import write_eval_report
     from mineralnet.files import atomic_write_json
 
     def fit(cfg):

@@ -81,7 +81,7 @@ def test_row_percent_rows_sum_to_100_or_0():
 
 
 def test_write_eval_report_files(tmp_path):
-    from mineralnet.analysis.evaluate import write_eval_report
+    from mineralnet.report import write_eval_report
 
     t, p, probs = _random_case(5, 6)
     classes = ["pyrite", "quartz", "malachite", "biotite", "galena", "calcite"]

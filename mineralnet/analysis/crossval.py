@@ -192,7 +192,7 @@ def _prepare_fold_dir(run_dir: Path) -> bool:
 
 def launch_script() -> list[str]:
     """What a launcher runs: launch/train.py of a source checkout, else the installed module."""
-    script = Path(__file__).resolve().parent.parent / "launch" / "train.py"
+    script = Path(__file__).resolve().parents[2] / "launch" / "train.py"
     return [str(script)] if script.is_file() else ["-m", "mineralnet.cli", "train"]
 
 

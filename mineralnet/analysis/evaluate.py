@@ -18,11 +18,12 @@ import numpy as np
 
 from torch.utils.data import DataLoader
 
-from mineralnet.data import DatasetIndex, PhotoDataset, build_transforms, scan_dataset
+from mineralnet.data import DatasetIndex, PhotoDataset, scan_dataset
 from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.artifact import load_model
 from mineralnet.runs import EVAL_DIR, read_split
+from mineralnet.infer.predictor import eval_transform
 from mineralnet.infer.loop import evaluate
 from mineralnet.train.loop import fresh_accelerator
 
@@ -64,8 +65,7 @@ def predict_folder(run, data, batch_size: int = 32, workers: int = 2, split: str
     if not index.samples:
         raise MineralNetError(f"no readable images under {str(data)!r}; put photos in one sub-folder per "
                               f"mineral named as the run's classes ({', '.join(meta['classes'])})")
-    transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False,
-                                 resize=meta.get("resize"))
+    transform = eval_transform(meta)
     loader = DataLoader(PhotoDataset(index.samples, transform), batch_size=batch_size, shuffle=False,
                         num_workers=workers)
     accelerator = fresh_accelerator()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mineralnet.data import PhotoDataset, build_transforms, scan_dataset
+from mineralnet.data import PhotoDataset, scan_dataset
 from mineralnet.data.hints import check_class_root
 from mineralnet.errors import MineralNetError
 from mineralnet.metrics import MEAN_CLASS_ACC_LABEL
@@ -33,6 +33,7 @@ from mineralnet.report import write_eval_report
 from mineralnet.artifact import load_model
 from mineralnet.files import atomic_write_text
 from mineralnet.runs import read_split
+from mineralnet.infer.predictor import eval_transform
 from mineralnet.infer.loop import evaluate
 from mineralnet.analysis.figures import display_image, plot_gallery, plot_gradcam_grid, plot_tsne, stage_label
 
@@ -241,7 +242,7 @@ def explain(run, data, *, out=None, per_class: int = 10, cams: int = 16, gallery
     out = Path(out) if out else run / EXPLAIN_DIR
     out.mkdir(parents=True, exist_ok=True)
     mean, std = meta["mean"], meta["std"]
-    transform = build_transforms(meta["image_size"], mean, std, train=False, resize=meta.get("resize"))
+    transform = eval_transform(meta)
     dataset = PhotoDataset(samples, transform)
     print(f"explaining {run} on {len(samples)} photos of {data}{' (its validation split)' if val_only else ''}",
           flush=True)

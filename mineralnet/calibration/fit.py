@@ -17,10 +17,11 @@ from torch.utils.data import DataLoader
 
 from mineralnet.calibration import core
 from mineralnet.calibration.store import Calibration
-from mineralnet.data import PhotoDataset, build_transforms
+from mineralnet.data import PhotoDataset
 from mineralnet.errors import MineralNetError
 from mineralnet.artifact import load_model
 from mineralnet.runs import SPLIT_FILE, read_split
+from mineralnet.infer.predictor import eval_transform
 from mineralnet.infer.loop import predict_loader
 
 # Best mean AUROC (0.61, all five within 0.06) on the minet7 leave-classes-out protocol with short
@@ -37,7 +38,7 @@ def extract(model, samples, meta: dict, batch_size: int = 64, workers: int = 0, 
             ) -> dict[str, np.ndarray]:
     """Logits (N, C), fused features (N, D) and labels (N,) of [(path, label)] photos through the
     run's evaluation preprocessing and the one prediction loop (mineralnet.infer.loop.predict_loader)."""
-    transform = build_transforms(meta["image_size"], meta["mean"], meta["std"], train=False, resize=meta["resize"])
+    transform = eval_transform(meta)
     loader = DataLoader(PhotoDataset(samples, transform), batch_size=batch_size, shuffle=False, num_workers=workers)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = model.to(dev).eval()

@@ -24,14 +24,22 @@ from mineralnet.errors import MineralNetError
 from mineralnet.infer.backends import open_backend
 
 
+def eval_transform(meta: dict):
+    """The evaluation transform of a model, from its own metadata (image_size, mean, std, resize): the one
+    builder that eval, calibration, explain, export and the Predictor use, so a photo gets the same
+    numbers everywhere."""
+    from mineralnet.data import build_transforms
+
+    resize = meta.get("resize")
+    return build_transforms(int(meta["image_size"]), meta["mean"], meta["std"], train=False,
+                            resize=int(resize) if resize else None)
+
+
 class Preprocessor:
     """Photo (path or (H, W, 3) uint8 RGB array) -> (3, S, S) float32, exactly as evaluation does."""
 
     def __init__(self, meta: dict):
-        from mineralnet.data import build_transforms
-
-        self.transform = build_transforms(int(meta["image_size"]), meta["mean"], meta["std"], train=False,
-                                          resize=int(meta["resize"]))
+        self.transform = eval_transform(meta)
         self.min_size = getattr(self.transform, "min_decode_size", None)
 
     def __call__(self, image) -> np.ndarray:
