@@ -128,6 +128,14 @@ class TrainConfig:
                        choices=("uniform", "sqrt", "balanced"))
     logit_adjust: float = _f(0.0, "tau of logit-adjusted training (Menon et al. 2021): the loss sees logits + "
                                   "tau * log(class prior of the batches), e.g. 1.0; 0 = off; prediction unchanged")
+    teacher: Optional[str] = _f(None, "distillation (Hinton et al. 2015): a run or ensemble folder (`mineralnet "
+                                      "ensemble`) whose soft labels the student also learns from; they are computed "
+                                      "once on the training photos (evaluation preprocessing) and cached in the run "
+                                      "folder, so a resume reuses them. Refused with --mixup/--cutmix and with shards")
+    kd_temperature: float = _f(4.0, "distillation temperature T: teacher and student probabilities are softened "
+                                    "as softmax(log p / T); the soft loss is scaled by T^2")
+    kd_weight: float = _f(0.7, "distillation: loss = (1 - w) * the --loss on the labels + w * T^2 * "
+                               "KL(teacher_T || student_T); w in [0, 1]")
     ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.998; "
                                "0 = off); it is what gets validated, kept as the best model and exported")
     # --- performance / distribution ---
@@ -219,6 +227,12 @@ class TrainConfig:
              f"--sampling {self.sampling!r} must be uniform, sqrt or balanced")
         need(0.0 <= self.logit_adjust <= 10.0, f"--logit-adjust {self.logit_adjust} must be in [0, 10] (1.0 is usual)")
         need(0.0 <= self.label_smoothing < 1.0, f"--label-smoothing {self.label_smoothing} must be in [0, 1)")
+        need(self.kd_temperature > 0, f"--kd-temperature {self.kd_temperature} must be positive (4.0 is usual)")
+        need(0.0 <= self.kd_weight <= 1.0, f"--kd-weight {self.kd_weight} must be in [0, 1] (0.7 is usual)")
+        need(self.teacher is None or Path(self.teacher).exists(),
+             f"--teacher {self.teacher!r} does not exist; pass a run folder or an ensemble folder")
+        need(not (self.teacher and (self.mixup or self.cutmix)),
+             "--teacher with --mixup/--cutmix: the teacher's soft labels are of the unmixed photos; drop one of them")
         need(self.log_every >= 1, f"--log-every {self.log_every} must be at least 1 (steps)")
         need(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         need(self.split_seed is None or self.split_seed >= 0, f"--split-seed {self.split_seed} must be >= 0")

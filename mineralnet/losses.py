@@ -236,3 +236,30 @@ def _build_plain_loss(name: str, *, k, alpha, scope, num_classes, feature_dim, c
             raise MineralNetError("center loss needs num_classes and feature_dim")
         return CenterLoss(num_classes, feature_dim, center_weight, label_smoothing)
     raise MineralNetError(f"loss {name!r} is unknown; choose one of {', '.join(LOSSES)}")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Hinton et al. 2015: T^2 * KL(teacher_T || student_T), averaged over the batch, where
+    x_T = softmax(log x / T). The teacher is given as log-probabilities (logits work too: log_softmax is
+    shift-invariant). Computed in float32 whatever the autocast."""
+    t = float(temperature)
+    student = F.log_softmax(student_logits.float() / t, dim=1)
+    teacher = F.log_softmax(teacher_log_probs.float() / t, dim=1)
+    return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * (t * t)
+
+
+class DistillationLoss(nn.Module):
+    """(1 - weight) * the hard loss on the labels + weight * `kd_loss` on the teacher's rows of the batch."""
+
+    def __init__(self, hard: nn.Module, temperature: float, weight: float):
+        super().__init__()
+        if not temperature > 0 or not 0.0 <= weight <= 1.0:
+            raise MineralNetError(f"distillation needs temperature > 0 and weight in [0, 1] (got {temperature}, "
+                                  f"{weight})")
+        self.hard, self.temperature, self.weight = hard, float(temperature), float(weight)
+
+    def forward(self, logits, target, features=None, teacher_log_probs=None):
+        hard = self.hard(logits, target, features)
+        if teacher_log_probs is None:
+            raise MineralNetError("the distillation loss needs the teacher's rows of the batch")
+        return (1.0 - self.weight) * hard + self.weight * kd_loss(logits, teacher_log_probs, self.temperature)

@@ -25,13 +25,14 @@ CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE = "config.yaml", "split.json"
 RESUME_FILE, STATE_DIR, PROGRESS_FILE = "resume.json", "state", "progress.json"
 STATE_TMP, STATE_OLD = "state.tmp", "state.old"
 LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR = ".lock", "unreadable.txt", "tb"
+TEACHER_FILE = "teacher.safetensors"  # --teacher: the teacher's log-probabilities of the training photos
 EVAL_DIR, EXPORT_DIR = "eval", "export"  # the final evaluation; the default `mineralnet-export` folder
 CALIBRATION_FILE, CALIBRATION_ARRAYS = "calibration.json", "calibration.safetensors"  # `mineralnet calibrate`
 # The evaluation report in RUN/eval/ (and in any `eval --out` / `explain --out` folder; report.py writes it).
 EVAL_METRICS_FILE, EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE = "metrics.json", "per_class.csv", "confusion.png"
 # What training itself writes into a run folder; anything else in a folder without config.yaml is not ours.
 RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, STATE_TMP, STATE_OLD,
-             LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR, EVAL_DIR, MODEL_FILE, META_FILE)
+             LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR, EVAL_DIR, MODEL_FILE, META_FILE, TEACHER_FILE)
 # Every name a run folder may hold (training, calibration, export, the eval report).
 FILE_NAMES = RUN_NAMES + (EXPORT_DIR, CALIBRATION_FILE, CALIBRATION_ARRAYS, EVAL_METRICS_FILE, EVAL_CLASSES_FILE,
                           EVAL_CONFUSION_FILE)
@@ -81,6 +82,10 @@ class RunDir:
     @property
     def unreadable_file(self) -> Path:
         return self / UNREADABLE_FILE
+
+    @property
+    def teacher_file(self) -> Path:
+        return self / TEACHER_FILE
 
     @property
     def calibration_files(self) -> tuple[Path, Path]:
