@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from mineralnet import data as mdata
 from mineralnet.config import TrainConfig
 from mineralnet.errors import MineralNetError
-from mineralnet.losses import build_loss
+from mineralnet.losses import DistillationLoss, build_loss
 from mineralnet.metrics import confusion_matrix, summarize
 from mineralnet.model import FusionNet
 from mineralnet.precision import cpu_flags, resolve_precision
@@ -37,6 +37,7 @@ from mineralnet.train.inputs import DataSplit, build_device_augment, build_loade
 from mineralnet.train.shard_inputs import build_shard_loaders, is_shards, prepare_shards
 from mineralnet.infer.loop import evaluate
 from mineralnet.train.loop import any_process, fresh_accelerator, train_one_epoch
+from mineralnet.train.teacher import teacher_table
 from mineralnet.train.state import LRControl, ModelEma, Progress, StopFlag, build_optimizer
 from mineralnet.weights import resolve_pretrained
 
@@ -59,6 +60,7 @@ class TrainParts:
     writer: Any = None     # TensorBoard SummaryWriter on the main process
     threads: str = ""      # intra-op threads per process and why, for the header line
     augment: Any = None    # data.DeviceAugment when augmentation runs on the device (--augment-on), else None
+    teacher: Any = None    # --teacher: (N_train, C) log-probabilities on the device, row i = training photo i
 
     @property
     def unwrapped(self):
@@ -142,13 +144,20 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
         torch.use_deterministic_algorithms(True, warn_only=True)
     # the weights first: a missing weights package or an unreachable hub fails before the photo scan
     pretrained = resolve_pretrained(cfg.pretrained_value, cfg.backbone) if cfg.resume is None else False
+    teacher = None
     if is_shards(cfg.data):  # WebDataset shards (`mineralnet data shard`): streamed, the split fixed in them
+        if cfg.teacher:
+            raise MineralNetError("--teacher needs a photo folder or CSV as --data (a streamed shard has no photo "
+                                  "index to look the teacher's soft labels up by); pass the photos themselves")
         split = prepare_shards(cfg, run)
         train_loader, val_loader = build_shard_loaders(cfg, split)
     else:
         split = prepare_data(cfg, run)
-        train_loader, val_loader = build_loaders(cfg, split)
+        train_loader, val_loader = build_loaders(cfg, split, indexed=bool(cfg.teacher))
+        teacher = teacher_table(cfg, split, run, accelerator) if cfg.teacher else None
     model, loss_fn = _build_model(cfg, split, run, pretrained)
+    if teacher is not None:
+        loss_fn = DistillationLoss(loss_fn, cfg.kd_temperature, cfg.kd_weight)
     optimizer = build_optimizer(cfg, model, loss_fn.parameters())
     if cfg.compile:
         model = torch.compile(model)
@@ -162,7 +171,7 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
                              seed=cfg.seed, rank=accelerator.process_index)
     parts = TrainParts(cfg, run, split, model, loss_fn, optimizer, train_loader, val_loader,
                        LRControl(cfg, optimizer, len(train_loader)), Progress(), ema, mix,
-                       augment=build_device_augment(cfg, split))
+                       augment=build_device_augment(cfg, split), teacher=teacher)
     run.write_config(cfg)
     run.write_resume_info(split.classes, accelerator.unwrap_model(model).config())
     if cfg.resume is not None:

@@ -194,8 +194,9 @@ def _warn_copies_across_the_split(index, train, val) -> None:
                       f"them)", stacklevel=3)
 
 
-def build_loaders(cfg: TrainConfig, split: DataSplit):
-    """(train loader, validation loader): global batches, the sampler's order a function of (seed, epoch)."""
+def build_loaders(cfg: TrainConfig, split: DataSplit, indexed: bool = False):
+    """(train loader, validation loader): global batches, the sampler's order a function of (seed, epoch).
+    `indexed`: the training batches carry each photo's index too, (x, y, i) (distillation's teacher rows)."""
     import cv2
 
     # Photos are small: OpenCV's own thread pool only fights the model's threads (and, loaded,
@@ -224,6 +225,10 @@ def build_loaders(cfg: TrainConfig, split: DataSplit):
     common = dict(num_workers=cfg.workers, pin_memory=torch.cuda.is_available(),
                   persistent_workers=False, prefetch_factor=4 if cfg.workers else None,
                   worker_init_fn=ignore_stop_signals if cfg.workers else None)
+    if indexed:
+        from mineralnet.train.teacher import IndexedDataset
+
+        train_ds = IndexedDataset(train_ds)
     train_loader = DataLoader(train_ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **common)
     val_loader = DataLoader(val_ds, batch_size=cfg.batch_size, shuffle=False, drop_last=False, **common)
     return train_loader, val_loader

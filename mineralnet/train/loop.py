@@ -54,7 +54,9 @@ def train_one_epoch(parts, accelerator, stop: StopFlag | None = None, bar=None) 
         loader.set_epoch(progress.epoch)
     first_step = progress.step_in_epoch
     total_loss, images, t0 = torch.zeros((), device=accelerator.device), 0, time.perf_counter()
-    for x, y in loader:
+    for batch in loader:
+        x, y = batch[0], batch[1]
+        rows = parts.teacher[batch[2]] if parts.teacher is not None else None  # --teacher: (x, y, index)
         lr = parts.lr_control.step(progress.global_step)
         if parts.augment is not None:  # --augment-on device: x is a RawPhotos batch of uint8 photos
             x = parts.augment(x)
@@ -64,7 +66,7 @@ def train_one_epoch(parts, accelerator, stop: StopFlag | None = None, bar=None) 
             x = x.contiguous(memory_format=torch.channels_last)
         with accelerator.autocast():
             logits, features = model(x, return_features=True)
-            loss = loss_fn(logits, y, features)
+            loss = loss_fn(logits, y, features) if rows is None else loss_fn(logits, y, features, rows)
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
