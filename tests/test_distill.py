@@ -129,3 +129,17 @@ def test_a_teacher_of_other_classes_is_one_clear_line(teacher_run, tmp_path, cap
     code = cli_main(["train", "--data", data, "--out", str(tmp_path / "s"), "--teacher", str(other), *TINY])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("mineralnet: error:") and "knows the classes x, y, z" in err[-1]
+
+
+def test_an_ensemble_teacher_gives_its_averaged_calibrated_probabilities(teacher_run, tmp_path):
+    root, data, teacher = teacher_run
+    second, ens = tmp_path / "second", tmp_path / "ens"
+    assert cli_main(["train", "--data", data, "--out", str(second), "--seed", "2", *TINY]) == 0
+    assert cli_main(["ensemble", str(teacher), str(second), "--out", str(ens)]) == 0
+    student = tmp_path / "student"
+    assert cli_main(["train", "--data", data, "--out", str(student), "--teacher", str(ens), *TINY]) == 0
+    paths = [p for p, _ in read_split(student)["splits"]["train"]]
+    with safe_open(str(RunDir(student).teacher_file), framework="pt") as f:
+        table, meta = f.get_tensor("log_probs").numpy(), f.metadata()
+    assert meta["source"] == "calibrated probabilities"
+    np.testing.assert_allclose(np.exp(table), Predictor(ens).probabilities(paths), atol=1e-5)
