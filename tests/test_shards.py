@@ -256,7 +256,7 @@ def test_the_loop_resumes_a_stream_without_accelerates_skip():
     progress = SimpleNamespace(step_in_epoch=3, global_step=3, epoch=0)
     parts = SimpleNamespace(model=model, loss_fn=lambda l, y, f: l.sum() * 0 + model.w.sum(), progress=progress,
                             optimizer=torch.optim.SGD(model.parameters(), lr=0.1), train_loader=Stream(5), augment=None,
-                            mix=None, ema=None, writer=None, lr_control=SimpleNamespace(step=lambda s: 0.1),
+                            mix=None, ema=None, teacher=None, writer=None, lr_control=SimpleNamespace(step=lambda s: 0.1),
                             cfg=SimpleNamespace(log_every=100, freeze_bn=False, channels_last=False))
     loop.train_one_epoch(parts, Acc())
     assert progress.step_in_epoch == 5
