@@ -223,6 +223,29 @@ def test_pte_files_metadata_and_parity(pte_export, run_dir, photos):
     assert int8.path.stat().st_size < 0.4 * fp32.path.stat().st_size
 
 
+@needs_executorch
+def test_pte_int8_from_the_runs_own_split(run_dir, photos, tmp_path):
+    """No --calib-data: the int8 .pte is quantized on the run's training photos (split.json) and gated on its
+    validation photos, and the record names where its quantization photos came from (this crashed when
+    quant_data was None)."""
+    import shutil
+
+    from mineralnet.data import save_splits, scan_dataset
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    index = scan_dataset(photos, verify=False)
+    val = list(range(0, len(index.samples), 3))
+    save_splits(run / "split.json", index, {"train": [i for i in range(len(index.samples)) if i not in val],
+                                            "val": val}, info={})
+    arts = export(run, ["executorch", "int8"], ExportOptions(out_dir=tmp_path / "out", quant_size=12,
+                                                             int8_gate="drop=100,bound=100"))
+    record = next(a for a in arts if a.path.name == "model.int8.pte").record
+    assert record["quantization_photos"]["source"].startswith("training photos of the run (12 of ")
+    assert record["quantization_photos"]["images"] == 12
+    assert record["int8"]["agreement"]["images"] == len(val)
+
+
 # ----------------------------------------------------------------------------- Core ML
 @needs_coreml
 def test_coreml_structure(run_dir, tmp_path):

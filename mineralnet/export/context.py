@@ -137,6 +137,7 @@ class ExportContext:
         self.out_dir = Path(os.path.expanduser(os.fspath(out)))
         self.preprocess = Preprocessor(self.meta)
         self.files: dict[str, Path] = {}  # precision -> ONNX file written by this export
+        self.quantization_source: str | None = None  # set by quantization_photos()
         self.artifacts: list[Artifact] = []
         self.novelty = self._open_set_calibration()
         self._check: tuple[np.ndarray, str] | None = None
@@ -199,6 +200,7 @@ class ExportContext:
         plan = plan_photos(self.run, self.meta["classes"], calib_data=o.quant_data, calib_size=o.quant_size,
                            val_data=o.val_data)
         images, skipped = self.load(plan.calib)
+        self.quantization_source = plan.calib_source  # e.g. "training photos of the run (512 of 1324)"
         if not len(images):
             raise MineralNetError(f"none of the {len(plan.calib)} quantization photos ({plan.calib_source}) could be "
                                   f"decoded; pass a folder of readable photos with --calib-data DIR")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 import numpy as np
 
@@ -88,7 +87,7 @@ def write(ctx) -> list:
             photos, skipped = ctx.quantization_photos()
             record["quantization"] = {"method": "PT2E XNNPACKQuantizer", "weights": "int8 symmetric per-channel",
                                       "activations": "int8", "io": "float32"}
-            record["quantization_photos"] = {"source": os.fspath(ctx.options.quant_data), "images": int(len(photos)),
+            record["quantization_photos"] = {"source": ctx.quantization_source, "images": int(len(photos)),
                                              "skipped": skipped}
         t0 = time.perf_counter()
         try:

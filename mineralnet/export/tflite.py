@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -149,7 +148,7 @@ def write(ctx) -> list:
             data = quantize_int8(fp32, photos, batch)
             record["quantization"] = {"recipe": "ai-edge-quantizer static_wi8_ai8", "weights": "int8 per-channel",
                                       "activations": "int8", "io": "int8 (scale/zero point in the file)"}
-            record["quantization_photos"] = {"source": os.fspath(ctx.options.quant_data), "images": int(len(photos)),
+            record["quantization_photos"] = {"source": ctx.quantization_source, "images": int(len(photos)),
                                              "skipped": skipped}
         meta = phone.metadata(ctx, fmt="litert", precision=precision)
         data = embed_metadata(data, meta)
