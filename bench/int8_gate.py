@@ -60,6 +60,33 @@ def _openvino_ms(path, image, threads: int, seconds: float = 2.0) -> float | Non
     return float(np.median(times))
 
 
+def _verdict(entry: dict) -> str:
+    if entry["variant"].startswith(("fp16", "bf16")):
+        return "(not gated) " + ("would pass" if entry["passed"] else "would fail")
+    return "pass" if entry["passed"] else "FAIL"
+
+
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def render(table: list) -> str:
+    """The markdown table of int8_gate.json's rows."""
+    md = ["| variant | accuracy fp32 -> variant | drop (95% upper) | agreement [95% CI] | confident-photo agreement | "
+          "gate | int8 MACs | ORT ms | OpenVINO ms |", "|---|---|---|---|---|---|---|---|---|"]
+    for e in table:
+        if e["variant"] == "fp32":
+            md.append(f"| fp32 | - | - | - | - | - | 0% | {e['ort_ms']:.2f} | {e['openvino_ms'] or '-'} |")
+            continue
+        a, c = e["agreement"], e["confident_agreement"]
+        md.append(f"| {e['variant']} | {e['accuracy_fp32']['k'] / e['accuracy_fp32']['n']:.2%} -> "
+                  f"{e['accuracy_int8']['k'] / e['accuracy_int8']['n']:.2%} | {100 * e['drop']:+.2f} "
+                  f"({100 * e['drop_high']:.2f}) | {a['k'] / a['n']:.1%} [{a['low']:.1%}, {a['high']:.1%}] | "
+                  f"{c['k']}/{c['n']} | {_verdict(e)} | {e['int8_mac_share']:.0%} | {_ms(e['ort_ms'])} | "
+                  f"{_ms(e['openvino_ms'])} |")
+    return "\n".join(md) + "\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
@@ -72,7 +99,13 @@ def main(argv=None) -> int:
     ap.add_argument("--no-baselines", action="store_true", help="skip the two full-int8 MinMax rows")
     ap.add_argument("--commit", default=None, help="the commit measured (default: git rev-parse HEAD here)")
     ap.add_argument("--gate", default=None, help="--int8-gate text (default drop=1,bound=2)")
+    ap.add_argument("--render", action="store_true", help="only re-render WORK/int8_gate.md from WORK/int8_gate.json")
     args = ap.parse_args(argv)
+    if args.render:
+        md = render(json.loads((Path(args.work) / "int8_gate.json").read_text())["table"])
+        (Path(args.work) / "int8_gate.md").write_text(md)
+        print(md)
+        return 0
 
     from mineralnet.export.formats import ExportContext, ExportOptions, export
     from mineralnet.quantize import exporting, graph as g, pipeline, recipe as rc, report as rp
@@ -87,8 +120,9 @@ def main(argv=None) -> int:
         lines.append(line)
 
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    export(args.run, [], ExportOptions(out_dir=work / "export"), log=log)
+    export(args.run, ["fp16"], ExportOptions(out_dir=work / "export"), log=log)
     fp32 = work / "export" / "model.onnx"
+    fp16 = work / "export" / "model.fp16.onnx"
     ctx = ExportContext(args.run, ExportOptions(out_dir=work / "export"))
     spec = parse_gate(args.gate)
     plan = exporting.plan_photos(args.run, ctx.meta["classes"])
@@ -100,6 +134,14 @@ def main(argv=None) -> int:
                                  plan.heldout_source)
     noise = {"bf16": exporting.bf16_logits(ctx.model, held.images)}
     base = rc.default_recipe()
+    from mineralnet.quantize.stats import evaluate_gate
+
+    # the float low precisions, judged by the same statistics on the same photos (their "drop" is not gated)
+    ref_held = g.logits(g.session(fp32.read_bytes()), held.images)
+    floats = {"fp16 ONNX": evaluate_gate(ref_held, g.logits(g.session(fp16.read_bytes()), held.images), held.labels,
+                                         spec=spec, source=f"{len(held)} {held.source}"),
+              "bf16 (PyTorch autocast)": evaluate_gate(ref_held, noise["bf16"], held.labels, spec=spec,
+                                                       source=f"{len(held)} {held.source}")}
     classes = list(ctx.meta["classes"])
     rows = {}
     trials = rc.candidates(base, args.methods.split(","), args.keep.split(","))
@@ -137,7 +179,7 @@ def main(argv=None) -> int:
 
     # latency, interleaved, batch 1
     pre = rc.preprocess(fp32)
-    models = {"fp32": fp32.read_bytes(), **{k: v[0] for k, v in rows.items()}}
+    models = {"fp32": fp32.read_bytes(), "fp16 ONNX": fp16.read_bytes(), **{k: v[0] for k, v in rows.items()}}
     files = {}
     for i, (k, data) in enumerate(models.items()):
         files[k] = work / f"variant{i}.onnx"
@@ -155,7 +197,12 @@ def main(argv=None) -> int:
     for k in files:
         entry = {"variant": k, "ort_ms": round(ort_ms[k], 2),
                  "openvino_ms": None if ov_ms[k] is None else round(ov_ms[k], 2)}
-        if k != "fp32":
+        if k == "fp16 ONNX":
+            gd = floats[k].to_dict()
+            entry.update(gate=gd["line"], passed=gd["passed"], drop=gd["drop"], drop_high=gd["drop_high"],
+                         agreement=gd["agreement"], accuracy_fp32=gd["accuracy_fp32"], accuracy_int8=gd["accuracy_int8"],
+                         confident_agreement=gd["confident_agreement"], noise_floor=None, int8_mac_share=0.0)
+        elif k != "fp32":
             model, gate, recipe, secs = rows[k]
             gd = gate if isinstance(gate, dict) else gate.to_dict()
             entry.update(gate=gd["line"], passed=gd["passed"], drop=gd["drop"], drop_high=gd["drop_high"],
@@ -163,6 +210,14 @@ def main(argv=None) -> int:
                          confident_agreement=gd["confident_agreement"], noise_floor=gd["noise_floor"],
                          int8_mac_share=g.int8_mac_share(g.load(model), macs), seconds=secs)
         table.append(entry)
+    for k, gate in floats.items():
+        if k not in files:  # bf16: PyTorch only, no ONNX latency
+            gd = gate.to_dict()
+            table.append({"variant": k, "ort_ms": None, "openvino_ms": None, "gate": gd["line"], "passed": gd["passed"],
+                          "drop": gd["drop"], "drop_high": gd["drop_high"], "agreement": gd["agreement"],
+                          "accuracy_fp32": gd["accuracy_fp32"], "accuracy_int8": gd["accuracy_int8"],
+                          "confident_agreement": gd["confident_agreement"], "noise_floor": None,
+                          "int8_mac_share": 0.0})
     result = {"date": started, "cpu": _cpu(), "commit": args.commit or _commit(), "run": str(args.run), "threads": args.threads,
               "spec": spec.text(), "photos": auto.report["photos"], "table": table,
               "recipe_trials": auto.report["recipe"], "broken": broken.gate.line(),
@@ -178,20 +233,9 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     (work / "int8_gate.json").write_text(json.dumps(result, indent=1, default=float))
-    md = ["| variant | accuracy fp32 -> int8 | drop (95% upper) | agreement [95% CI] | confident-photo agreement | "
-          "gate | int8 MACs | ORT ms | OpenVINO ms |", "|---|---|---|---|---|---|---|---|---|"]
-    for e in table:
-        if e["variant"] == "fp32":
-            md.append(f"| fp32 | - | - | - | - | - | 0% | {e['ort_ms']:.2f} | {e['openvino_ms'] or '-'} |")
-            continue
-        a, c = e["agreement"], e["confident_agreement"]
-        md.append(f"| {e['variant']} | {e['accuracy_fp32']['k'] / e['accuracy_fp32']['n']:.2%} -> "
-                  f"{e['accuracy_int8']['k'] / e['accuracy_int8']['n']:.2%} | {100 * e['drop']:+.2f} ({100 * e['drop_high']:.2f}) | "
-                  f"{a['k'] / a['n']:.1%} [{a['low']:.1%}, {a['high']:.1%}] | {c['k']}/{c['n']} | "
-                  f"{'pass' if e['passed'] else 'FAIL'} | {e['int8_mac_share']:.0%} | {e['ort_ms']:.2f} | "
-                  f"{e['openvino_ms'] if e['openvino_ms'] is not None else '-'} |")
-    (work / "int8_gate.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md = render(table)
+    (work / "int8_gate.md").write_text(md)
+    print(md)
     return 0
 
 
