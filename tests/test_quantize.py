@@ -156,6 +156,35 @@ def test_gate_verdicts():
     assert not no_labels.passed and no_labels.drop is None
 
 
+def _gate_on(n: int, right: int, lost: int):
+    """evaluate_gate on n photos where fp32 is right on `right` of them and int8 loses `lost` of those."""
+    y = np.zeros(n, int)
+    fp32 = np.zeros((n, 3))
+    fp32[:right, 0] = 1.0  # right
+    fp32[right:, 1] = 1.0  # wrong
+    int8 = fp32.copy()
+    int8[:lost] = [0.0, 0.0, 1.0]
+    return stats.evaluate_gate(fp32, int8, y)
+
+
+def test_photos_needed_for_one_lost_photo_match_a_brute_force_search():
+    from mineralnet.quantize.exporting import too_few_photos
+
+    spec = stats.GateSpec()
+    for acc in (0.5, 0.75, 0.9):
+        need = stats.photos_for_one_loss(spec, acc)
+        passes = [n for n in range(20, 400)
+                  if _gate_on(n, max(1, min(n, round(acc * n))), 1).passed]
+        assert need == passes[0] and all(n in passes for n in range(need, 400))  # and it stays passing
+    # 165 photos at 75%: one net photo fails the bound (2.25 > 2), and the failure line says why
+    small, large = _gate_on(165, 124, 1), _gate_on(400, 300, 1)
+    assert not small.passed and small.drop_high == pytest.approx(stats.one_photo_bound(165, 124 / 165))
+    line = too_few_photos(small, spec)
+    assert "on 165 photos a single photo lost net already fails the bound" in line
+    assert f"(about {stats.photos_for_one_loss(spec, 124 / 165)} are needed)" in line and "--val-data" in line
+    assert large.passed and too_few_photos(_gate_on(400, 300, 9), spec) == ""
+
+
 # ----------------------------------------------------------------------------- a tiny conv net with a known weak spot
 SIZE = 16
 

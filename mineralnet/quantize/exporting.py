@@ -239,9 +239,25 @@ def heldout_gate(ctx, fp32, int8, *, what: str = "int8 gate", stem: str = REPORT
                          "images": gate.agreement.n}}
 
 
+def too_few_photos(gate, spec) -> str:
+    """'' or a sentence saying that on this many held-out photos one photo lost net already fails `spec`
+    (then the verdict rests on one or two near-ties, and more photos, not another recipe, settle it)."""
+    from mineralnet.quantize.stats import one_photo_bound, photos_for_one_loss
+
+    n = gate.agreement.n
+    if gate.accuracy_fp32 is None or not n:
+        return ""
+    acc = gate.accuracy_fp32.value
+    if one_photo_bound(n, acc, spec.confidence) <= spec.max_bound and 1 / n <= spec.max_drop:
+        return ""
+    need = photos_for_one_loss(spec, acc)
+    return (f"; on {n} photos a single photo lost net already fails the bound (about {need or 'very many'} are "
+            f"needed): judge on more held-out photos (--val-data DIR, or train with --val-split 0.2)")
+
+
 def failure_line(gate, spec, report_path, *, what: str = "int8 gate", hint: str = "") -> str:
     drop = "no labels" if gate.drop is None else f"{100 * gate.drop:.2f} points"
     bound = "-" if gate.drop_high is None else f"{100 * gate.drop_high:.2f}"
     return (f"{what} FAILED, no int8 file written: accuracy drop {drop}, {spec.confidence:.0%} upper bound {bound} "
             f"(limits {100 * spec.max_drop:g} / {100 * spec.max_bound:g}) on {gate.agreement.n} held-out photos; "
-            f"report: {report_path}{hint}")
+            f"report: {report_path}{hint}{too_few_photos(gate, spec)}")

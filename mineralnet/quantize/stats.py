@@ -99,6 +99,29 @@ def paired_drop_interval(t: PairedCounts, confidence: float = DEFAULT_CONFIDENCE
     return theta, max(-1.0, lower), min(1.0, upper)
 
 
+def one_photo_bound(n: int, accuracy: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """The upper bound of the drop when int8 loses exactly one photo net on `n` held-out photos at fp32
+    `accuracy` (b = 1, c = 0): the smallest loss the gate can see at all on this many photos."""
+    right = max(1, min(n, round(accuracy * n)))
+    return paired_drop_interval(PairedCounts(right - 1, 1, 0, n - right), confidence)[2]
+
+
+def photos_for_one_loss(spec: "GateSpec", accuracy: float, limit: int = 100_000) -> int | None:
+    """The fewest held-out photos on which one photo lost net still passes `spec` (None above `limit`)."""
+    lo, hi = 2, 2
+    while one_photo_bound(hi, accuracy, spec.confidence) > spec.max_bound or 1 / hi > spec.max_drop:
+        lo, hi = hi, hi * 2
+        if hi > limit:
+            return None
+    while lo < hi:  # the bound falls as n grows: bisect the first n that passes
+        mid = (lo + hi) // 2
+        if one_photo_bound(mid, accuracy, spec.confidence) <= spec.max_bound and 1 / mid <= spec.max_drop:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def top2_margin(scores: np.ndarray) -> np.ndarray:
     """Top-1 minus top-2 softmax probability per row of logits (N, C) (1.0 with one class)."""
     s = np.asarray(scores, dtype=np.float64)
