@@ -138,13 +138,45 @@ def test_tflite_files_and_gates(tflite_export):
     assert sizes["model.int8.tflite"] < 0.35 * sizes["model.tflite"]
 
 
-@needs_litert
-def test_tflite_int8_is_full_integer(tflite_export):
+def _op_types(path) -> dict:
+    """{op name: (input dtypes, output dtypes)} of every op in a .tflite, read by the interpreter."""
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_path=str(tflite_export["model.int8.tflite"].path))
+    it = Interpreter(model_path=str(path))
+    kinds = {}
+    for op in it._get_ops_details():
+        dtypes = [it._get_tensor_details(t, 0)["dtype"] for t in op["inputs"] if t >= 0]
+        kinds.setdefault(op["op_name"], set()).add(dtypes[0])
+    return kinds, it
+
+
+@needs_litert
+def test_tflite_int8_default_keeps_the_tail_and_io_float(tflite_export):
+    """float-tail: the convolutions read int8, the linear layer (and the I/O) float, as in model.int8.onnx."""
+    kinds, it = _op_types(tflite_export["model.int8.tflite"].path)
+    assert it.get_input_details()[0]["dtype"] == np.float32
+    assert all(d["dtype"] == np.float32 for d in it.get_output_details())
+    assert kinds["CONV_2D"] == {np.int8} and kinds["FULLY_CONNECTED"] == {np.float32}
+    assert tflite_export["model.int8.tflite"].record["quantization"]["io"] == "float32"
+
+
+@needs_litert
+def test_tflite_int8_full_integer(run_dir, photos, tmp_path):
+    opts = ExportOptions(out_dir=tmp_path, quant_data=photos, quant_size=24, profile=BatchProfile.static(2),
+                         int8_gate="drop=100,bound=100", val_data=photos, tflite_int8="full")
+    art = next(a for a in export(run_dir, ["tflite", "int8"], opts) if a.path.name == "model.int8.tflite")
+    kinds, it = _op_types(art.path)
     assert it.get_input_details()[0]["dtype"] == np.int8
     assert all(d["dtype"] == np.int8 for d in it.get_output_details())
+    assert kinds["FULLY_CONNECTED"] == {np.int8}
+    x = _check_images(run_dir, photos)
+    logits, _ = _torch(run_dir, x)
+    assert (Predictor(art.path).outputs(x)["logits"].argmax(1) == logits.argmax(1)).mean() >= 0.75
+
+
+def test_tflite_int8_recipe_is_checked_before_anything_runs(run_dir, tmp_path):
+    with pytest.raises(MineralNetError, match="--tflite-int8 'half': choose one of float-tail, full"):
+        export(run_dir, ["tflite"], ExportOptions(out_dir=tmp_path, tflite_int8="half"))
 
 
 @needs_litert

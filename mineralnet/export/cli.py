@@ -76,9 +76,14 @@ def add_arguments(parser) -> None:
     t.add_argument("--workspace", type=int, default=DEFAULT_WORKSPACE_MIB, metavar="MIB",
                    help=f"builder workspace limit in MiB (default {DEFAULT_WORKSPACE_MIB})")
     t.add_argument("--timing-cache", default=None, metavar="FILE", help="timing cache file (default OUT/timing.cache)")
-    v = parser.add_argument_group("OpenVINO and Triton")
+    v = parser.add_argument_group("OpenVINO, LiteRT and Triton")
     v.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
                    help="int8 IR from model.int8.onnx (qdq, default) or by NNCF on the quantization photos (nncf)")
+    v.add_argument("--tflite-int8", choices=("float-tail", "full"), default="float-tail",
+                   help="model.int8.tflite: int8 convolutions and adds with the fusion tail (pooling, concat, "
+                        "linear, novelty) and the input/outputs in float, like model.int8.onnx (float-tail, "
+                        "default; for CPUs and GPU delegates), or full integer with int8 input/outputs (full; "
+                        "for NPUs and Edge-TPU-class accelerators)")
     v.add_argument("--triton-instances", type=int, default=1, help="instances per model in config.pbtxt (default 1)")
     v.add_argument("--triton-kind", choices=("gpu", "cpu"), default="gpu",
                    help="where Triton runs the ONNX models (default gpu; TensorRT engines always run on the GPU)")
@@ -120,6 +125,7 @@ def options_from_args(args):
                          int8_gate=args.int8_gate, int8_fallback=args.int8_fallback, report=args.report,
                          val_data=args.val_data, workspace_mib=args.workspace,
                          timing_cache=args.timing_cache, openvino_int8=args.openvino_int8,
+                         tflite_int8=args.tflite_int8,
                          triton_dir=args.triton, triton_instances=args.triton_instances,
                          triton_kind=args.triton_kind)
 

@@ -51,6 +51,7 @@ class ExportOptions:
     workspace_mib: int = DEFAULT_WORKSPACE_MIB
     timing_cache: str | os.PathLike | None = None  # default: OUT/timing.cache
     openvino_int8: str = "qdq"  # int8 IR from model.int8.onnx ("qdq") or NNCF on the quantization photos
+    tflite_int8: str = "float-tail"  # model.int8.tflite: int8 backbone, float tail and I/O; or "full" integer
     triton_dir: str | os.PathLike | None = None  # --triton DIR: the model repository
     triton_instances: int = 1  # instances per model in config.pbtxt
     triton_kind: str = "gpu"  # instance kind of the ONNX models (engines always run on the GPU)

@@ -2,14 +2,20 @@
 
     mineralnet-export RUN --tflite                                   # model.tflite (fp32)
     mineralnet-export RUN --tflite --fp16                            # + model.fp16.tflite
-    mineralnet-export RUN --tflite --int8 --calib-data DIR           # + model.int8.tflite (full integer)
+    mineralnet-export RUN --tflite --int8                            # + model.int8.tflite (float tail and I/O)
+    mineralnet-export RUN --tflite --int8 --tflite-int8 full         # full integer (int8 input/outputs)
 
 Converter: `litert_torch.convert` (PyTorch -> LiteRT directly, through torch.export; no TensorFlow).
 fp16 stores the weights as float16 (ai-edge-quantizer FLOAT_CASTING; the CPU computes in fp32, a GPU
-delegate in fp16). int8 is full-integer (ai-edge-quantizer `static_wi8_ai8`: int8 weights per channel,
-int8 activations whose ranges are measured on the quantization photos (--calib-data) through the
-evaluation preprocessing, int8 input and outputs with their scale/zero point in the file: what NPUs
-and the Edge TPU-class accelerators need).
+delegate in fp16). int8 (ai-edge-quantizer, static: int8 weights per channel, int8 activations whose
+ranges are measured on the quantization photos through the evaluation preprocessing) comes in two recipes
+(`--tflite-int8`):
+- float-tail (default): the convolutions, depthwise convolutions and residual adds in int8; the fusion tail
+  (global pooling, concat, the linear layer, the novelty score) and the input/outputs in float. The same
+  rule as model.int8.onnx (quantize/recipe.py): rounding the logits to 8 bits costs the near-ties, and the
+  tail is a negligible share of the MACs.
+- full: every supported op, int8 input and outputs with their scale/zero point in the file
+  (`static_wi8_ai8`): what NPUs and the Edge TPU-class accelerators need.
 
 Every file is checked in the LiteRT interpreter (ai-edge-litert, XNNPACK on this CPU) before it is
 written, through export/gates.py: fp32/fp16 against PyTorch with the ONNX parity tolerances, int8
@@ -100,10 +106,29 @@ def quantize_fp16(fp32: bytes) -> bytes:
         return bytes(quantizer.Quantizer(fp32, rm.get_quantization_recipe()).quantize().quantized_model)
 
 
-def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int) -> bytes:
-    """Full-integer int8 (int8 weights per channel, int8 activations and I/O), ranges measured on `photos`."""
+INT8_RECIPES = ("float-tail", "full")
+BACKBONE_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "ADD")  # what float-tail quantizes
+
+
+def int8_recipe(mode: str):
+    """The ai-edge-quantizer recipe of `--tflite-int8 mode` (see the module doc)."""
+    from ai_edge_quantizer import qtyping, recipe, recipe_manager
+
+    if mode not in INT8_RECIPES:
+        raise MineralNetError(f"--tflite-int8 {mode!r}: choose one of {', '.join(INT8_RECIPES)}")
+    if mode == "full":
+        return recipe.static_wi8_ai8()
+    rm = recipe_manager.RecipeManager()
+    for op in BACKBONE_OPS:
+        rm.add_static_config(regex=".*", operation_name=getattr(qtyping.TFLOperationName, op),
+                             activation_num_bits=8, weight_num_bits=8)
+    return rm.get_quantization_recipe()
+
+
+def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int, mode: str = "float-tail") -> bytes:
+    """int8 by `--tflite-int8 mode` (int8 weights per channel, int8 activations), ranges measured on `photos`."""
     from ai_edge_litert.interpreter import Interpreter
-    from ai_edge_quantizer import quantizer, recipe
+    from ai_edge_quantizer import quantizer
 
     sig = Interpreter(model_content=fp32).get_signature_list()
     key = next(iter(sig))
@@ -111,7 +136,7 @@ def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int) -> bytes:
     chunks = ([photos[i:i + batch] for i in range(0, len(photos) - batch + 1, batch)]
               or [np.repeat(photos[:1], batch, 0)])
     data = {key: [{name: np.ascontiguousarray(c, np.float32)} for c in chunks]}
-    q = quantizer.Quantizer(fp32, recipe.static_wi8_ai8())
+    q = quantizer.Quantizer(fp32, int8_recipe(mode))
     with _quiet():
         result = q.calibrate(data)
         return bytes(q.quantize(result).quantized_model)
@@ -120,6 +145,8 @@ def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int) -> bytes:
 def check(options, run=None) -> None:
     """The table row's check: litert-torch, ai-edge-litert and ai-edge-quantizer installed, a fixed batch."""
     phone.check_format("tflite", options)
+    if options.tflite_int8 not in INT8_RECIPES:
+        raise MineralNetError(f"--tflite-int8 {options.tflite_int8!r}: choose one of {', '.join(INT8_RECIPES)}")
 
 
 def write(ctx) -> list:
@@ -145,9 +172,14 @@ def write(ctx) -> list:
             record["quantization"] = {"weights": "float16", "compute": "fp32 on CPU (fp16 on a GPU delegate)"}
         else:
             photos, skipped = ctx.quantization_photos()
-            data = quantize_int8(fp32, photos, batch)
-            record["quantization"] = {"recipe": "ai-edge-quantizer static_wi8_ai8", "weights": "int8 per-channel",
-                                      "activations": "int8", "io": "int8 (scale/zero point in the file)"}
+            mode = ctx.options.tflite_int8
+            data = quantize_int8(fp32, photos, batch, mode)
+            record["quantization"] = (
+                {"recipe": "full (ai-edge-quantizer static_wi8_ai8)", "weights": "int8 per-channel",
+                 "activations": "int8", "io": "int8 (scale/zero point in the file)"} if mode == "full" else
+                {"recipe": "float-tail (ai-edge-quantizer static int8 for " + ", ".join(BACKBONE_OPS) + ")",
+                 "weights": "int8 per-channel", "activations": "int8 in the backbone",
+                 "float": "pooling, concat, linear, novelty", "io": "float32"})
             record["quantization_photos"] = {"source": ctx.quantization_source, "images": int(len(photos)),
                                              "skipped": skipped}
         meta = phone.metadata(ctx, fmt="litert", precision=precision)
