@@ -97,7 +97,7 @@ def test_a_resume_skips_finished_members(preset_run, monkeypatch, capsys):
     calls = []
     mfit = sys.modules["mineralnet.train.fit"]  # the module (mineralnet.train.fit is also the function's name)
     real = mfit.fit
-    monkeypatch.setattr(mfit, "fit", lambda cfg: calls.append((cfg.out, cfg.resume)) or real(cfg))
+    monkeypatch.setattr(mfit, "fit", lambda cfg, **kw: calls.append((cfg.out, cfg.resume)) or real(cfg, **kw))
     assert cli_main(["train", "--resume", str(run)]) == 0
     assert calls == [(str(m1), str(m1)), (str(run), str(run))]  # m0 not trained again, m1 and the student resumed
     assert (m0 / "model.safetensors").stat().st_mtime_ns == weights

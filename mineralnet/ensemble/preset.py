@@ -28,10 +28,13 @@ DONE = ("finished", "time_budget")  # a member that ended by itself (a time budg
 SAME_MEMBER = ("backbone", "image_size", "seed", "epochs", "pretrained", "stages", "loss")  # checked on a skip
 
 
-def train_ensemble_preset(cfg: TrainConfig, log: Callable[[str], None] = print) -> dict:
-    """Members, ensemble, student; returns the student's fit() result (or the stopped member's)."""
+def train_ensemble_preset(cfg: TrainConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Members, ensemble, student; returns the student's fit() result (or the stopped member's). `log` defaults to
+    print on the main process only."""
     from mineralnet.calibration.fit import after_training
     from mineralnet.train.fit import fit
+
+    log = log or (print if _is_main() else (lambda *_: None))
 
     if not cfg.out:
         raise MineralNetError("an ensemble preset needs --out RUN: the student's run folder, which also holds the "
@@ -83,7 +86,8 @@ def _train_member(mcfg: TrainConfig, path: Path, log, fit, after_training) -> di
     if not resume and member.config_file.is_file() and _is_main():
         # started but stopped before its first checkpoint: nothing learned to keep, start it again
         shutil.rmtree(path)
-    result = fit(dataclasses.replace(mcfg, out=str(path), resume=str(path) if resume else None))
+    result = fit(dataclasses.replace(mcfg, out=str(path), resume=str(path) if resume else None),
+                 keep_process_group=True)  # the next member and the student train in the same group
     after_training(result)  # each member calibrated: the ensemble averages calibrated probabilities
     return result
 
@@ -103,7 +107,8 @@ def check_same_split(paths) -> None:
 
 
 def _build(paths, ensemble: Path, log) -> None:
-    """The calibrated ensemble of the members, built once by the main process (the other ranks wait)."""
+    """The calibrated ensemble of the members, built once by the main process (the other ranks wait). The process
+    group stays alive for the student's training."""
     from accelerate.utils import broadcast_object_list
 
     from mineralnet.ensemble.build import build_ensemble
@@ -123,7 +128,6 @@ def _build(paths, ensemble: Path, log) -> None:
             error = str(e)
     if accelerator.num_processes > 1:
         error = broadcast_object_list([error])[0]
-    accelerator.end_training()
     if error:
         raise MineralNetError(error)
 
