@@ -4,8 +4,11 @@ End to end with tiny members from a YAML preset of the same format (a few second
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -124,3 +127,27 @@ def test_members_on_other_splits_and_an_early_resume_are_one_line(preset_run, tm
     assert len(err.splitlines()) == 1 and "run the same command again without --resume" in err
     assert cli_main(["cv", "--config", "cpu-ensemble", "--data", data, "--out", str(tmp_path / "cv")]) == 2
     assert "ensemble preset" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_preset_under_two_process_ddp(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` (gloo on CPU): every rank trains each member in turn in one
+    process group, the main process builds the ensemble, and the student trains with it as teacher."""
+    data = str(mdata.make_demo_dataset(tmp_path / "demo", classes=3, per_class=10, size=48, seed=3))
+    preset = tmp_path / "tiny-ensemble.yaml"
+    preset.write_text(yaml.safe_dump(TINY_PRESET))
+    run = tmp_path / "run"
+    train = str(Path(__file__).resolve().parents[1] / "launch" / "train.py")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(29500 + os.getpid() % 1000), train, "--config", str(preset), "--data", data,
+           "--out", str(run)]
+    env = dict(os.environ, MINERALNET_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    p = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    rd = RunDir(run)
+    assert rd.result()["status"] == "finished" and rd.teacher_file.is_file()
+    assert all(RunDir(rd.members_dir / m).result()["status"] == "finished" for m in ("m0", "m1"))
+    assert "calibration" in json.loads((rd.ensemble_dir / "ensemble.json").read_text())
+    assert p.stdout.count("ensemble preset: member 1/2") == 1  # said once, by the main process
