@@ -127,6 +127,12 @@ def test_members_on_other_splits_and_an_early_resume_are_one_line(preset_run, tm
     assert len(err.splitlines()) == 1 and "run the same command again without --resume" in err
     assert cli_main(["cv", "--config", "cpu-ensemble", "--data", data, "--out", str(tmp_path / "cv")]) == 2
     assert "ensemble preset" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "cpu-ensemble", "--data", data]) == 2
+    assert "needs --out RUN" in capsys.readouterr().err
+    assert cli_main(["train", "--config", "cpu-ensemble", "--data", data, "--out", str(tmp_path / "t"), "--teacher",
+                     str(rd.members_dir / "m0")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "drop --teacher" in err
 
 
 @pytest.mark.slow
