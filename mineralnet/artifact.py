@@ -88,7 +88,8 @@ def _resolve(path) -> tuple[Path, Path | None]:
         w, j = p / MODEL_FILE, p / META_FILE
         if not w.is_file():
             raise MineralNetError(f"run {str(p)!r} has no {MODEL_FILE} (training writes it after the first "
-                                  f"validated epoch); train it first or pass another run")
+                                  f"validated epoch; an ensemble folder has none: this command takes one model, e.g. "
+                                  f"a member or a student distilled from it); train it first or pass another run")
         return w, (j if j.is_file() else None)
     if p.suffix == ".json":
         w = p.with_name(MODEL_FILE)

@@ -136,6 +136,11 @@ class TrainConfig:
                                     "as softmax(log p / T); the soft loss is scaled by T^2")
     kd_weight: float = _f(0.7, "distillation: loss = (1 - w) * the --loss on the labels + w * T^2 * "
                                "KL(teacher_T || student_T); w in [0, 1]")
+    members: Optional[list] = _f(None, "presets only (YAML, no flag): train these ensemble members first, each "
+                                       "a mapping of fields that differ from this config (e.g. {backbone: "
+                                       "tf_efficientnet_lite1, image_size: 240, seed: 2}), all on this config's "
+                                       "split; then average them into an ensemble and distil it into this config's "
+                                       "model (the cpu-ensemble preset; mineralnet/ensemble/preset.py)", cli=False)
     ema_decay: float = _f(0.0, "keep an exponential moving average of the weights with this decay (e.g. 0.998; "
                                "0 = off); it is what gets validated, kept as the best model and exported")
     # --- performance / distribution ---
@@ -233,6 +238,7 @@ class TrainConfig:
              f"--teacher {self.teacher!r} does not exist; pass a run folder or an ensemble folder")
         need(not (self.teacher and (self.mixup or self.cutmix)),
              "--teacher with --mixup/--cutmix: the teacher's soft labels are of the unmixed photos; drop one of them")
+        problems += self._member_problems()
         need(self.log_every >= 1, f"--log-every {self.log_every} must be at least 1 (steps)")
         need(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         need(self.split_seed is None or self.split_seed >= 0, f"--split-seed {self.split_seed} must be >= 0")
@@ -241,6 +247,32 @@ class TrainConfig:
         if problems:
             raise MineralNetError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def _member_problems(self) -> list[str]:
+        """What is wrong with `members`: not a list of >= 2 mappings, unknown fields, fields the members must share
+        with this config (the split, the data, the run), or a member's own config."""
+        if self.members is None:
+            return []
+        if not isinstance(self.members, list) or len(self.members) < 2 or \
+                not all(isinstance(m, dict) for m in self.members):
+            return [f"members must be a list of at least 2 mappings of fields (got {self.members!r}), e.g. "
+                    f"[{{seed: 0}}, {{seed: 1, image_size: 192}}]"]
+        out = []
+        for i, m in enumerate(self.members):
+            unknown = sorted(set(m) - FIELD_NAMES)
+            shared = sorted(set(m) & set(MEMBERS_SHARE))
+            if unknown:
+                out.append(f"members[{i}] has unknown field(s) {', '.join(unknown)}; see `mineralnet train --help`")
+            elif shared:
+                out.append(f"members[{i}] sets {', '.join(shared)}, which every member takes from the preset itself "
+                           f"(one split, one collection); remove it from the member")
+        if not out:
+            for i, m in enumerate(member_configs(self, validate=False)):
+                try:
+                    m.validate()
+                except MineralNetError as e:
+                    out.append(f"members[{i}]: {str(e).removeprefix('invalid configuration: ')}")
+        return out
 
     @property
     def data_seed(self) -> int:
@@ -285,6 +317,22 @@ class TrainConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+# Fields every ensemble member takes from the preset (the student's config), never from its own mapping: the
+# collection and its split (the teacher must not have seen the student's validation photos), the run itself.
+MEMBERS_SHARE = ("data", "val_data", "val_split", "folds", "fold", "split_seed", "group_duplicates",
+                 "max_duplicate_group", "index", "out", "resume", "teacher", "kd_temperature", "kd_weight", "members")
+
+
+def member_configs(cfg: TrainConfig, validate: bool = True) -> list[TrainConfig]:
+    """The members of an ensemble preset: `cfg` with each member's fields changed, no teacher, no members, and the
+    split seed fixed to `cfg`'s (so a member with another --seed still trains on the student's split)."""
+    base = {k: v for k, v in cfg.to_dict().items() if k not in ("members", "teacher", "resume", "out")}
+    out = []
+    for m in cfg.members or []:
+        values = {**base, **m, "split_seed": cfg.data_seed}
+        member = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+        out.append(member.validate() if validate else member)
+    return out
 
 
 def _coerce(name: str, value):
@@ -375,6 +423,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name in HELP_SECTIONS:
             group = parser.add_argument_group(HELP_SECTIONS[f.name])
+        if f.metadata.get("cli") is False:  # a preset-only field (a list of mappings)
+            continue
         flag = "--" + f.name.replace("_", "-")
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=_flag_help(f))
         typ = f.type if isinstance(f.type, str) else str(f.type)

@@ -27,12 +27,15 @@ STATE_TMP, STATE_OLD = "state.tmp", "state.old"
 LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR = ".lock", "unreadable.txt", "tb"
 TEACHER_FILE = "teacher.safetensors"  # --teacher: the teacher's log-probabilities of the training photos
 EVAL_DIR, EXPORT_DIR = "eval", "export"  # the final evaluation; the default `mineralnet-export` folder
+# An ensemble preset (cpu-ensemble): the run is the distilled student; its members and their ensemble live inside it.
+MEMBERS_DIR, ENSEMBLE_DIR = "members", "ensemble"
 CALIBRATION_FILE, CALIBRATION_ARRAYS = "calibration.json", "calibration.safetensors"  # `mineralnet calibrate`
 # The evaluation report in RUN/eval/ (and in any `eval --out` / `explain --out` folder; report.py writes it).
 EVAL_METRICS_FILE, EVAL_CLASSES_FILE, EVAL_CONFUSION_FILE = "metrics.json", "per_class.csv", "confusion.png"
 # What training itself writes into a run folder; anything else in a folder without config.yaml is not ours.
 RUN_NAMES = (CONFIG_FILE, SPLIT_FILE, METRICS_FILE, RESULT_FILE, RESUME_FILE, STATE_DIR, STATE_TMP, STATE_OLD,
-             LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR, EVAL_DIR, MODEL_FILE, META_FILE, TEACHER_FILE)
+             LOCK_FILE, UNREADABLE_FILE, TENSORBOARD_DIR, EVAL_DIR, MODEL_FILE, META_FILE, TEACHER_FILE, MEMBERS_DIR,
+             ENSEMBLE_DIR)
 # Every name a run folder may hold (training, calibration, export, the eval report).
 FILE_NAMES = RUN_NAMES + (EXPORT_DIR, CALIBRATION_FILE, CALIBRATION_ARRAYS, EVAL_METRICS_FILE, EVAL_CLASSES_FILE,
                           EVAL_CONFUSION_FILE)
@@ -82,6 +85,16 @@ class RunDir:
     @property
     def unreadable_file(self) -> Path:
         return self / UNREADABLE_FILE
+
+    @property
+    def members_dir(self) -> Path:
+        """An ensemble preset's member runs (m0, m1, ...)."""
+        return self / MEMBERS_DIR
+
+    @property
+    def ensemble_dir(self) -> Path:
+        """An ensemble preset's ensemble folder (ensemble.json, eval/): the student's teacher."""
+        return self / ENSEMBLE_DIR
 
     @property
     def teacher_file(self) -> Path:

@@ -104,8 +104,8 @@ def test_student_trains_from_a_teacher_and_is_a_normal_run(teacher_run, tmp_path
     np.testing.assert_allclose(table, _np_log_softmax(z), atol=1e-5)
     # a second call (a resume) reads the cache and never runs the teacher again
     monkeypatch.setattr(mteacher, "compute_teacher_table", lambda *a, **k: pytest.fail("teacher re-run"))
-    split = SimpleNamespace(train=read_split(student)["splits"]["train"], classes=json.loads(
-        (student / "model.json").read_text())["classes"])
+    split = SimpleNamespace(train=read_split(student)["splits"]["train"], val=read_split(student)["splits"]["val"],
+                            classes=json.loads((student / "model.json").read_text())["classes"])
     acc = SimpleNamespace(is_main_process=True, num_processes=1, device=torch.device("cpu"))
     again = mteacher.teacher_table(SimpleNamespace(teacher=str(teacher)), split, run, acc)
     np.testing.assert_array_equal(again.numpy(), table)
@@ -143,3 +143,20 @@ def test_an_ensemble_teacher_gives_its_averaged_calibrated_probabilities(teacher
         table, meta = f.get_tensor("log_probs").numpy(), f.metadata()
     assert meta["source"] == "calibrated probabilities"
     np.testing.assert_allclose(np.exp(table), Predictor(ens).probabilities(paths), atol=1e-5)
+
+
+def test_a_teacher_that_trained_on_the_students_validation_photos_is_refused(teacher_run, tmp_path, capsys):
+    root, data, teacher = teacher_run
+    leaky = tmp_path / "leaky"
+    shutil.copytree(teacher, leaky)
+    split = json.loads((leaky / "split.json").read_text())
+    split["splits"] = {"train": split["splits"]["val"], "val": split["splits"]["train"]}  # trained on the val photos
+    (leaky / "split.json").write_text(json.dumps(split))
+    val = read_split(teacher)["splits"]["val"]
+    with pytest.raises(MineralNetError, match=f"trained on {len(val)} of the student's {len(val)} validation"):
+        mteacher.check_teacher_held_out(leaky, val)
+    mteacher.check_teacher_held_out(teacher, val)  # the same split: nothing seen
+    capsys.readouterr()
+    code = cli_main(["train", "--data", data, "--out", str(tmp_path / "s"), "--teacher", str(leaky), *TINY])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and "validation photos" in err[-1] and "--split-seed" in err[-1]

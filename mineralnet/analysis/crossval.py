@@ -135,6 +135,9 @@ def build_variants(base: dict, config: str | None, grid, variants=None) -> list[
             cfg = load_config(config, **{**base, **cell})
         except MineralNetError as e:
             raise MineralNetError(f"grid cell {variant_name(cell)!r}: {e}") from None
+        if cfg.members:
+            raise MineralNetError(f"--config {config}: an ensemble preset (members, then a distilled student); cv "
+                                  f"does not run that recipe per fold yet: cross-validate a single-model preset")
         out.append((cell, cfg))
     # One set of folds for all variants, also when the grid varies --seed (repeats on the same folds).
     split_seed = load_config(config, **base).data_seed

@@ -9,8 +9,8 @@ from mineralnet.app.ui import MAX_MB, serve
 from mineralnet.errors import MineralNetError
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, TensorRT engine, or "
-                                      "OpenVINO IR (.xml + .bin)")
+    parser.add_argument("model", help="run directory, .onnx file from mineralnet-export, TensorRT engine, "
+                                      "OpenVINO IR (.xml + .bin), or an ensemble folder (`mineralnet ensemble`)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to "
                              "the network)")
@@ -28,7 +28,8 @@ def run(args) -> int:
         raise MineralNetError(f"--max-photos {args.max_photos} must be at least 1 and --max-mb {args.max_mb} "
                               f"above 0")
     if not Path(os.path.expanduser(args.model)).exists():
-        raise MineralNetError(f"model {args.model!r} does not exist; pass a run directory, .onnx file, engine or IR")
+        raise MineralNetError(f"model {args.model!r} does not exist; pass a run directory, .onnx file, engine, IR "
+                              f"or ensemble folder")
     serve(args.model, host=args.host, port=args.port, max_photos=args.max_photos, max_mb=args.max_mb,
           device=args.device)
     return 0

@@ -50,17 +50,20 @@ class Page:
     def answer(self, path, *, coverage: float | None = None, name: str | None = None) -> dict:
         """The displayed fields for one photo (`name`: the file name shown, default the path's)."""
         name = name or Path(path).name
+        preprocess = self.predictor.preprocess  # None for an ensemble: each member preprocesses the photo itself
         try:
-            image = load_image(path, min_size=self.predictor.preprocess.min_size)
+            image = load_image(path, min_size=preprocess.min_size if preprocess is not None else None)
         except ImageDecodeError as e:
             return {"file": name, "reason": e.reason}
-        x = self.predictor.preprocess.batch([image])  # (1, 3, S, S)
+        x = preprocess.batch([image]) if preprocess is not None else [image]  # (1, 3, S, S), or the photo
         pred = self.predictor.predict(x, topk=self.topk, coverage=coverage if self.calibrated else None)[0]
         fields = {**pred.to_dict(), "file": name, "reason": None}
         fields["verdict"] = verdict(fields, self.predictor)
         fields["cam"], fields["cam_note"] = None, None
         if self.predictor.kind == "pytorch":
             fields["cam"], fields["cam_note"] = self.grad_cam(image, x, pred.top[0][0])
+        elif self.predictor.kind == "ensemble":
+            fields["cam_note"] = "no Grad-CAM for an ensemble: its members look at the photo each in their own way"
         return fields
 
     def answer_all(self, paths: Sequence, *, names: Sequence[str] | None = None, coverage: float | None = None,
@@ -117,12 +120,20 @@ def verdict(fields: dict, predictor: Predictor) -> str:
     label, prob = fields["top"][0]["label"], fields["top"][0]["prob"]
     if fields["unknown"]:
         return (f"Unknown mineral: this photo is not like the {len(predictor.classes)} minerals the model knows "
-                f"(novelty {fields['novelty']:.3g} above {predictor.calibration.threshold:.3g}); the closest is "
+                f"(novelty {fields['novelty']:.3g} above {_threshold(predictor):.3g}); the closest is "
                 f"{label} ({percent(prob)})")
     if fields["unknown"] is None:
         return (f"{label} ({percent(prob)}); the model is not calibrated, so there is no unknown-mineral check "
                 f"(`mineralnet calibrate RUN`)")
     return f"{label} ({percent(prob)}), a mineral the model knows (novelty {fields['novelty']:.3g})"
+
+
+def _threshold(predictor: Predictor) -> float:
+    """The novelty above which a photo is unknown: the calibration's, or an uncalibrated ensemble's own."""
+    if predictor.calibration is not None:
+        return predictor.calibration.threshold
+    novelty = predictor.ensemble.novelty
+    return float(novelty["thresholds"][novelty.get("detector", "energy")])
 
 
 def percent(p: float) -> str:
@@ -161,6 +172,8 @@ def training_photos(model, classes: Sequence[str]) -> dict[str, int] | None:
 def model_card(model, predictor: Predictor) -> dict:
     """classes, training photos per class (None without the run's split), validation top1 / mean class
     accuracy (None when not recorded), the date of the weights, backbone, stages, runtime, calibration."""
+    if predictor.ensemble is not None:
+        return _ensemble_card(model, predictor)
     meta = predictor.meta
     metrics = meta.get("metrics") or {}
     try:
@@ -173,6 +186,25 @@ def model_card(model, predictor: Predictor) -> dict:
             "val_images": metrics.get("val_images"), "date": date, "backbone": meta.get("backbone"),
             "stages": meta.get("stages"), "image_size": meta.get("image_size"), "runtime": predictor.kind,
             "calibrated": predictor.calibration is not None, "model": os.fspath(model)}
+
+
+def _ensemble_card(model, predictor: Predictor) -> dict:
+    """The card of an ensemble folder: its members' backbones and sizes, its own evaluation on the photos every
+    member held out (ENS/eval/, written by `mineralnet ensemble`), the date of its ensemble.json."""
+    from mineralnet.infer.ensemble import ENSEMBLE_FILE
+    from mineralnet.runs import RunDir
+
+    path = Path(os.path.expanduser(os.fspath(model)))
+    metrics = RunDir(path).eval_metrics() or {}
+    members = predictor.meta["members"]
+    return {"classes": list(predictor.classes), "train_photos": None, "top1": metrics.get("top1"),
+            "mean_class_acc": metrics.get("mean_class_acc"), "val_images": metrics.get("n"),
+            "date": time.strftime("%Y-%m-%d", time.gmtime((path / ENSEMBLE_FILE).stat().st_mtime)),
+            "backbone": f"ensemble of {len(members)}: " + " + ".join(str(m.get("backbone")) for m in members),
+            "stages": members[0].get("stages"), "image_size": "/".join(str(m.get("image_size")) for m in members),
+            "runtime": predictor.kind, "model": os.fspath(model),
+            # `unknown` is flagged from `mineralnet ensemble` on (its thresholds); calibrate adds T and the sets
+            "calibrated": predictor.calibration is not None or bool(predictor.ensemble.novelty.get("thresholds"))}
 
 
 def card_markdown(card: dict) -> str:

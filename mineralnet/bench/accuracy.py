@@ -1,5 +1,5 @@
 """`mineralnet bench MODEL... --data DIR`: Top1, mean class accuracy and the top-1 agreement with the
-PyTorch fp32 model for every measured row, each runtime and precision scored on the same labelled photos
+PyTorch fp32 model for every measured row (an ensemble row: its accuracy, no agreement), each runtime and precision scored on the same labelled photos
 with `mineralnet.infer.score_photos` (the numbers `mineralnet eval` gives for the run directory)."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Callable, Optional
 from mineralnet.errors import MineralNetError
 from mineralnet.bench.runtimes import _autocast
 from mineralnet.infer import Predictor, labelled_photos, score_photos
+from mineralnet.infer.ensemble import common_val
 from mineralnet.artifact import run_of
 from mineralnet.runs import read_split
 
@@ -53,6 +54,19 @@ class PhotoSet:
         key = (tuple(classes), _key(run) if self.split and run else None)
         if key not in self._cache:
             self._cache[key] = self._load(classes, run)
+        return self._cache[key]
+
+    def ensemble_samples(self, predictor: Predictor) -> list[tuple[str, int]]:
+        """The photos an ensemble row is scored on: the folder's, or with --split val those every member held out."""
+        if self.split is None:
+            return self.samples(predictor.classes, None)
+        if self.split != "val":
+            raise MineralNetError(f"--split {self.split}: the members of the ensemble {predictor.path!r} may have "
+                                  f"trained on different photos; use --split val (the photos every member held out)")
+        key = ("ensemble", _key(predictor.path))
+        if key not in self._cache:
+            members = [m["resolved"] for m in predictor.ensemble.spec["members"]]
+            self._cache[key] = common_val(members, root=self.data)
         return self._cache[key]
 
     def _load(self, classes: list[str], run: Optional[Path]) -> list[tuple[str, int]]:
@@ -100,6 +114,12 @@ def _reference(run: Path, photos: PhotoSet, device: str, batch_size: int, refere
 
 
 def _score(row: dict, photos: PhotoSet, device: str, batch_size: int, references: dict, log) -> dict:
+    if row["runtime"] == "ensemble":  # no fp32 run of its own to agree with
+        predictor = Predictor(row["path"], device=device)
+        score = score_photos(predictor, photos.ensemble_samples(predictor), batch_size=batch_size)
+        log(f"  {row['model']} ensemble: top-1 {score['top1']:.2%}, mean class {score['mean_class_acc']:.2%} on "
+            f"{score['images']} photos")
+        return score
     run = run_of(row["path"])
     reference = _reference(run, photos, device, batch_size, references) if run else None
     if row["runtime"].startswith("torch") and row["precision"] == "fp32" and run and _key(run) == _key(row["path"]):

@@ -36,10 +36,12 @@ def add_arguments(parser) -> None:
         "Latency percentiles and throughput of models across runtimes and batch sizes, with the environment "
         "and achieved GFLOP/s. MODEL is a run directory (PyTorch runtimes), an .onnx file (ONNX Runtime) or a "
         "TensorRT .engine, an OpenVINO IR (.xml; --runtimes openvino also runs .onnx files in OpenVINO), a "
-        "LiteRT .tflite or an ExecuTorch .pte. "
+        "LiteRT .tflite, an ExecuTorch .pte, or an ensemble folder (`mineralnet ensemble`: one row that runs every "
+        "member on decoded photos, each with its own preprocessing, fp32; its latency is the whole ensemble's). "
         "Runtimes that cannot run here are listed as skipped with the reason. With --data, every row also "
         "gets its accuracy on the same labelled photos and its agreement with the PyTorch fp32 model.")
-    parser.add_argument("models", nargs="*", metavar="MODEL", help="run directory, .onnx, .xml IR, .engine, .tflite or .pte")
+    parser.add_argument("models", nargs="*", metavar="MODEL", help="run directory, .onnx, .xml IR, .engine, .tflite, .pte or "
+                                                                   "ensemble folder")
     parser.add_argument("--runtimes", default=None,
                         help=f"comma list of {', '.join(RUNTIMES)} (default: all that fit each model); with "
                              f"--train-step: {', '.join(TRAIN_LOOPS)}")
@@ -73,7 +75,8 @@ def add_arguments(parser) -> None:
                              "the top-1 agreement with the run's PyTorch fp32 model to every row")
     parser.add_argument("--split", default=None, choices=("val", "train"),
                         help="with --data: score only this part of the run's split file (split.json of the run "
-                             "directory, or of the run whose export/ holds the file), e.g. val = held out")
+                             "directory, or of the run whose export/ holds the file), e.g. val = held out; for an "
+                             "ensemble, val = the photos every member held out")
     parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"), default=None,
                         help="print B/A ratios row by row for two files written by --json")
 

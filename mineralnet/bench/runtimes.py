@@ -31,6 +31,7 @@ from mineralnet.errors import MineralNetError
 from mineralnet.bench.harness import _short_error
 from mineralnet.bench.environment import _arch_flops, _version
 from mineralnet.infer.backends import KINDS, model_kind
+from mineralnet.infer.ensemble import is_ensemble, read_ensemble
 from mineralnet.infer.ort import ort_session
 from mineralnet.infer.tensorrt import TRTRunner
 from mineralnet.model import FusionNet
@@ -137,6 +138,8 @@ def open_model(path: str, image_size: Optional[int] = None, *, train: bool = Fal
     if not p.exists():
         raise MineralNetError(f"model {path!r} does not exist; pass {KINDS}")
     name = p.name if p.suffix else p.resolve().name
+    if is_ensemble(p):
+        return _open_ensemble(p, name, image_size, train)
     row = model_kind(p)
     kind = row.name if row is not None and row.open is not None else None
     side = None
@@ -161,6 +164,24 @@ def open_model(path: str, image_size: Optional[int] = None, *, train: bool = Fal
         with contextlib.suppress(Exception):  # FLOPs are a nice-to-have; an odd architecture must not stop the bench
             gflop = _arch_flops(meta, size, train=train) / 1e9
     return BenchModel(str(p), kind, name, meta, size, file_precision, gflop)
+
+
+def _open_ensemble(path: Path, name: str, image_size: Optional[int], train: bool) -> BenchModel:
+    """An ensemble folder (`mineralnet ensemble`): one row that runs every member on photos, each through its own
+    preprocessing; its FLOPs per photo are the sum of the members' at their own sizes."""
+    if train:
+        raise MineralNetError(f"--train-step measures one run directory; {str(path)!r} is an ensemble: pass one of "
+                              f"its members")
+    if image_size:
+        raise MineralNetError(f"--image-size {image_size}: each member of the ensemble {str(path)!r} runs at its own "
+                              f"size; drop --image-size")
+    metas = [read_meta(m["resolved"]) for m in read_ensemble(path)["members"]]
+    gflop = None
+    with contextlib.suppress(Exception):  # as for a run: FLOPs must not stop the bench
+        gflop = sum(_arch_flops(m, int(m["image_size"])) for m in metas) / 1e9
+    meta = {"classes": metas[0]["classes"], "members": metas, "image_size": max(int(m["image_size"]) for m in metas),
+            "photo_side": max(int(m.get("resize") or m["image_size"]) for m in metas)}
+    return BenchModel(str(path), "ensemble", name, meta, meta["image_size"], None, gflop)
 
 
 # ============================================================================ runtimes
@@ -377,6 +398,23 @@ def _build_phone(which: str):
     return build
 
 
+def _build_ensemble(bm: BenchModel, precision: str, device: str) -> Prepared:
+    """The whole ensemble on a batch of decoded photos: every member resizes and crops them itself, runs, and the
+    calibrated probabilities are averaged (`Predictor(ENS).answers`). The photos are random pixels, 4:3, with the
+    shorter side at the largest member's resize, so every member does the resize it would do on a real photo."""
+    from mineralnet.infer import Predictor
+
+    predictor = Predictor(bm.path, device=device)
+    side = int(bm.meta["photo_side"])
+
+    def make(batch: int, n: int):
+        rng = np.random.default_rng(batch)
+        return [[rng.integers(0, 256, (side, side * 4 // 3, 3), dtype=np.uint8) for _ in range(batch)]
+                for _ in range(n)]
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    return Prepared(predictor.answers, make, sync, device)
+
+
 @dataclass(frozen=True)
 class Runtime:
     name: str
@@ -398,6 +436,7 @@ RUNTIMES: dict[str, Runtime] = {r.name: r for r in (
     Runtime("tensorrt", "TensorRT engine", "tensorrt", _build_tensorrt),
     Runtime("litert", "LiteRT interpreter (XNNPACK)", "litert", _build_phone("litert"), takes_threads=True),
     Runtime("executorch", "ExecuTorch (XNNPACK)", "executorch", _build_phone("executorch"), takes_threads=True),
+    Runtime("ensemble", "ensemble of runs (PyTorch, each member's preprocessing)", "ensemble", _build_ensemble),
 )}
 
 
@@ -406,6 +445,8 @@ def _row_precisions(bm: BenchModel, precisions: Sequence[str], runtime: str = ""
     # file with each precision hint of --precision (fp32 = the file's own precision).
     if bm.kind == "pytorch":
         return list(precisions)
+    if bm.kind == "ensemble":  # the members' calibrated probabilities, as `predict ENS` computes them
+        return ["fp32"]
     file_precision = bm.file_precision or "fp32"
     if runtime == "openvino":
         hints = [p for p in precisions if p in OPENVINO_HINTS] or ["fp32"]

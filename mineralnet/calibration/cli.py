@@ -1,4 +1,5 @@
-"""`mineralnet calibrate RUN`: flags -> `calibrate_run` (calibration/fit.py)."""
+"""`mineralnet calibrate RUN|ENS`: flags -> `calibrate_run` (calibration/fit.py), or for an ensemble folder
+`calibrate_ensemble` (ensemble/calibrate.py)."""
 from __future__ import annotations
 
 import argparse
@@ -7,10 +8,16 @@ from mineralnet.calibration import core
 from mineralnet.calibration.fit import DEFAULT_ACCEPTANCE, DEFAULT_DETECTOR, DEFAULT_SHRINKAGE, calibrate_run
 from mineralnet.errors import MineralNetError
 
+ENSEMBLE_ONLY = ("mutual_information",)
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory made by training (with its split.json)")
-    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=core.DETECTORS,
-                        help=f"novelty score that decides 'unknown' (default {DEFAULT_DETECTOR})")
+    parser.add_argument("run", help="run directory made by training (with its split.json), or an ensemble folder "
+                                    "(`mineralnet ensemble`): one temperature on the averaged member probabilities "
+                                    "and the threshold of its novelty score, on the photos every member held out, "
+                                    "written into its ensemble.json")
+    parser.add_argument("--detector", default=DEFAULT_DETECTOR, choices=core.DETECTORS + ENSEMBLE_ONLY,
+                        help=f"novelty score that decides 'unknown' (default {DEFAULT_DETECTOR}); an ensemble takes "
+                             f"energy (its members' mean) or mutual_information (their disagreement)")
     parser.add_argument("--acceptance", type=float, default=DEFAULT_ACCEPTANCE,
                         help="fraction of known validation photos the unknown threshold accepts (default 0.95)")
     parser.add_argument("--raps-lambda", type=float, default=0.0,
@@ -39,7 +46,30 @@ def run(args) -> int:
     if not 0.0 <= args.shrinkage <= 1.0:
         raise MineralNetError(f"--shrinkage {args.shrinkage} must be in [0, 1] (0: the sample covariance, "
                               f"1: a scaled identity), e.g. {DEFAULT_SHRINKAGE}")
+    from mineralnet.infer.ensemble import is_ensemble
+
+    if is_ensemble(args.run):
+        return _calibrate_ensemble(args)
+    if args.detector in ENSEMBLE_ONLY:
+        raise MineralNetError(f"--detector {args.detector} is an ensemble's score (its members' disagreement); for "
+                              f"the run {args.run} choose one of {', '.join(core.DETECTORS)}")
     calibrate_run(args.run, detector=args.detector, acceptance=args.acceptance, lam=args.raps_lambda,
                   k_reg=args.raps_k, knn_k=args.knn_k, shrinkage=args.shrinkage, batch_size=args.batch_size,
                   workers=args.workers, device=args.device)
+    return 0
+
+
+def _calibrate_ensemble(args) -> int:
+    from mineralnet.ensemble.calibrate import calibrate_ensemble
+
+    given = [flag for flag, value, default in (("--knn-k", args.knn_k, 10), ("--workers", args.workers, 0),
+                                               ("--shrinkage", args.shrinkage, DEFAULT_SHRINKAGE)) if value != default]
+    if given:
+        raise MineralNetError(f"{', '.join(given)}: {args.run} is an ensemble, whose calibration has no feature "
+                              f"detectors and reads photos itself; drop {', '.join(given)}")
+    if args.detector not in ("energy",) + ENSEMBLE_ONLY:
+        raise MineralNetError(f"--detector {args.detector}: the ensemble {args.run} decides `unknown` with energy "
+                              f"(its members' mean) or mutual_information (their disagreement); choose one of them")
+    calibrate_ensemble(args.run, detector=args.detector, acceptance=args.acceptance, lam=args.raps_lambda,
+                       k_reg=args.raps_k, batch_size=args.batch_size, device=args.device)
     return 0

@@ -16,6 +16,7 @@ import numpy as np
 
 from mineralnet.errors import MineralNetError
 from mineralnet.report import write_eval_report
+from mineralnet.runs import MEMBERS_DIR
 
 
 def score(predictor, samples, batch_size: int = 32) -> dict:
@@ -63,7 +64,8 @@ def write_report(out_dir, predictor, samples, result: dict, extra: dict) -> dict
     rows = [("ensemble" if "member_probs" in result else "model", metrics)]
     if "member_probs" in result:
         for name, p in zip(member_names(predictor.ensemble.spec), result["member_probs"]):
-            m = write_eval_report(out_dir / "members" / name, t, p.argmax(1), p, classes,
+            # eval/members/NAME: named as an ensemble preset's RUN/members
+            m = write_eval_report(out_dir / MEMBERS_DIR / name, t, p.argmax(1), p, classes,
                                   extra={**common, "member": name, "ms_per_photo": None})
             rows.append((name, m))
     lines = ["| model | photos | Top1 % | mean class acc % |", "|---|---:|---:|---:|"]

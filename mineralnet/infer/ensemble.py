@@ -12,6 +12,10 @@ Novelty scores (higher = less like the training minerals):
                          2011; deep ensembles, Lakshminarayanan et al. 2017)
 `unknown` uses the ensemble's chosen score and its threshold from ensemble.json (set by
 `mineralnet ensemble` on the photos every member held out, at the members' usual acceptance).
+
+`mineralnet calibrate ENS` (mineralnet.ensemble.calibrate) adds a "calibration" to ensemble.json: one temperature
+T fitted on the log of the averaged member probabilities, so the ensemble answers softmax(log(mean p) / T), the
+thresholds and chosen score again, and split-conformal scores (candidate sets with --coverage).
 """
 from __future__ import annotations
 
@@ -106,6 +110,7 @@ class Ensemble:
         self.meta = {"classes": self.classes, "ensemble": {k: v for k, v in self.spec.items() if k != "members"},
                      "members": [p.meta for p in self.members]}
         self.novelty = self.spec.get("novelty") or {}
+        self.calibration = ensemble_calibration(self.spec)
         self.note = None if self.novelty.get("thresholds") else (
             "the ensemble has no novelty threshold: `unknown` is null; make it again with `mineralnet ensemble`")
 
@@ -126,25 +131,63 @@ class Ensemble:
         return {"member_logits": np.stack(logits), "member_probs": np.stack(probs)}
 
     def answers(self, images: Sequence, coverage: float | None = None) -> dict:
-        """{"probs" (N, C), "novelty" and "unknown" (N,) of the chosen score, "scores", "member_probs"}."""
-        if coverage is not None:
-            raise MineralNetError("--coverage: an ensemble has no conformal calibration yet; drop --coverage")
+        """{"probs" (N, C), "novelty" and "unknown" (N,) of the chosen score, "scores", "member_probs", and
+        "sets" with a coverage (calibrated ensembles only)}."""
+        if coverage is not None and self.calibration is None:
+            raise MineralNetError("--coverage: this ensemble is not calibrated; run `mineralnet calibrate ENS` "
+                                  "(or drop --coverage)")
         out = self.outputs(images)
-        energies = np.stack([cal.logit_novelty("energy", z) for z in out["member_logits"]])  # (M, N)
-        scores = {"energy": self.weights @ energies,
-                  "mutual_information": mutual_information(out["member_probs"], self.weights)}
+        scores = ensemble_scores(out["member_logits"], out["member_probs"], self.weights)
+        mean = average_probs(out["member_probs"], self.weights)
+        extra = {"scores": scores, "member_probs": out["member_probs"].astype(np.float32)}
+        if self.calibration is not None:
+            cal = self.calibration
+            ans = cal.answer({"logits": log_probs(mean), "novelty": scores[cal.detector]}, coverage=coverage)
+            return {**ans, "probs": ans["probs"].astype(np.float32), **extra}
         detector = self.novelty.get("detector", DEFAULT_SCORE)
         threshold = (self.novelty.get("thresholds") or {}).get(detector)
-        return {"probs": average_probs(out["member_probs"], self.weights).astype(np.float32),
-                "novelty": scores[detector], "unknown": None if threshold is None else scores[detector] > threshold,
-                "scores": scores, "member_probs": out["member_probs"].astype(np.float32)}
+        return {"probs": mean.astype(np.float32), "novelty": scores[detector],
+                "unknown": None if threshold is None else scores[detector] > threshold, **extra}
 
 
-def common_val(runs: Sequence) -> list[tuple[str, int]]:
-    """[(path, label)]: the photos in the validation split of EVERY run (in the first run's order)."""
+def ensemble_scores(member_logits: np.ndarray, member_probs: np.ndarray, weights: np.ndarray) -> dict:
+    """{"energy", "mutual_information"} (N,) each, from (M, N, C) member logits and calibrated probabilities."""
+    energies = np.stack([cal.logit_novelty("energy", z) for z in member_logits])  # (M, N)
+    return {"energy": np.asarray(weights, np.float64) @ energies,
+            "mutual_information": mutual_information(member_probs, weights)}
+
+
+def log_probs(probs: np.ndarray) -> np.ndarray:
+    """(N, C) log of the ensemble's probabilities: the "logits" its temperature divides (softmax(log p) = p)."""
+    return np.log(np.maximum(np.asarray(probs, np.float64), 1e-300))
+
+
+def ensemble_calibration(spec: dict):
+    """The ensemble's Calibration (mineralnet.calibration.store) from ensemble.json's "calibration", or None."""
+    from mineralnet.calibration.store import Calibration
+
+    doc = spec.get("calibration")
+    if not doc:
+        return None
+    try:
+        out = Calibration.from_public(doc)
+        out.thresholds = {k: float(v) for k, v in doc["thresholds"].items()}
+        out.info = dict(doc.get("info") or {})
+    except (KeyError, TypeError, ValueError) as e:
+        raise MineralNetError(f"the calibration in ensemble.json is damaged ({type(e).__name__}: {e}); redo it "
+                              f"with `mineralnet calibrate ENS`") from None
+    if out.detector not in SCORES or out.detector not in out.thresholds:
+        raise MineralNetError(f"the calibration in ensemble.json uses the score {out.detector!r}, not one of "
+                              f"{', '.join(SCORES)}; redo it with `mineralnet calibrate ENS`")
+    return out
+
+
+def common_val(runs: Sequence, root=None) -> list[tuple[str, int]]:
+    """[(path, label)]: the photos in the validation split of EVERY run (in the first run's order); `root`: the
+    collection's folder now (default: where the runs saw it)."""
     from mineralnet.runs import read_split
 
-    splits = [read_split(r) for r in runs]
+    splits = [read_split(r, root=root) for r in runs]
     val_sets = [{str(Path(p).resolve()): y for p, y in s["splits"]["val"]} for s in splits]
     out = []
     for p, y in splits[0]["splits"]["val"]:

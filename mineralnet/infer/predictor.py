@@ -126,7 +126,8 @@ class Predictor:
                                       f"providers apply to exported models: drop them")
             self.ensemble = self.backend = Ensemble(model, Predictor, device=device, threads=threads)
             self.meta, self.classes, self.note = self.ensemble.meta, self.ensemble.classes, self.ensemble.note
-            self.preprocess = self.calibration = None
+            self.preprocess = None
+            self.calibration = self.ensemble.calibration  # `mineralnet calibrate ENS`, else None
             return
         self.backend = open_backend(model, device=device, providers=providers, threads=threads,
                                     precision=precision, runtime=runtime)

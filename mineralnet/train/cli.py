@@ -13,6 +13,9 @@ from mineralnet.train.fit import fit
 def resolve_resume(cfg: TrainConfig, cli_overrides: dict | None = None) -> TrainConfig:
     """--resume RUN: the run's saved config, with only the explicitly given flags changed."""
     run = Path(cfg.resume)
+    if not (run / CONFIG_FILE).is_file() and RunDir(run).members_dir.is_dir():
+        raise MineralNetError(f"--resume {str(run)!r}: this ensemble-preset run stopped while training its members; "
+                              f"run the same command again without --resume (finished members are skipped)")
     if not (run / CONFIG_FILE).is_file():
         raise MineralNetError(f"--resume {str(run)!r} is not a run directory (no {CONFIG_FILE}); pass the folder "
                               f"training wrote")
@@ -71,6 +74,11 @@ def run(args) -> int:
             args.config, why = _machine_preset()
             print(f"preset: {args.config} ({why}; --config paper|cpu|... chooses another)")
         cfg = config_from_args(args)
+    if cfg.members:  # an ensemble preset (cpu-ensemble): members, their ensemble, then the distilled student
+        from mineralnet.ensemble.preset import train_ensemble_preset
+
+        train_ensemble_preset(cfg)
+        return 0
     result = fit(cfg)
     after_training(result)  # training ends by calibrating "unknown" (calibration.json)
     if cfg.data is None or "demo-v1" in str(cfg.data):

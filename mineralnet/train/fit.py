@@ -188,8 +188,12 @@ def save_checkpoint(parts: TrainParts, accelerator) -> None:
     parts.run.save_checkpoint(accelerator, counters, parts.ema)
 
 
-def fit(cfg: TrainConfig) -> dict:
-    """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}."""
+def fit(cfg: TrainConfig, *, keep_process_group: bool = False) -> dict:
+    """Train one model as configured; returns {run_dir, status, train_seconds, best: {top1, mean_class_acc, epoch}}.
+
+    `keep_process_group`: leave a distributed process group alive at the end, for a caller that trains again in the
+    same processes (an ensemble preset's members): a destroyed group cannot be rendezvoused again under torchrun.
+    """
     cfg.validate()
     threads, why = apply_threads(cfg.threads)  # before any tensor work: `accelerate launch` leaves one thread
     cfg.precision, precision_note = resolve_precision(cfg.precision, torch.cuda.is_available(), cpu_flags())
@@ -208,7 +212,8 @@ def fit(cfg: TrainConfig) -> dict:
     finally:
         if run is not None:
             run.release()
-        accelerator.end_training()
+        if not keep_process_group:
+            accelerator.end_training()
     return result
 
 

@@ -88,6 +88,34 @@ def _cached(run: RunDir, teacher, classes, paths):
         return f.get_tensor("log_probs") if ok else None
 
 
+def teacher_training_photos(teacher) -> set[str]:
+    """The resolved paths of the photos the teacher trained on: its split's training part, or the union over an
+    ensemble's members. A run without a split file adds nothing (there is nothing to check it by)."""
+    from mineralnet.infer.ensemble import is_ensemble, read_ensemble
+    from mineralnet.runs import read_split
+
+    runs = [m["resolved"] for m in read_ensemble(teacher)["members"]] if is_ensemble(teacher) else [teacher]
+    seen: set[str] = set()
+    for r in runs:
+        try:
+            train = read_split(r)["splits"].get("train", [])
+        except MineralNetError:
+            continue
+        seen |= {str(Path(p).resolve()) for p, _ in train}
+    return seen
+
+
+def check_teacher_held_out(teacher, val) -> None:
+    """Refuse a teacher that trained on any of the student's validation photos: its soft labels would carry
+    those photos' answers into the student, and the student's validation numbers would be too good."""
+    seen = teacher_training_photos(teacher)
+    leaked = [p for p, _ in val if str(Path(p).resolve()) in seen]
+    if leaked:
+        raise MineralNetError(f"--teacher {str(teacher)!r} trained on {len(leaked)} of the student's {len(val)} "
+                              f"validation photos (e.g. {leaked[0]!r}); train the teacher (every member) on the "
+                              f"student's split: the same --data, --val-split and --split-seed")
+
+
 def teacher_table(cfg, split, run: RunDir, accelerator) -> torch.Tensor:
     """The (N_train, C) teacher log-probabilities on the accelerator's device: read from the run folder when it
     is there for this teacher and these photos (a resume), else computed by the main process and cached."""
@@ -96,12 +124,14 @@ def teacher_table(cfg, split, run: RunDir, accelerator) -> torch.Tensor:
 
     paths = [p for p, _ in split.train]
     error = None
-    if accelerator.is_main_process and _cached(run, cfg.teacher, split.classes, paths) is None:
+    if accelerator.is_main_process:
         try:
-            print(f"distillation: computing the soft labels of {cfg.teacher} on {len(paths)} training photos "
-                  f"(once; cached in the run folder)", flush=True)
-            table, meta = compute_teacher_table(cfg.teacher, split.classes, paths, device=str(accelerator.device))
-            atomic_write_bytes(run.teacher_file, save({"log_probs": torch.from_numpy(table)}, metadata=meta))
+            check_teacher_held_out(cfg.teacher, split.val)
+            if _cached(run, cfg.teacher, split.classes, paths) is None:
+                print(f"distillation: computing the soft labels of {cfg.teacher} on {len(paths)} training photos "
+                      f"(once; cached in the run folder)", flush=True)
+                table, meta = compute_teacher_table(cfg.teacher, split.classes, paths, device=str(accelerator.device))
+                atomic_write_bytes(run.teacher_file, save({"log_probs": torch.from_numpy(table)}, metadata=meta))
         except MineralNetError as e:
             error = str(e)
     error = broadcast_object_list([error])[0] if accelerator.num_processes > 1 else error
