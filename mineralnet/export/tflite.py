@@ -144,9 +144,9 @@ def quantize_int8(fp32: bytes, photos: np.ndarray, batch: int, mode: str = "floa
 
 def check(options, run=None) -> None:
     """The table row's check: litert-torch, ai-edge-litert and ai-edge-quantizer installed, a fixed batch."""
-    phone.check_format("tflite", options)
-    if options.tflite_int8 not in INT8_RECIPES:
+    if options.tflite_int8 not in INT8_RECIPES:  # a typo is named before the packages are looked for
         raise MineralNetError(f"--tflite-int8 {options.tflite_int8!r}: choose one of {', '.join(INT8_RECIPES)}")
+    phone.check_format("tflite", options)
 
 
 def write(ctx) -> list:
