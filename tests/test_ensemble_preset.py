@@ -125,8 +125,6 @@ def test_members_on_other_splits_and_an_early_resume_are_one_line(preset_run, tm
     assert cli_main(["train", "--resume", str(half)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "run the same command again without --resume" in err
-    assert cli_main(["cv", "--config", "cpu-ensemble", "--data", data, "--out", str(tmp_path / "cv")]) == 2
-    assert "ensemble preset" in capsys.readouterr().err
     assert cli_main(["train", "--config", "cpu-ensemble", "--data", data]) == 2
     assert "needs --out RUN" in capsys.readouterr().err
     assert cli_main(["train", "--config", "cpu-ensemble", "--data", data, "--out", str(tmp_path / "t"), "--teacher",
@@ -157,3 +155,46 @@ def test_the_preset_under_two_process_ddp(tmp_path):
     assert all(RunDir(rd.members_dir / m).result()["status"] == "finished" for m in ("m0", "m1"))
     assert "calibration" in json.loads((rd.ensemble_dir / "ensemble.json").read_text())
     assert p.stdout.count("ensemble preset: member 1/2") == 1  # said once, by the main process
+
+
+def test_cv_runs_the_preset_per_fold_with_rows_for_members_and_ensemble(tmp_path, capsys):
+    """`mineralnet cv --config ENSEMBLE_PRESET`: each fold trains members, ensemble and student on the fold's split;
+    the student is the variant's row, each member and the ensemble get their own row on the same photos; a second
+    call trains nothing and adds no row."""
+    data = str(mdata.make_demo_dataset(tmp_path / "demo", classes=3, per_class=8, size=40, seed=4))
+    preset = tmp_path / "tiny-ensemble.yaml"
+    preset.write_text(yaml.safe_dump({k: v for k, v in TINY_PRESET.items() if k != "val_split"}))
+    out = tmp_path / "cv"
+    argv = ["cv", "--config", str(preset), "--data", data, "--out", str(out), "--folds", "3", "--only-folds", "1"]
+    assert cli_main(argv) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = res["variants"]
+    base = rows[0]["name"]
+    assert [r["name"] for r in rows] == [base, f"{base} [m0]", f"{base} [m1]", f"{base} [ensemble]"]
+    fold_dir = out / rows[0]["slug"] / "fold1"
+    want_val = sorted(json.loads((out / "folds.json").read_text())["val"][1])
+    for row, path in zip(rows, [fold_dir, fold_dir / "members" / "m0", fold_dir / "members" / "m1",
+                                fold_dir / "ensemble"]):
+        metrics = json.loads((path / "eval" / "metrics.json").read_text())
+        (f,) = row["folds"]
+        assert f["fold"] == 1 and f["top1"] == metrics["top1"] and metrics["n"] == len(want_val)
+        if path.name != "ensemble":  # members and student validated on exactly the fold's photos
+            assert sorted(os.path.relpath(p, data) for p, _ in read_split(path)["splits"]["val"]) == want_val
+        if row is not rows[0]:
+            assert row["vs_baseline"]["folds"] == [1]
+    assert rows[1]["folds"][0]["member"] == {"backbone": "resnet18", "image_size": 32, "seed": 0}
+    assert rows[2]["folds"][0]["member"]["image_size"] == 40
+    assert rows[3]["folds"][0]["train_seconds"] == pytest.approx(
+        rows[1]["folds"][0]["train_seconds"] + rows[2]["folds"][0]["train_seconds"])
+    # the student distilled from this fold's ensemble, never from photos of the fold's validation split
+    assert RunDir(fold_dir).saved_config()["teacher"] == str((fold_dir / "ensemble").resolve())
+    md = (out / "results.md").read_text()
+    assert f"| {base} [ensemble] |" in md
+    capsys.readouterr()
+    assert cli_main(argv) == 0
+    assert "training ->" not in capsys.readouterr().out
+    assert [r["name"] for r in json.loads((out / "results.json").read_text())["variants"]] == [r["name"] for r in rows]
+    # label issues from a member's out-of-fold predictions: the member runs of each fold
+    from mineralnet.analysis.label_issues import fold_runs
+
+    assert fold_runs(out, variant=f"{base} [m1]") == [fold_dir / "members" / "m1"]

@@ -14,6 +14,11 @@ directory) is never re-run; an interrupted one is resumed from its saved state.
 Output: CV/results.md (one row per variant: Top1 and mean class accuracy = the paper's "mAP",
 mean ± sample std over folds, the per-fold numbers, and a paired t-test against the first cell,
 the baseline) and CV/results.json.
+
+An ensemble preset (`--config cpu-ensemble`: members, their ensemble, the distilled student) runs whole in each
+fold's run directory, all on the fold's split: the variant's row is the student (the model that ships), and
+rows named `VARIANT [mI]` / `VARIANT [ensemble]` follow it with each member and the ensemble on the same
+validation photos, so the paired test against the baseline covers all of them.
 """
 from __future__ import annotations
 
@@ -135,9 +140,6 @@ def build_variants(base: dict, config: str | None, grid, variants=None) -> list[
             cfg = load_config(config, **{**base, **cell})
         except MineralNetError as e:
             raise MineralNetError(f"grid cell {variant_name(cell)!r}: {e}") from None
-        if cfg.members:
-            raise MineralNetError(f"--config {config}: an ensemble preset (members, then a distilled student); cv "
-                                  f"does not run that recipe per fold yet: cross-validate a single-model preset")
         out.append((cell, cfg))
     # One set of folds for all variants, also when the grid varies --seed (repeats on the same folds).
     split_seed = load_config(config, **base).data_seed
@@ -158,6 +160,8 @@ def check_same_config(run_dir: Path, cfg) -> None:
     if saved is None:
         return
     want = cfg.to_dict()
+    if cfg.members:  # an ensemble preset's student distils its own fold's ensemble (ensemble/preset.py)
+        want["teacher"] = str(RunDir(run_dir).ensemble_dir.resolve())
     diff = [f"{k}: {saved.get(k)!r} -> {want[k]!r}" for k in want
             if k not in RERUN_SAFE and k in saved and saved[k] != want[k]]
     if diff:
@@ -183,13 +187,18 @@ def fold_result(run_dir: Path) -> dict | None:
     return out
 
 
-def _prepare_fold_dir(run_dir: Path) -> bool:
+def _prepare_fold_dir(run_dir: Path, keep: tuple[str, ...] = ()) -> bool:
     """True when the fold has a saved state to resume; a run that died before its first checkpoint
-    holds nothing worth keeping and is cleared so that training can start it again."""
+    holds nothing worth keeping and is cleared so that training can start it again, except the entries
+    named in `keep` (an ensemble preset's members and ensemble, which resume on their own)."""
     if RunDir(run_dir).has_state():
         return True
     if run_dir.exists():
-        shutil.rmtree(run_dir)
+        if not keep:
+            shutil.rmtree(run_dir)
+        for entry in run_dir.iterdir():
+            if entry.name not in keep:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
     return False
 
 
@@ -200,11 +209,20 @@ def launch_script() -> list[str]:
 
 
 def run_fold(cfg, run_dir: Path, launcher: str | None, fold_yaml: Path) -> None:
-    """Train one fold in-process through fit(), or hand it to `launcher` (e.g. accelerate launch)."""
+    """Train one fold in-process through fit() (an ensemble preset through its own driver, which skips finished
+    members), or hand it to `launcher` (e.g. accelerate launch), which runs the same driver."""
 
-    resume = _prepare_fold_dir(run_dir)
+    preset = bool(cfg.members)
+    run = RunDir(run_dir)
+    resume = _prepare_fold_dir(run_dir, keep=(run.members_dir.name, run.ensemble_dir.name) if preset else ())
     if launcher is None:
-        after_training(train.fit(dataclasses.replace(cfg, out=str(run_dir), resume=str(run_dir) if resume else None)))
+        fold_cfg = dataclasses.replace(cfg, out=str(run_dir), resume=str(run_dir) if resume else None)
+        if preset:
+            from mineralnet.ensemble.preset import train_ensemble_preset
+
+            train_ensemble_preset(fold_cfg)  # members, ensemble, student (calibrated, as after_training does)
+        else:
+            after_training(train.fit(fold_cfg))
         return
     if resume:
         argv = ["--resume", str(run_dir)]
@@ -217,6 +235,54 @@ def run_fold(cfg, run_dir: Path, launcher: str | None, fold_yaml: Path) -> None:
     if rc != 0:
         raise MineralNetError(f"training {str(run_dir)!r} failed (exit status {rc}, `{shlex.join(cmd)}`); fix "
                               f"the cause shown above and run the same cv command again to resume")
+
+
+def preset_parts(run_dir: Path) -> list[tuple[str, Path]]:
+    """An ensemble preset's fold: (label, folder) of each finished member (m0, m1, ...) and of the ensemble."""
+    run = RunDir(run_dir)
+    members = sorted((p for p in run.members_dir.glob("m*") if p.is_dir() and p.name[1:].isdigit()),
+                     key=lambda p: int(p.name[1:]))
+    return [(p.name, p) for p in members] + [("ensemble", run.ensemble_dir)]
+
+
+def part_result(path: Path, label: str, members: list[dict] | None = None) -> dict:
+    """A member's or the ensemble's numbers on the fold's validation photos (its own eval/metrics.json), in the
+    shape of `fold_result`. A member: its training time and settings; the ensemble: the members' time summed."""
+    m = RunDir(path).eval_metrics()
+    if m is None:
+        raise MineralNetError(f"{str(path)!r} has no evaluation (eval/metrics.json); run the same cv command "
+                              f"again to finish the ensemble preset of this fold")
+    out = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "top3": m.get("top3"), "run_dir": str(path),
+           "part": label}
+    if label == "ensemble":
+        secs = [f.get("train_seconds") for f in members or []]
+        out["train_seconds"] = sum(secs) if secs and all(secs) else None
+        return out
+    result, saved = read_result(path) or {}, RunDir(path).saved_config() or {}
+    out.update(train_seconds=result.get("train_seconds"), epoch=result.get("best", {}).get("epoch"),
+               status=result.get("status"), member={k: saved.get(k) for k in ("backbone", "image_size", "seed")})
+    lines = read_metrics(path)
+    if lines:
+        out.update(epochs=lines[-1]["epoch"], last_top1=lines[-1]["val_top1"],
+                   last_mean_class_acc=lines[-1]["val_mean_class_acc"])
+    return out
+
+
+def add_preset_parts(records: list[dict], rec: dict, run_dir: Path, fold: int) -> None:
+    """Append this fold's members and ensemble to their rows `NAME [mI]` / `NAME [ensemble]`, made on first use
+    right after the preset's own row (the student)."""
+    members = []
+    for offset, (label, path) in enumerate(preset_parts(run_dir), start=1):
+        name = f"{rec['name']} [{label}]"
+        row = next((r for r in records if r["name"] == name), None)
+        if row is None:
+            row = {"name": name, "slug": rec["slug"], "overrides": rec["overrides"], "part": label, "folds": []}
+            records.insert(records.index(rec) + offset, row)
+        result = part_result(path, label, members)
+        if label != "ensemble":
+            members.append(result)
+        row["folds"] = [f for f in row["folds"] if f["fold"] != fold] + [
+            {"fold": fold, **result, "per_class": fold_per_class(path)}]
 
 
 # ----------------------------------------------------------------------------- statistics and tables
@@ -390,6 +456,7 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
 
     records = [{"name": variant_name(cell), "slug": variant_slug(cell), "overrides": cell, "folds": []}
                for cell, _ in variants]
+    own = list(records)  # one row per variant; an ensemble preset adds rows for its members and ensemble to records
     summary = {"data": fold_info["data"], "n": fold_info["n"], "classes": fold_info["classes"], "folds": folds,
                "seed": seed, "folds_run": fold_ids, "grid": [[n, v] for n, v in grid],
                "variant_specs": [variant_name(c) for c, _ in variants], "out": str(out),
@@ -398,7 +465,7 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
     total, t0 = len(fold_ids) * len(variants), time.perf_counter()
     done_count = 0
     for fi, fold in enumerate(fold_ids):
-        for vi, ((cell, cfg), rec) in enumerate(zip(variants, records)):
+        for vi, ((cell, cfg), rec) in enumerate(zip(variants, own)):
             done_count += 1
             run_dir = out / rec["slug"] / f"fold{fold}"
             check_same_config(run_dir, dataclasses.replace(cfg, fold=fold))
@@ -421,6 +488,8 @@ def _cross_validate(base: dict, *, config: str | None = None, grid=None, variant
                 print(f"{tag}: already finished (Top1 {100 * result['top1']:.2f}%), not re-run", flush=True)
             check_run_split(run_dir, fold_info.get("base") or fold_info["data"], fold_info["val"][fold])
             rec["folds"].append({"fold": fold, **result, "per_class": fold_per_class(run_dir)})
+            if cfg.members:
+                add_preset_parts(records, rec, run_dir, fold)
             summarize_variants(records, fold_ids)
             summary["wall_seconds_this_call"] = time.perf_counter() - t0
             write_results(out, summary)

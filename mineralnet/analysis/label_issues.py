@@ -68,6 +68,8 @@ def _cv_runs(cv: Path, results: Path, variant: str | None = None) -> list[Path]:
                               f"{', '.join(repr(n) for n, _ in names)}")
     rec = chosen[0]
     runs = [cv / rec["slug"] / f"fold{f['fold']}" for f in rec["folds"]]
+    if rec.get("part", "ensemble") != "ensemble":  # an ensemble preset's member row: RUN/members/mI of each fold
+        runs = [r / RunDir(r).members_dir.name / rec["part"] for r in runs]
     runs = [r for r in runs if RunDir(r).has_model()]
     if not runs:
         raise MineralNetError(f"{cv} has no finished fold run yet; run (or resume) the cv command first")
