@@ -57,8 +57,14 @@ def out_of_fold(fold_dirs: list[Path]) -> dict:
         assert (ens["targets"] == student["targets"]).all()
         preds.setdefault("student", []).append(student["probs"].argmax(1))
         preds.setdefault("ensemble", []).append(ens["probs"].argmax(1))
+        plain = []
         for i, p in enumerate(ens["member_probs"]):
             preds.setdefault(f"m{i}", []).append(p.argmax(1))
+            # undo the member's temperature (fitted on these validation photos): softmax(T log p) = softmax(z)
+            t = json.loads((RunDir(run).members_dir / f"m{i}" / "calibration.json").read_text())["temperature"]
+            z = t * np.log(np.clip(p, 1e-30, None))
+            plain.append(np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+        preds.setdefault("ensemble_plain", []).append(np.mean(plain, 0).argmax(1))
         targets.append(student["targets"])
         fold_of.append(np.full(len(samples), k))
         print(f"  fold {run.name}: {len(samples)} photos re-predicted", flush=True)
@@ -100,7 +106,13 @@ def main(argv=None) -> int:
         return [f.get("train_seconds") for f in rows[name]["folds"]]
 
     table = []
-    for name in ["m0", "m1", "m2", "ensemble", "student"]:
+    for name in ["m0", "m1", "m2", "ensemble", "ensemble_plain", "student"]:
+        if name == "ensemble_plain":  # a check: the members' plain softmax averaged, no temperature from these photos
+            table.append({"model": name, "what": "plain softmax average", "top1_pooled": float(right[name].mean()),
+                          "mean_class_acc_pooled": mean_class_acc(t, oof["preds"][name]),
+                          "top1_folds": [float(right[name][oof["fold"] == k].mean()) for k in range(len(fold_dirs))],
+                          "train_minutes_per_fold": None})
+            continue
         if name not in rows:
             continue
         row = rows[name]
@@ -113,17 +125,19 @@ def main(argv=None) -> int:
                       "mean_class_acc_mean": row["mean_class_acc_mean"],
                       "train_minutes_per_fold": (sum(s) / len(s) / 60) if s else None})
     comparisons = {}
-    for a, b in (("m0", "student"), ("student", "ensemble"), ("m0", "ensemble")):
+    for a, b in (("m0", "student"), ("student", "ensemble"), ("m0", "ensemble"), ("ensemble", "ensemble_plain")):
         from mineralnet.analysis.crossval import paired_test
 
+        comparisons[f"{b} vs {a}"] = {"photos": mcnemar(right[a], right[b])}
+        if b not in rows:
+            continue
         fa = {f["fold"]: f for f in rows[a]["folds"]}
         fb = {f["fold"]: f for f in rows[b]["folds"]}
         common = sorted(set(fa) & set(fb))
-        comparisons[f"{b} vs {a}"] = {
-            "photos": mcnemar(right[a], right[b]),
+        comparisons[f"{b} vs {a}"].update({
             "folds_top1": paired_test([fa[i]["top1"] for i in common], [fb[i]["top1"] for i in common]),
             "folds_mean_class_acc": paired_test([fa[i]["mean_class_acc"] for i in common],
-                                                [fb[i]["mean_class_acc"] for i in common])}
+                                                [fb[i]["mean_class_acc"] for i in common])})
     student_s = secs("student")
     member_s = [sum(x) for x in zip(*[secs(f"m{i}") for i in range(3) if f"m{i}" in rows])]
     out = {"cv": str(cv), "data": res["data"], "photos": int(len(t)), "folds": res["folds"],
@@ -141,10 +155,11 @@ def main(argv=None) -> int:
     print("\n| comparison | Δ Top1 (points) | only b right / only a right | McNemar p | folds won | fold t-test p |")
     print("|---|---|---|---|---|---|")
     for name, c in comparisons.items():
-        ph, fo = c["photos"], c["folds_top1"]
-        fp = "n/a" if fo["p"] is None else f"{fo['p']:.3f}"
+        ph, fo = c["photos"], c.get("folds_top1")
+        fp = "-" if not fo or fo["p"] is None else f"{fo['p']:.3f}"
+        won = f"{fo['wins']} of {fo['n']}" if fo else "-"
         print(f"| {name} | {ph['diff_points']:+.2f} | {ph['b_only_right']} / {ph['a_only_right']} | {ph['p']:.4f} | "
-              f"{fo['wins']} of {fo['n']} | {fp} |")
+              f"{won} | {fp} |")
     print(f"\nwrote {work / 'result.json'}")
     return 0
 
