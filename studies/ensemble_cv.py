@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="class-folder photos (e.g. ../shared/data/minet7)")
     ap.add_argument("--work", required=True, help="folder for the cv (WORK/cv) and WORK/result.json")
-    ap.add_argument("--config", default=str(CONFIG), help="ensemble preset (default: %(default)s)")
+    ap.add_argument("--config", default=os.path.relpath(CONFIG), help="ensemble preset (default: %(default)s)")
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--only-folds", default=None, help="e.g. 0,1,2 (the split stays --folds)")
     ap.add_argument("--skip-cv", action="store_true", help="only read a finished cv")
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
                                                 [fb[i]["mean_class_acc"] for i in common])})
     student_s = secs("student")
     member_s = [sum(x) for x in zip(*[secs(f"m{i}") for i in range(3) if f"m{i}" in rows])]
-    out = {"cv": str(cv), "data": res["data"], "photos": int(len(t)), "folds": res["folds"],
+    out = {"cv": str(cv), "data": args.data, "photos": int(len(t)), "folds": res["folds"],
            "folds_run": res["folds_run"], "config": args.config, "table": table, "comparisons": comparisons,
            "minutes_per_fold": {"members": float(np.mean(member_s)) / 60, "student": float(np.mean(student_s)) / 60}}
     (work / "result.json").write_text(json.dumps(out, indent=2))

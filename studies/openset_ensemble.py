@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", required=True, help="folder for the class subsets, the runs and result.json")
     ap.add_argument("--rotation", action="append", required=True, metavar="A,B",
                     help="minerals left out of training (repeatable: one rotation each)")
-    ap.add_argument("--config", default=str(CONFIG), help="ensemble preset (default: %(default)s)")
+    ap.add_argument("--config", default=os.path.relpath(CONFIG), help="ensemble preset (default: %(default)s)")
     ap.add_argument("--val-split", default="0.25")
     args = ap.parse_args(argv)
     from mineralnet.runs import RunDir, read_split
