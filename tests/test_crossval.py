@@ -234,3 +234,15 @@ def test_grid_over_seed_keeps_one_set_of_folds(tiny_data, tmp_path, monkeypatch)
     assert sorted(c.seed for c in calls) == [1, 2]
     assert {c.split_seed for c in calls} == {3}  # TINY's --seed 3: the folds of folds.json
     assert json.loads((out / "folds.json").read_text())["seed"] == 3
+
+
+def test_a_fold_that_died_before_its_first_checkpoint_is_cleared_but_a_presets_members_are_kept(tmp_path):
+    run = tmp_path / "fold0"
+    for d in (run / "members" / "m0", run / "ensemble", run / "eval"):
+        d.mkdir(parents=True)
+    (run / "config.yaml").write_text("epochs: 1\n")
+    (run / "members" / "m0" / "result.json").write_text("{}")
+    assert crossval._prepare_fold_dir(run, keep=("members", "ensemble")) is False
+    assert sorted(p.name for p in run.iterdir()) == ["ensemble", "members"]
+    assert (run / "members" / "m0" / "result.json").is_file()
+    assert crossval._prepare_fold_dir(run) is False and not run.exists()

@@ -196,6 +196,7 @@ def _prepare_fold_dir(run_dir: Path, keep: tuple[str, ...] = ()) -> bool:
     if run_dir.exists():
         if not keep:
             shutil.rmtree(run_dir)
+            return False
         for entry in run_dir.iterdir():
             if entry.name not in keep:
                 shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
