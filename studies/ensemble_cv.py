@@ -45,6 +45,8 @@ def mean_class_acc(targets: np.ndarray, preds: np.ndarray) -> float:
 
 def out_of_fold(fold_dirs: list[Path]) -> dict:
     """Every model of every fold on that fold's validation photos: {name: (N,) predicted class}, targets, folds."""
+    from scipy.special import softmax
+
     from mineralnet.ensemble.evaluate import score
     from mineralnet.infer import Predictor
     from mineralnet.runs import RunDir, read_split
@@ -63,8 +65,7 @@ def out_of_fold(fold_dirs: list[Path]) -> dict:
             preds.setdefault(f"m{i}", []).append(p.argmax(1))
             # undo the member's temperature (fitted on these validation photos): softmax(T log p) = softmax(z)
             t = json.loads((RunDir(run).members_dir / f"m{i}" / "calibration.json").read_text())["temperature"]
-            z = t * np.log(np.clip(p, 1e-30, None))
-            plain.append(np.exp(z - z.max(1, keepdims=True)) / np.exp(z - z.max(1, keepdims=True)).sum(1, keepdims=True))
+            plain.append(softmax(t * np.log(np.clip(p, 1e-30, None)), axis=1))
         preds.setdefault("ensemble_plain", []).append(np.mean(plain, 0).argmax(1))
         targets.append(student["targets"])
         fold_of.append(np.full(len(samples), k))
@@ -126,9 +127,9 @@ def main(argv=None) -> int:
                       "mean_class_acc_mean": row["mean_class_acc_mean"],
                       "train_minutes_per_fold": (sum(s) / len(s) / 60) if s else None})
     comparisons = {}
-    for a, b in (("m0", "student"), ("student", "ensemble"), ("m0", "ensemble"), ("ensemble", "ensemble_plain")):
-        from mineralnet.analysis.crossval import paired_test
+    from mineralnet.analysis.crossval import paired_test
 
+    for a, b in (("m0", "student"), ("student", "ensemble"), ("m0", "ensemble"), ("ensemble", "ensemble_plain")):
         comparisons[f"{b} vs {a}"] = {"photos": mcnemar(right[a], right[b])}
         if b not in rows:
             continue

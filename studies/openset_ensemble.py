@@ -54,15 +54,6 @@ def subset(data: Path, held: list[str], out: Path) -> list[Path]:
     return unknown
 
 
-def halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    a, b = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        a += list(idx[0::2])
-        b += list(idx[1::2])
-    return np.array(sorted(a)), np.array(sorted(b))
-
-
 def single_scores(run: Path, paths: list[str]) -> dict:
     from scipy.special import logsumexp
 
@@ -96,6 +87,7 @@ def ensemble_scores(ens: Path, paths: list[str]) -> dict:
 
 def report(known: dict, unknown: dict, labels: np.ndarray, names: list[str]) -> dict:
     from mineralnet.calibration import core
+    from openset import halves  # issue 16's halves (studies/ is on sys.path when this script runs)
 
     ia, ib = halves(labels)
     out = {"known_top1": float((known["probs"][ib].argmax(1) == labels[ib]).mean())}
