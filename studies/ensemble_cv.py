@@ -74,6 +74,28 @@ def out_of_fold(fold_dirs: list[Path]) -> dict:
             "fold": np.concatenate(fold_of)}
 
 
+def baseline_preds(fold_dirs: list[Path], row: dict, targets: np.ndarray) -> np.ndarray:
+    """A separate cv's models on the same out-of-fold photos, in the order out_of_fold() put them."""
+    from mineralnet.ensemble.evaluate import score
+    from mineralnet.infer import Predictor
+    from mineralnet.runs import read_split
+
+    runs = {f["fold"]: Path(f["run_dir"]) for f in row["folds"]}
+    preds = []
+    for run in fold_dirs:
+        k = int(run.name.removeprefix("fold"))
+        if k not in runs:
+            raise SystemExit(f"--baseline has no fold {k}; run it with --only-folds {k}")
+        samples = [(p, y) for p, y in read_split(run)["splits"]["val"] if y >= 0]
+        theirs = [(p, y) for p, y in read_split(runs[k])["splits"]["val"] if y >= 0]
+        if samples != theirs:
+            raise SystemExit(f"--baseline fold {k} validated on other photos than {run}: not the same folds")
+        preds.append(score(Predictor(runs[k]), samples)["probs"].argmax(1))
+    out = np.concatenate(preds)
+    assert len(out) == len(targets)
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="class-folder photos (e.g. ../shared/data/minet7)")
@@ -82,6 +104,10 @@ def main(argv=None) -> int:
     ap.add_argument("--folds", type=int, default=4)
     ap.add_argument("--only-folds", default=None, help="e.g. 0,1,2 (the split stays --folds)")
     ap.add_argument("--skip-cv", action="store_true", help="only read a finished cv")
+    ap.add_argument("--baseline", default=None, metavar="CV_DIR",
+                    help="a finished single-model cv on the same folds (e.g. `mineralnet cv --config cpu-pretrained "
+                         "... --folds 4 --only-folds 0`): its out-of-fold photos must be the same; adds a 'baseline' "
+                         "row and the student and ensemble against it")
     args = ap.parse_args(argv)
     work = Path(args.work)
     cv = work / "cv"
@@ -94,6 +120,10 @@ def main(argv=None) -> int:
     fold_dirs = [Path(f["run_dir"]) for f in sorted(rows["student"]["folds"], key=lambda f: f["fold"])]
     oof = out_of_fold(fold_dirs)
     t = oof["targets"]
+    if args.baseline:
+        base = json.loads((Path(args.baseline) / "results.json").read_text())
+        rows["baseline"] = base["variants"][0]
+        oof["preds"]["baseline"] = baseline_preds(fold_dirs, rows["baseline"], t)
     right = {n: p == t for n, p in oof["preds"].items()}
 
     # the re-predicted photos must reproduce the cv table fold by fold (the same models, the same photos)
@@ -108,7 +138,7 @@ def main(argv=None) -> int:
         return [f.get("train_seconds") for f in rows[name]["folds"]]
 
     table = []
-    for name in ["m0", "m1", "m2", "ensemble", "ensemble_plain", "student"]:
+    for name in ["baseline", "m0", "m1", "m2", "ensemble", "ensemble_plain", "student"]:
         if name == "ensemble_plain":  # a check: the members' plain softmax averaged, no temperature from these photos
             table.append({"model": name, "what": "plain softmax average", "top1_pooled": float(right[name].mean()),
                           "mean_class_acc_pooled": mean_class_acc(t, oof["preds"][name]),
@@ -118,7 +148,7 @@ def main(argv=None) -> int:
         if name not in rows:
             continue
         row = rows[name]
-        member = row["folds"][0].get("member") or {}
+        member = row["folds"][0].get("member") or ({"cv": args.baseline} if name == "baseline" else {})
         s = [x for x in secs(name) if x]
         table.append({"model": name, "what": member, "top1_pooled": float(right[name].mean()),
                       "mean_class_acc_pooled": mean_class_acc(t, oof["preds"][name]),
@@ -127,9 +157,12 @@ def main(argv=None) -> int:
                       "mean_class_acc_mean": row["mean_class_acc_mean"],
                       "train_minutes_per_fold": (sum(s) / len(s) / 60) if s else None})
     comparisons = {}
-    from mineralnet.analysis.crossval import paired_test
+    from mineralnet.analysis.cvreport import paired_test
 
-    for a, b in (("m0", "student"), ("student", "ensemble"), ("m0", "ensemble"), ("ensemble", "ensemble_plain")):
+    pairs = [("m0", "student"), ("student", "ensemble"), ("m0", "ensemble"), ("ensemble", "ensemble_plain")]
+    if "baseline" in rows:
+        pairs = [("baseline", "student"), ("baseline", "ensemble"), ("baseline", "m0")] + pairs
+    for a, b in pairs:
         comparisons[f"{b} vs {a}"] = {"photos": mcnemar(right[a], right[b])}
         if b not in rows:
             continue

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from mineralnet import data as mdata, train
-from mineralnet.analysis import crossval
+from mineralnet.analysis import crossval, cvreport
 from mineralnet.config import FIELD_NAMES, add_config_arguments, load_config
 from mineralnet.errors import MineralNetError
 from mineralnet.files import atomic_write_text
@@ -101,11 +101,11 @@ def run(args, base: dict) -> dict:
             if result is None:
                 raise MineralNetError(f"{run_dir} did not finish; run the same command again")
             rec["folds"].append({"fold": k, **result, "tail_acc": tail_accuracy(run_dir, kept)})
-    crossval.summarize_variants(records, only)
+    cvreport.summarize_variants(records, only)
     summary = {"data": str(index.root), "n": len(index.samples), "classes": index.classes, "folds": args.folds,
                "seed": cfg0.data_seed, "folds_run": only, "out": str(out), "variants": records,
                "command": "python studies/longtail.py " + " ".join(sys.argv[1:]), "kept": kept_by_fold}
-    text = crossval.results_markdown(summary) + tail_table(records, kept_by_fold, args.ratio)
+    text = cvreport.results_markdown(summary) + tail_table(records, kept_by_fold, args.ratio)
     atomic_write_text(out / "results.md", text)
     (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
     print(text)
@@ -122,9 +122,9 @@ def tail_table(records, kept_by_fold, ratio) -> str:
     base = [f["tail_acc"] for f in sorted(records[0]["folds"], key=lambda f: f["fold"])]
     for i, v in enumerate(records):
         vals = [f["tail_acc"] for f in sorted(v["folds"], key=lambda f: f["fold"])]
-        m, s = crossval._mean_std(vals)
-        delta = "-" if i == 0 else crossval._delta(crossval.paired_test(base, vals))
-        lines.append(f"| {v['name']} | {crossval._pct(m, s)} | {delta} | {' / '.join(f'{100 * x:.1f}' for x in vals)} |")
+        m, s = cvreport._mean_std(vals)
+        delta = "-" if i == 0 else cvreport._delta(cvreport.paired_test(base, vals))
+        lines.append(f"| {v['name']} | {cvreport._pct(m, s)} | {delta} | {' / '.join(f'{100 * x:.1f}' for x in vals)} |")
     return "\n".join(lines) + "\n"
 
 

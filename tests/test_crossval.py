@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mineralnet.analysis import crossval
+from mineralnet.analysis import crossval, cvreport
 from mineralnet import data as mdata
 from mineralnet import train
 from mineralnet.cli import main as cli_main
@@ -155,11 +155,11 @@ def test_paired_test_matches_scipy_and_marks_noise():
 
     a = [0.80, 0.82, 0.78, 0.81, 0.79]
     b = [0.83, 0.86, 0.80, 0.85, 0.82]
-    t = crossval.paired_test(a, b)
+    t = cvreport.paired_test(a, b)
     assert t["p"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
     assert t["mean_diff"] == pytest.approx(np.mean(np.subtract(b, a)))
     assert not t["within_noise"] and t["wins"] == 5
-    noisy = crossval.paired_test(a, [0.81, 0.80, 0.80, 0.80, 0.80])
+    noisy = cvreport.paired_test(a, [0.81, 0.80, 0.80, 0.80, 0.80])
     assert noisy["within_noise"] and noisy["p"] > 0.05
 
 

@@ -1,5 +1,5 @@
 """The analysis commands: `mineralnet eval`, `mineralnet cv` and `mineralnet explain` (their logic is in
-evaluate.py, crossval.py + cvfolds.py and explain.py + figures.py of this package)."""
+evaluate.py, crossval.py + cvfolds.py + cvreport.py and explain.py + figures.py of this package)."""
 from __future__ import annotations
 
 import argparse
