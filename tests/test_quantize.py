@@ -505,3 +505,49 @@ def test_auto_fallback_floats_every_node_above_the_gain_threshold(tiny):
     assert two.steps[2]["logit_sqnr_db"] > two.steps[0]["logit_sqnr_db"]
     with pytest.raises(ValueError):
         auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, gains=[1.0])
+
+
+def test_module_names_read_torch_onnx_scopes_and_name_folded_convs(tmp_path):
+    """The report names the PyTorch module of each node: exported here by torch.onnx itself, so the test breaks
+    if the exporter stops writing the scopes; the folded conv is named by the batch norm it absorbed."""
+    import onnx
+    import torch
+
+    from mineralnet.quantize import graph as g
+
+    class Wrapper(torch.nn.Module):  # like export.onnx.ExportHead: the network under `.model`
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Module()
+            self.model.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=False), torch.nn.BatchNorm2d(4))
+            self.model.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.model.head(self.model.stem(x).relu().mean((2, 3)))
+
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(Wrapper().eval(), (torch.rand(1, 3, 8, 8),), str(path), dynamo=True, optimize=True)
+    proto = onnx.load(str(path))
+    names = g.module_names(proto)
+    by_op = {n.op_type: names.get(n.name) for n in proto.graph.node}
+    assert by_op["Conv"] == "conv before stem.1"
+    assert by_op["Gemm"] == "head"
+    assert all(not v.startswith("model.") for v in names.values())
+    # a node without the metadata, or with scopes that name no module, is left out
+    bare = onnx.helper.make_node("Relu", ["a"], ["b"], name="bare")
+    odd = onnx.helper.make_node("Relu", ["b"], ["c"], name="odd")
+    odd.metadata_props.add(key="pkg.torch.onnx.name_scopes", value="['', 'relu']")
+    graph = onnx.helper.make_graph([bare, odd], "g", [onnx.helper.make_tensor_value_info("a", 1, [1])],
+                                   [onnx.helper.make_tensor_value_info("c", 1, [1])])
+    assert g.module_names(onnx.helper.make_model(graph)) == {}
+
+
+def test_report_table_shows_the_module_beside_the_node():
+    from mineralnet.quantize import report as rp
+
+    row = {"rank": 1, "node": "node_Conv_757", "module": "conv before backbone.blocks.0.0.bn1", "flips": 3,
+           "agreement_gain": 0.01, "logit_sqnr_db": 20.1, "sqnr_gain_db": 1.9}
+    md = rp.markdown({"sensitivity": {"images": 8, "baseline": {"flips": 6, "logit_sqnr_db": 18.2},
+                                      "ranking": [row, {**row, "rank": 2, "node": "node_Add_1", "module": None}]}})
+    assert "| 1 | node_Conv_757 (conv before backbone.blocks.0.0.bn1) |" in md
+    assert "| 2 | node_Add_1 |" in md

@@ -307,3 +307,30 @@ def prune(model) -> None:
 def names_in(proto, names: Sequence[str]) -> list[str]:
     known = {n.name for n in proto.graph.node}
     return [n for n in names if n in known]
+
+
+def module_names(proto) -> dict[str, str]:
+    """ONNX node name -> the PyTorch module it was exported from, read from torch.onnx's `name_scopes` metadata
+    (the enclosing module paths, then the traced op's own name), e.g. "head". A conv with its batch norm folded
+    in carries the norm's scope and op: it reads "conv before backbone.blocks.0.0.bn1". Nodes
+    without the metadata (other exporters, graph rewrites) are left out."""
+    import ast
+
+    out = {}
+    for node in proto.graph.node:
+        meta = {m.key: m.value for m in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        module = ""
+        for s in scopes[:-1]:  # the last entry is the op, not a module
+            if s and (not module or s.startswith(module + ".")):
+                module = s
+        if not module:
+            continue
+        module = module.removeprefix("model.")  # the export wrapper's attribute
+        if node.op_type.startswith("Conv") and scopes and "batch_norm" in str(scopes[-1]):
+            module = f"conv before {module}"  # a Conv traced from a batch norm op: the norm was folded into it
+        out[node.name] = module
+    return out

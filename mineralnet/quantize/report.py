@@ -196,9 +196,11 @@ def sensitivity(pre_fp32: bytes, qdq: bytes, images: np.ndarray, labels=None, no
         return row
 
     base = measure(proto)
+    modules = g.module_names(g.load(pre_fp32))
     rows = []
     for i, name in enumerate(nodes if nodes is not None else g.int8_nodes(proto)):
-        row = {"node": name, **measure(g.float_nodes(proto, pre_fp32, [name]))}
+        row = {"node": name, **({"module": modules[name]} if name in modules else {}),
+               **measure(g.float_nodes(proto, pre_fp32, [name]))}
         row["agreement_gain"] = row["agreement"] - base["agreement"]
         row["sqnr_gain_db"] = row["logit_sqnr_db"] - base["logit_sqnr_db"]
         if y is not None:
@@ -245,7 +247,8 @@ def markdown(report: dict, top: int = 15) -> str:
                   "SQNR gain dB |", "|---|---|---|---|---|---|---|"]
         for r in sens["ranking"][:top]:
             acc = f"{100 * r['accuracy_gain']:+.2f} pt" if "accuracy_gain" in r else "-"
-            lines.append(f"| {r['rank']} | {r['node']} | {r['flips']} | {100 * r['agreement_gain']:+.2f} pt | {acc} | "
+            node = f"{r['node']} ({r['module']})" if r.get("module") else r["node"]
+            lines.append(f"| {r['rank']} | {node} | {r['flips']} | {100 * r['agreement_gain']:+.2f} pt | {acc} | "
                          f"{r['logit_sqnr_db']:.1f} | {r['sqnr_gain_db']:+.2f} |")
         lines.append("")
     tensors = report.get("tensors")
