@@ -43,18 +43,25 @@ def mean_class_acc(targets: np.ndarray, preds: np.ndarray) -> float:
     return float(np.mean([(preds[targets == c] == c).mean() for c in np.unique(targets)]))
 
 
+def val_samples(run: Path) -> list[tuple[str, int]]:
+    """The labelled validation photos of a run's split, in the split's order."""
+    from mineralnet.runs import read_split
+
+    return [(p, y) for p, y in read_split(run)["splits"]["val"] if y >= 0]
+
+
 def out_of_fold(fold_dirs: list[Path]) -> dict:
     """Every model of every fold on that fold's validation photos: {name: (N,) predicted class}, targets, folds."""
     from scipy.special import softmax
 
     from mineralnet.ensemble.evaluate import score
     from mineralnet.infer import Predictor
-    from mineralnet.runs import RunDir, read_split
+    from mineralnet.runs import RunDir
 
     preds: dict[str, list] = {}
     targets, fold_of = [], []
     for k, run in enumerate(fold_dirs):
-        samples = [(p, y) for p, y in read_split(run)["splits"]["val"] if y >= 0]
+        samples = val_samples(run)
         ens = score(Predictor(RunDir(run).ensemble_dir), samples)
         student = score(Predictor(run), samples)
         assert (ens["targets"] == student["targets"]).all()
@@ -78,7 +85,6 @@ def baseline_preds(fold_dirs: list[Path], row: dict, targets: np.ndarray) -> np.
     """A separate cv's models on the same out-of-fold photos, in the order out_of_fold() put them."""
     from mineralnet.ensemble.evaluate import score
     from mineralnet.infer import Predictor
-    from mineralnet.runs import read_split
 
     runs = {f["fold"]: Path(f["run_dir"]) for f in row["folds"]}
     preds = []
@@ -86,9 +92,8 @@ def baseline_preds(fold_dirs: list[Path], row: dict, targets: np.ndarray) -> np.
         k = int(run.name.removeprefix("fold"))
         if k not in runs:
             raise SystemExit(f"--baseline has no fold {k}; run it with --only-folds {k}")
-        samples = [(p, y) for p, y in read_split(run)["splits"]["val"] if y >= 0]
-        theirs = [(p, y) for p, y in read_split(runs[k])["splits"]["val"] if y >= 0]
-        if samples != theirs:
+        samples = val_samples(run)
+        if samples != val_samples(runs[k]):
             raise SystemExit(f"--baseline fold {k} validated on other photos than {run}: not the same folds")
         preds.append(score(Predictor(runs[k]), samples)["probs"].argmax(1))
     out = np.concatenate(preds)

@@ -33,10 +33,9 @@ from pathlib import Path
 from mineralnet.calibration.fit import after_training
 from mineralnet.config import FIELD_NAMES, load_config
 from mineralnet.errors import MineralNetError
-from mineralnet.analysis.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,  # noqa: F401
-                                make_folds, pool_per_class, select_photos)
-from mineralnet.analysis.cvreport import (SIGNIFICANCE, paired_test, results_markdown,  # noqa: F401
-                                          summarize_variants, write_results)
+from mineralnet.analysis.cvfolds import (announce, check_run_split, fold_per_class, load_or_save_folds,
+                                         select_photos)
+from mineralnet.analysis.cvreport import results_markdown, summarize_variants, write_results
 from mineralnet.files import atomic_write_text
 from mineralnet.runs import RunDir, read_metrics, read_result
 from mineralnet import train

@@ -330,7 +330,7 @@ def module_names(proto) -> dict[str, str]:
         if not module:
             continue
         module = module.removeprefix("model.")  # the export wrapper's attribute
-        if node.op_type.startswith("Conv") and scopes and "batch_norm" in str(scopes[-1]):
+        if node.op_type.startswith("Conv") and "batch_norm" in str(scopes[-1]):
             module = f"conv before {module}"  # a Conv traced from a batch norm op: the norm was folded into it
         out[node.name] = module
     return out
