@@ -184,6 +184,32 @@ def test_parity_gate_failure_is_an_error_and_leaves_no_file(exported, run_dir, t
     assert not out.exists() or os.listdir(out) == []
 
 
+def test_gates_compare_on_the_runs_own_validation_photos_else_synthetic(run_dir, photos, tmp_path):
+    """Without --val-data/--calib-data the parity gates use the validation photos recorded in the run's split
+    (off-distribution stand-ins inflate fp16 rounding); a run without a split, or whose photos are gone, falls
+    back to the synthetic images."""
+    import shutil
+
+    from mineralnet.data import save_splits, scan_dataset
+    from mineralnet.export.context import ExportContext
+    from mineralnet.runs import SPLIT_FILE
+
+    assert ExportContext(run_dir, ExportOptions()).check_images()[1] == "synthetic images"
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("export"))
+    coll = tmp_path / "photos"
+    shutil.copytree(photos, coll)
+    index = scan_dataset(coll)
+    val = list(range(0, len(index.samples), 3))
+    save_splits(run / SPLIT_FILE, index, {"train": [i for i in range(len(index.samples)) if i not in val],
+                                          "val": val})
+    images, source = ExportContext(run, ExportOptions()).check_images()
+    assert source == "validation photos of the run" and len(images) == len(val) == 10
+    assert images.shape[1:] == (3, SIZE, SIZE)
+    shutil.rmtree(coll)  # the collection moved away: back to stand-ins, no error
+    assert ExportContext(run, ExportOptions()).check_images()[1] == "synthetic images"
+
+
 # ----------------------------------------------------------------------------- int8
 def test_int8_qdq_runs_agrees_with_fp32_and_is_smaller(exported, run_dir, photos):
     import onnx

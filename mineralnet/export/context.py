@@ -3,7 +3,8 @@ the output folder, and the files written so far in this export.
 
     ctx = ExportContext(run, options, formats=["onnx", "int8"])
     ctx.model, ctx.meta, ctx.novelty     # FusionNet, its model.json (+ the open-set calibration), detector
-    ctx.check_images()                   # photos the gates compare on (--val-data, quantization photos, synthetic)
+    ctx.check_images()                   # photos the gates compare on (--val-data, quantization photos, the run's
+                                         # validation photos, else synthetic)
     ctx.quantization_photos()            # the photos int8 ranges are measured on (--calib-data)
     ctx.save(name, data, record)         # atomic write + one record in model.json
 
@@ -174,8 +175,22 @@ class ExportContext:
                         self._check = (images, f"{flag} photos")
                         break
             else:
-                self._check = (self.preprocess.batch(synthetic_photos(self.meta)), "synthetic images")
+                # the run's own validation photos where they are still on disk: stand-in images are
+                # off-distribution, where fp16 rounding grows beyond what a photo ever sees
+                images, _ = self.load(spread(self.run_photos(), CHECK_IMAGES))
+                self._check = ((images, "validation photos of the run") if len(images) else
+                               (self.preprocess.batch(synthetic_photos(self.meta)), "synthetic images"))
         return self._check
+
+    def run_photos(self) -> list[str]:
+        """The labelled validation photos recorded in the run's split that exist on this machine."""
+        from mineralnet.runs import read_split
+
+        try:
+            split = read_split(self.run)
+        except MineralNetError:
+            return []
+        return [p for p, y in split["splits"].get("val") or [] if y >= 0 and os.path.isfile(p)]
 
     def load(self, paths: Sequence[str]) -> tuple[np.ndarray, int]:
         """Preprocessed images, skipping files that do not decode -> (array, number skipped)."""

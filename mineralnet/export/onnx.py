@@ -131,9 +131,11 @@ def _write_float(ctx, precision: str) -> list:
     check_proto(proto)
     data = proto.SerializeToString()
     session = ort_session(data)
+    hint = ("the ONNX graph does not reproduce the PyTorch model (try another --opset, or report it)"
+            if precision == "fp32" else "fp16 rounding exceeds the tolerance on these images: check it on your "
+            "own photos with --val-data DIR, or ship model.onnx (fp32)")
     report = gates.parity(ctx, lambda images: run_session(session, images), precision=precision,
-                          what="parity gate", hint="the ONNX graph does not reproduce the PyTorch model (try "
-                                                   "another --opset, or report it)")
+                          what="parity gate", hint=hint)
     art = ctx.save(name, data, {"format": "onnx", "precision": precision, "opset": o.opset,
                                 "input": {"name": INPUT_NAME, "shape": ctx.input_shape()},
                                 "outputs": list(o.outputs), "batch": ctx.batch_info(),
