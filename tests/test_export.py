@@ -160,6 +160,38 @@ def test_compare_applies_the_stated_tolerances():
     assert not xgates.compare(ref, {"logits": ref["logits"] + 0.05}, precision="fp16", source="t").passed
 
 
+def test_fp16_tolerance_rises_to_three_times_pytorchs_own_fp16_error_and_no_further():
+    ref = {"logits": np.array([[6.0, 1.0, 0.0], [0.0, 4.0, 1.0]])}  # fp16 tolerance 1% of 6 = 0.06
+    off = {"logits": ref["logits"] + 0.09}
+    assert not xgates.compare(ref, off, precision="fp16", source="t").passed
+    # PyTorch's own fp16 forward of the same graph errs by 0.04 on these images: 3 x 0.04 = 0.12 >= 0.09
+    got = xgates.compare(ref, off, precision="fp16", source="t", floor={"logits": 0.04})
+    assert got.passed and got.tolerance["logits"] == pytest.approx(xgates.FP16_FLOOR_FACTOR * 0.04)
+    assert got.floor == {"logits": 0.04}
+    assert not xgates.compare(ref, {"logits": ref["logits"] + 0.13}, precision="fp16", source="t",
+                              floor={"logits": 0.04}).passed  # beyond 3x the format's own error: a broken graph
+    # a tiny floor never lowers the stated tolerance, and fp32 ignores it
+    assert xgates.compare(ref, {"logits": ref["logits"] + 0.05}, precision="fp16", source="t",
+                          floor={"logits": 1e-6}).passed
+    assert not xgates.compare(ref, {"logits": ref["logits"] + 2e-4}, precision="fp32", source="t",
+                              floor={"logits": 1.0}).passed
+
+
+def test_fp16_floor_is_pytorch_running_the_exported_half_graph(run_dir):
+    """The floor's reference is the very graph model.fp16.onnx holds, run by PyTorch: close to the fp32 model, not
+    equal to it, and ONNX Runtime's fp16 file lands within a few times that error."""
+    from mineralnet.export.context import ExportContext
+
+    ctx = ExportContext(run_dir, ExportOptions(outputs=("logits", "probs")))
+    x = np.random.default_rng(5).normal(size=(6, 3, SIZE, SIZE)).astype(np.float32)
+    half = xonnx.torch_fp16(ctx, x)
+    ref, _ = _torch_reference(run_dir, x)
+    assert set(half) == {"logits", "probs"} and half["logits"].dtype == np.float32
+    err = np.abs(half["logits"] - ref).max()
+    assert 0 < err < 0.05 * max(1.0, np.abs(ref).max())
+    np.testing.assert_allclose(half["probs"], torch.softmax(torch.from_numpy(half["logits"]), 1).numpy(), atol=1e-6)
+
+
 def test_parity_gate_failure_is_an_error_and_leaves_no_file(exported, run_dir, tmp_path, monkeypatch, capsys):
     import onnx
 

@@ -14,8 +14,10 @@ gate (export/gates.py) passes. int8 quantization of model.onnx lives in export/i
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -76,7 +78,6 @@ def onnx_proto(model: nn.Module, *, image_size: int, outputs: Sequence[str] = DE
     The input is ``images`` (B, 3, S, S) float32, normalised RGB; B is the symbol ``batch`` when
     `dynamic`, else the fixed `batch`. Outputs are named as in `outputs`.
     """
-    import copy
 
     if opset < MIN_OPSET:
         raise MineralNetError(f"--opset {opset}: the torch.export-based exporter writes opset {MIN_OPSET} or "
@@ -118,6 +119,17 @@ def check_proto(proto) -> None:
                               f"embed them (model under 2 GB)")
 
 
+def torch_fp16(ctx, images: np.ndarray, batch: int = 16) -> dict[str, np.ndarray]:
+    """PyTorch running the graph model.fp16.onnx holds (ExportHead with half=True) on `images`: the fp16
+    error the format itself costs, the parity gate's floor."""
+    head = ExportHead(copy.deepcopy(ctx.model).float().eval().cpu(), ctx.options.outputs, half=True,
+                      novelty=ctx.novelty).eval()
+    with torch.no_grad():
+        outs = [head(torch.from_numpy(np.ascontiguousarray(images[i:i + batch], dtype=np.float32)))
+                for i in range(0, len(images), batch)]
+    return {name: np.concatenate([o[k].numpy() for o in outs]) for k, name in enumerate(ctx.options.outputs)}
+
+
 # ----------------------------------------------------------------------------- the table rows
 def _write_float(ctx, precision: str) -> list:
     from mineralnet.export import gates, metadata
@@ -135,7 +147,8 @@ def _write_float(ctx, precision: str) -> list:
             if precision == "fp32" else "fp16 rounding exceeds the tolerance on these images: check it on your "
             "own photos with --val-data DIR, or ship model.onnx (fp32)")
     report = gates.parity(ctx, lambda images: run_session(session, images), precision=precision,
-                          what="parity gate", hint=hint)
+                          what="parity gate", hint=hint,
+                          floor_run=(lambda images: torch_fp16(ctx, images)) if precision == "fp16" else None)
     art = ctx.save(name, data, {"format": "onnx", "precision": precision, "opset": o.opset,
                                 "input": {"name": INPUT_NAME, "shape": ctx.input_shape()},
                                 "outputs": list(o.outputs), "batch": ctx.batch_info(),
