@@ -335,6 +335,21 @@ def read_split(run, root=None):
     return load_splits(path, root=root, check_files=False)
 
 
+def read_split_if_any(run):
+    """`read_split(run)`, or None for a run without a readable split."""
+    try:
+        return read_split(run)
+    except MineralNetError:
+        return None
+
+
+def split_photos(split, part: str) -> list[tuple[str, int]]:
+    """The labelled (path, label) photos of one part ("train", "val") of a `read_split` dict that exist on this
+    machine ([] when `split` is None)."""
+    samples = (split["splits"].get(part) or []) if split else []
+    return [(p, y) for p, y in samples if y >= 0 and os.path.isfile(p)]
+
+
 def read_metrics(run) -> list[dict]:
     """metrics.jsonl of a run, one dict per finished epoch ([] when there is none yet)."""
     path = run_folder(run) / METRICS_FILE

@@ -184,13 +184,9 @@ class ExportContext:
 
     def run_photos(self) -> list[str]:
         """The labelled validation photos recorded in the run's split that exist on this machine."""
-        from mineralnet.runs import read_split
+        from mineralnet.runs import read_split_if_any, split_photos
 
-        try:
-            split = read_split(self.run)
-        except MineralNetError:
-            return []
-        return [p for p, y in split["splits"].get("val") or [] if y >= 0 and os.path.isfile(p)]
+        return [p for p, _ in split_photos(read_split_if_any(self.run), "val")]
 
     def load(self, paths: Sequence[str]) -> tuple[np.ndarray, int]:
         """Preprocessed images, skipping files that do not decode -> (array, number skipped)."""

@@ -44,20 +44,16 @@ class PhotoPlan:
 def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int | None = None, val_data=None,
                 select_size: int = SELECT_SIZE) -> PhotoPlan:
     from mineralnet.data import list_images, scan_dataset
-    from mineralnet.runs import read_split
+    from mineralnet.runs import read_split_if_any, split_photos
 
-    split = None
-    try:
-        split = read_split(run)
-    except MineralNetError:
-        pass
+    split = read_split_if_any(run)
     same = bool(val_data and calib_data
                 and os.path.realpath(os.fspath(val_data)) == os.path.realpath(os.fspath(calib_data)))
     if val_data and not same:
         heldout = list(scan_dataset(val_data, verify=True, classes=list(classes)).samples)
         heldout_source = "--val-data photos"
     elif split and split["splits"].get("val") and not same:
-        heldout = [(p, y) for p, y in split["splits"]["val"] if y >= 0 and os.path.isfile(p)]
+        heldout = split_photos(split, "val")
         heldout_source = "validation photos of the run"
         if not heldout:
             raise MineralNetError(f"the validation photos listed in {run}/split.json are not at {split['root']}; "
@@ -71,8 +67,7 @@ def plan_photos(run, classes: Sequence[str], *, calib_data=None, calib_size: int
         heldout_source = ("--val-data photos held out of calibration (--calib-data is the same folder)" if same else
                           "--calib-data photos held out of calibration (no --val-data, no split.json)")
     held = {os.path.abspath(p) for p, _ in heldout}
-    train = [(p, y) for p, y in (split["splits"].get("train", []) if split else [])
-             if y >= 0 and os.path.abspath(p) not in held and os.path.isfile(p)]
+    train = [(p, y) for p, y in split_photos(split, "train") if os.path.abspath(p) not in held]
     cap = calib_size or DEFAULT_CALIB_SIZE
     if calib_data:
         calib_all = [p for p in list_images(calib_data) if os.path.abspath(p) not in held]
