@@ -60,7 +60,7 @@ def out_of_fold(fold_dirs: list[Path]) -> dict:
     from mineralnet.runs import RunDir
 
     preds: dict[str, list] = {}
-    targets, fold_of = [], []
+    targets, fold_of, photos = [], [], []
     for k, run in enumerate(fold_dirs):
         samples = val_samples(run)
         ens = score(Predictor(RunDir(run).ensemble_dir), samples)
@@ -77,9 +77,10 @@ def out_of_fold(fold_dirs: list[Path]) -> dict:
         preds.setdefault("ensemble_plain", []).append(np.mean(plain, 0).argmax(1))
         targets.append(student["targets"])
         fold_of.append(np.full(len(samples), k))
+        photos += [p for p, _ in samples]
         print(f"  fold {run.name}: {len(samples)} photos re-predicted", flush=True)
     return {"preds": {n: np.concatenate(v) for n, v in preds.items()}, "targets": np.concatenate(targets),
-            "fold": np.concatenate(fold_of)}
+            "fold": np.concatenate(fold_of), "photos": photos}
 
 
 def baseline_preds(fold_dirs: list[Path], row: dict, targets: np.ndarray) -> np.ndarray:
@@ -137,7 +138,7 @@ def fold_records(oof: dict, rows: dict, fold_dirs: list[Path], data: str, what: 
                                       int(((preds[a] == tk) & (preds[b] != tk)).sum())]
                       for a, b in pairs_for(preds)},
             "train_seconds": secs, "what": what,
-            "predictions": {"photos": [os.path.relpath(p, data) for p, _ in val_samples(run)],
+            "predictions": {"photos": [os.path.relpath(oof["photos"][i], data) for i in np.flatnonzero(at)],
                             "targets": tk.tolist(), "preds": {n: p.tolist() for n, p in preds.items()}}})
     return records
 
@@ -184,7 +185,7 @@ def summarize(records: list[dict]) -> tuple[list[dict], dict]:
                       "mean_class_acc_pooled": pooled_mc, "top1_folds": top1,
                       "top1_mean": float(np.mean(top1)), "top1_std": float(np.std(top1, ddof=1)) if len(top1) > 1 else None,
                       "mean_class_acc_folds": mc, "mean_class_acc_mean": float(np.mean(mc)),
-                      "train_minutes_per_fold": (sum(s) / len(s) / 60) if s and m != "ensemble_plain" else None})
+                      "train_minutes_per_fold": (sum(s) / len(s) / 60) if s else None})
     comparisons = {}
     for a, b in pairs_for(models):
         name = f"{b} vs {a}"
