@@ -317,13 +317,39 @@ def test_auto_fallback_floats_the_sensitive_node_until_the_gate_holds(tiny):
     sens = rp.sensitivity(tiny["pre"], tiny["qdq"], rank_x, rank_y)
     order = [r["node"] for r in sens["ranking"]]
     spec = stats.parse_gate("drop=3,bound=6")
-    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec)
-    assert fb.floated == ["conv2"] and fb.ranking_gate.passed
+    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, min_int8_share=0.5)
+    assert fb.floated == ["conv2"] and fb.ranking_gate.passed and not fb.stopped_by_floor
     assert [s["passed"] for s in fb.steps] == [False, True]
     assert 0 < fb.int8_mac_share < fb.full_int8_mac_share
     held = g.logits(g.session(fb.model), held_x)
     confirm = stats.evaluate_gate(tiny["ref"][150:], held, held_y, spec=spec)
     assert confirm.passed
+
+
+def test_auto_fallback_never_floats_below_the_int8_share_floor(tiny):
+    """conv2 is 64/152 of the tiny model's conv MACs: floating it leaves about 58% int8. With the default floor
+    (80%) the walk stops at nothing floated and returns full int8 with its failed ranking gate; a floor just under
+    the share that floating conv2 leaves lets it through again."""
+    from mineralnet.quantize import graph as g, report as rp
+    from mineralnet.quantize.fallback import MIN_INT8_SHARE, auto_fallback
+
+    rank_x, rank_y = tiny["test"][:150], tiny["labels"][:150]
+    order = [r["node"] for r in rp.sensitivity(tiny["pre"], tiny["qdq"], rank_x, rank_y)["ranking"]]
+    assert order[0] == "conv2"
+    table = g.macs(g.load(tiny["pre"]))
+    left = (table["conv1"] + table["conv3"]) / sum(table.values())  # int8 share with conv2 floated (fc is float)
+    assert left < MIN_INT8_SHARE
+    lines = []
+    spec = stats.parse_gate("drop=3,bound=6")
+    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, log=lines.append)
+    assert fb.floated == [] and fb.stopped_by_floor and not fb.ranking_gate.passed
+    assert fb.int8_mac_share == fb.full_int8_mac_share >= MIN_INT8_SHARE and len(fb.steps) == 1
+    assert g.int8_nodes(g.load(fb.model)) == ["conv1", "conv2", "conv3"]
+    assert any("floating conv2 too would leave" in line and "80% floor" in line for line in lines)
+    assert fb.to_dict()["stopped_by_floor"] is True and "never below 80%" in fb.to_dict()["rule"]
+    through = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, min_int8_share=left - 0.01)
+    assert through.floated == ["conv2"] and through.ranking_gate.passed and not through.stopped_by_floor
+    assert through.int8_mac_share == pytest.approx(left)
 
 
 def test_tensor_stats_match_qdq_loss_debug_on_all_images(tiny, tmp_path):
@@ -416,7 +442,7 @@ def test_make_int8_with_fallback_and_report(tiny, tmp_path):
     assert not off.gate.passed and len(off.report["flipped"]) > 10
     lines = []
     auto = pipeline.make_int8(_tiny_model(), calib, select, held, spec=spec, recipe=rc.Recipe(), search=True,
-                              fallback="auto", log=lines.append)
+                              fallback="auto", log=lines.append, min_int8_share=0.5)  # conv2 is 42% of the MACs
     assert auto.gate.passed
     assert len(auto.report["recipe"]["trials"]) == len(rc.DEFAULT_METHODS) * len(rc.DEFAULT_KEEP)
     assert auto.report["sensitivity"]["ranking"][0]["node"] == "conv2"
@@ -500,7 +526,7 @@ def test_auto_fallback_floats_every_node_above_the_gain_threshold(tiny):
     none = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient)
     assert none.floated == [] and len(none.steps) == 1
     two = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, gains=[5.0, 1.0, 0.1],
-                        min_gain_db=0.5)
+                        min_gain_db=0.5, min_int8_share=0)  # the floor has its own test
     assert two.floated == order[:2] and [s["floated"] for s in two.steps] == [0, 1, 2]
     assert two.steps[2]["logit_sqnr_db"] > two.steps[0]["logit_sqnr_db"]
     with pytest.raises(ValueError):

@@ -369,8 +369,9 @@ def test_int8_gate_flag_and_a_failed_gate_writes_no_int8_model(small_export_run,
     run, photos = small_export_run
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    o = options_from_args(parser.parse_args([str(run), "--int8-gate", "drop=0.5,bound=1.5", "--int8-fallback", "auto"]))
-    assert (o.int8_gate, o.int8_fallback) == ("drop=0.5,bound=1.5", "auto")
+    o = options_from_args(parser.parse_args([str(run), "--int8-gate", "drop=0.5,bound=1.5", "--int8-fallback", "auto",
+                                                  "--int8-min-share", "0.7"]))
+    assert (o.int8_gate, o.int8_fallback, o.int8_min_share) == ("drop=0.5,bound=1.5", "auto", 0.7)
     # a gate no model can pass (bound 0: even zero flips leave the Wilson asymmetry above it): one line naming the
     # drop, its bound and the report, and no int8 file
     opts = ExportOptions(out_dir=tmp_path / "o", quant_data=photos, quant_size=8, int8_gate="drop=0,bound=0")
@@ -381,6 +382,30 @@ def test_int8_gate_flag_and_a_failed_gate_writes_no_int8_model(small_export_run,
     opts.int8_gate, opts.out_dir = "drop=100,bound=100", tmp_path / "o2"  # 100 points: nothing can fail it
     export(run, ["int8"], opts)
     assert (tmp_path / "o2" / "model.int8.onnx").is_file()
+
+
+def test_int8_fallback_floor_refuses_a_mostly_float_model_and_says_so(small_export_run, tmp_path):
+    """--int8-min-share 1: the fallback may float nothing, so a gate that fails stays failed; the error line names
+    the floor and the flag, and the report records that the floor stopped the walk. Out-of-range shares are
+    refused before anything is written."""
+    import json
+
+    from mineralnet.export import ExportOptions, export
+
+    run, photos = small_export_run
+    for bad in (-0.1, 1.5):
+        with pytest.raises(MineralNetError, match=r"--int8-min-share .*from 0 to 1"):
+            export(run, ["int8"], ExportOptions(out_dir=tmp_path / "bad", int8_min_share=bad))
+    assert not (tmp_path / "bad").exists()
+    # 4 of the 8 non-held-out photos calibrate, the other 4 rank the nodes (the fallback needs ranking photos)
+    opts = ExportOptions(out_dir=tmp_path / "o", quant_data=photos, quant_size=4, int8_gate="drop=0,bound=0",
+                         int8_min_share=1.0)
+    with pytest.raises(MineralNetError, match=r"FAILED, no int8 file written: .*stopped at the 100% floor of MACs "
+                                              r"in int8 \(--int8-min-share"):
+        export(run, ["int8"], opts)
+    report = json.loads((tmp_path / "o" / "model.int8.report.json").read_text())
+    assert report["fallback"]["floated"] == [] and report["fallback"]["stopped_by_floor"] is True
+    assert report["fallback"]["int8_mac_share"] == report["fallback"]["full_int8_mac_share"]
 
 
 def test_data_check_reports_byte_identical_photos_within_and_across_classes(tmp_path, capsys):

@@ -61,6 +61,10 @@ def add_arguments(parser) -> None:
     q.add_argument("--int8-fallback", choices=("off", "auto"), default="auto",
                    help="auto (default): return the nodes whose float copy most reduces the logit error on the ranking "
                         "photos to float; off: full int8")
+    q.add_argument("--int8-min-share", type=float, default=0.8, metavar="FRACTION",
+                   help="the fallback stops before under this share of the model's MACs would stay int8 (default 0.8): "
+                        "a file that computes most of its work in float is as large and slow as fp32, so the gate "
+                        "refuses int8 instead; 0 lets the fallback float as much as it needs")
     q.add_argument("--report", action="store_true",
                    help="add the per-node sensitivity ranking to model.int8.report.{json,md,png} (always written)")
     o = parser.add_argument_group("output")
@@ -123,6 +127,7 @@ def options_from_args(args):
                          opset=args.opset, quant_data=args.quant_data, quant_size=args.quant_size,
                          quant_method=args.quant_method, int8_activations=args.int8_activations,
                          int8_gate=args.int8_gate, int8_fallback=args.int8_fallback, report=args.report,
+                         int8_min_share=args.int8_min_share,
                          val_data=args.val_data, workspace_mib=args.workspace,
                          timing_cache=args.timing_cache, openvino_int8=args.openvino_int8,
                          tflite_int8=args.tflite_int8,

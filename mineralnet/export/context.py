@@ -46,6 +46,7 @@ class ExportOptions:
     int8_activations: str | None = None  # None: int8 when a TensorRT engine is asked for, else uint8
     int8_gate: str = "drop=1,bound=2"  # quantize.stats.parse_gate: accuracy drop and its upper 95% bound (points)
     int8_fallback: str = "auto"  # "auto": sensitive nodes (ranking photos) back to float; "off": full int8
+    int8_min_share: float = 0.8  # the fallback never leaves under this share of the MACs int8 (fallback.MIN_INT8_SHARE)
     int8_search: bool = True  # choose the int8 recipe on the selection photos
     report: bool = False  # add the sensitivity ranking to model.int8.report.*
     val_data: str | os.PathLike | None = None  # held-out labelled photos (default: the run's validation split)

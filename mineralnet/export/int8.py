@@ -192,6 +192,9 @@ def check(options, run=None) -> None:
     parse_gate(options.int8_gate)
     if options.int8_fallback not in ("off", "auto"):
         raise MineralNetError(f"--int8-fallback {options.int8_fallback!r}: choose auto or off")
+    if not 0 <= options.int8_min_share <= 1:
+        raise MineralNetError(f"--int8-min-share {options.int8_min_share:g}: give a fraction of the MACs from 0 to 1 "
+                              f"(default 0.8)")
     if options.quant_size is not None and options.quant_size < 1:
         raise MineralNetError(f"--calib-size {options.quant_size} must be at least 1")
     if not options.quant_data and run is not None:
@@ -250,6 +253,7 @@ def write(ctx) -> list:
             ctx.files["fp32"], run=ctx.run, meta=ctx.meta, model=ctx.model, preprocess=ctx.preprocess,
             out_dir=ctx.out_dir, spec=parse_gate(o.int8_gate), calib_data=o.quant_data, calib_size=o.quant_size,
             val_data=o.val_data, fallback=o.int8_fallback, search=o.int8_search,
+            min_int8_share=o.int8_min_share,
             recipe=exporting.replace_recipe(rc.default_recipe(), activations), log=ctx.log, ranking=o.report)
         data, gate, label = result.model, result.gate, result.recipe.label()
         record = {**record, "agreement": {"top1": gate.agreement.value, "images": gate.agreement.n,

@@ -18,6 +18,7 @@ import numpy as np
 
 from mineralnet.errors import MineralNetError
 from mineralnet.quantize import pipeline
+from mineralnet.quantize.fallback import MIN_INT8_SHARE
 from mineralnet.quantize.stats import GateSpec
 
 DEFAULT_CALIB_SIZE = 512
@@ -155,7 +156,8 @@ def bf16_logits(model, images: np.ndarray, batch: int = 16) -> np.ndarray:
 def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_dir, spec: GateSpec,
                calib_data=None, calib_size: int | None = None, val_data=None, fallback: str = "off",
                search: bool = True, recipe=None, log=None, stem: str = REPORT_STEM,
-               broken_calibration: bool = False, ranking: bool = False) -> tuple[pipeline.Int8Result, dict, dict]:
+               broken_calibration: bool = False, ranking: bool = False,
+               min_int8_share: float = MIN_INT8_SHARE) -> tuple[pipeline.Int8Result, dict, dict]:
     """Make the int8 model of the fp32 ONNX at `fp32_path`, judge it on held-out photos, write the report
     (always, also when the gate fails) and raise one MineralNetError line when the gate fails.
     Returns (result, record for the export manifest, report paths)."""
@@ -178,7 +180,7 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
     noise = {"bf16": bf16_logits(model, held.images)} if model is not None else None
     result = pipeline.make_int8(fp32_path, calib, select, held, spec=spec, recipe=recipe, search=search,
                                 fallback=fallback, noise=noise, classes=list(meta["classes"]), log=log,
-                                ranking=ranking)
+                                ranking=ranking, min_int8_share=min_int8_share)
     result.report["photos"]["calibration_source"] = calib.source
     paths = rp.write(result.report, out_dir, stem)
     gate = result.gate
@@ -187,8 +189,11 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
               "report": Path(paths["json"]).name,
               "fallback": result.report.get("fallback", {}).get("floated") if fallback == "auto" else None}
     if not gate.passed:
-        raise MineralNetError(failure_line(gate, spec, paths["md"],
-                                           hint="" if fallback == "auto" else "; try --int8-fallback auto"))
+        floored = result.report.get("fallback", {}).get("stopped_by_floor")
+        hint = "; try --int8-fallback auto" if fallback != "auto" else (
+            f"; the fallback stopped at the {min_int8_share:.0%} floor of MACs in int8 (--int8-min-share: lower "
+            f"it to float more, at the cost of size and speed)" if floored else "")
+        raise MineralNetError(failure_line(gate, spec, paths["md"], hint=hint))
     return result, record, paths
 
 

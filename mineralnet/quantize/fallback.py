@@ -14,6 +14,13 @@ augmentation, are answered with larger margins than unseen photos, so int8 flips
 ranking gate holds with nothing floated. The logit error is what every photo carries; a node whose float
 copy removes a large share of it is worth its MACs (cp7: the first depthwise conv, blocks.0.0.conv_dw, adds
 2.6 dB of logit SQNR alone, for 1% of the MACs).
+
+Why a floor on the int8 share of MACs (`min_int8_share`, MIN_INT8_SHARE): on a model that answers its ranking
+photos almost perfectly, the ranking gate is decided by one or two flips of 256, and chasing them floated 47 nodes
+of a full-size Lite0 student (1.8% of MACs left in int8, a 12 MB "int8" file as large and slow as fp32; minet7
+cv fold 2, 2026-12-07). A file that keeps most of its compute in float is not what `--int8` asks for, so the
+walk stops before the share falls below the floor and the held-out gate judges what it has: it passes, or the
+export refuses int8 with the reason.
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from mineralnet.quantize.stats import GateResult, GateSpec, evaluate_gate
 
 FALLBACK_MODES = ("off", "auto")
 MIN_GAIN_DB = 0.5  # float every node that alone adds at least this much logit SQNR on the ranking photos
+MIN_INT8_SHARE = 0.8  # never float so much that under this share of the MACs is computed in int8
 
 
 @dataclass
@@ -39,21 +47,26 @@ class Fallback:
     full_int8_mac_share: float = 0.0
     latency_ms: dict = field(default_factory=dict)
     min_gain_db: float = MIN_GAIN_DB
+    min_int8_share: float = MIN_INT8_SHARE
+    stopped_by_floor: bool = False  # the next node would have left under min_int8_share of the MACs in int8
 
     def to_dict(self) -> dict:
         return {"floated": self.floated, "ranking_gate": self.ranking_gate.line(), "steps": self.steps,
                 "rule": f"every node whose own logit SQNR gain on the ranking photos is >= {self.min_gain_db:g} dB, "
-                        f"then more in the ranking's order until the gate holds on the ranking photos",
+                        f"then more in the ranking's order until the gate holds on the ranking photos, "
+                        f"never below {self.min_int8_share:.0%} of the MACs in int8",
+                "stopped_by_floor": self.stopped_by_floor,
                 "int8_mac_share": self.int8_mac_share, "full_int8_mac_share": self.full_int8_mac_share,
                 "latency_ms": self.latency_ms}
 
 
 def auto_fallback(pre_fp32: bytes, qdq: bytes, order: Sequence[str], images: np.ndarray, labels,
                   spec: GateSpec, *, gains: Sequence[float] | None = None, min_gain_db: float = MIN_GAIN_DB,
-                  max_nodes: int | None = None, log=None) -> Fallback:
+                  max_nodes: int | None = None, min_int8_share: float = MIN_INT8_SHARE, log=None) -> Fallback:
     """Float order[:k] for the smallest k that covers every leading node of `order` whose gain (`gains`, dB of
     logit SQNR, aligned with `order`) is at least `min_gain_db` and whose model passes `spec` on `images` (the
-    ranking photos). When no k up to `max_nodes` passes, returns the last one tried (its gate says FAILED)."""
+    ranking photos). When no k up to `max_nodes` passes, returns the last one tried (its gate says FAILED); k
+    never goes so far that under `min_int8_share` of the MACs stay int8 (`stopped_by_floor` then says so)."""
     from mineralnet.quantize.recipe import logit_sqnr_db
 
     proto = g.load(qdq)
@@ -68,21 +81,30 @@ def auto_fallback(pre_fp32: bytes, qdq: bytes, order: Sequence[str], images: np.
         wanted += 1
     wanted = min(wanted, limit)
     macs = g.macs(g.load(pre_fp32))
-    steps, model, gate = [], proto, None
+    steps, model, gate, floored = [], proto, None, False
     for k in range(limit + 1):
-        model = g.float_nodes(proto, pre_fp32, order[:k]) if k else proto
+        candidate = g.float_nodes(proto, pre_fp32, order[:k]) if k else proto
+        share = g.int8_mac_share(candidate, macs)
+        if k and share < min_int8_share:
+            floored, k = True, k - 1
+            if log:
+                log(f"  fallback: stops at {k} node(s) in float: floating {order[k]} too would leave "
+                    f"{share:.1%} of MACs in int8, under the {min_int8_share:.0%} floor")
+            break
+        model = candidate
         got = g.logits(g.session(model), images)
         gate = evaluate_gate(reference, got, labels, spec=spec, source=f"{len(images)} ranking photos")
         steps.append({"floated": k, "node": order[k - 1] if k else None, "flips": int(len(images) - gate.agreement.k),
                       "logit_sqnr_db": round(logit_sqnr_db(reference, got), 2),
                       "drop": gate.drop, "drop_high": gate.drop_high, "passed": gate.passed,
-                      "int8_mac_share": g.int8_mac_share(model, macs)})
+                      "int8_mac_share": share})
         if log:
             log(f"  fallback: {k} node(s) in float -> logit SQNR {steps[-1]['logit_sqnr_db']:.1f} dB; {gate.line()}")
         if k >= wanted and gate.passed:
             break
     return Fallback(model.SerializeToString(), list(order[:k]), gate, steps, g.int8_mac_share(model, macs),
-                    g.int8_mac_share(proto, macs), min_gain_db=min_gain_db)
+                    g.int8_mac_share(proto, macs), min_gain_db=min_gain_db, min_int8_share=min_int8_share,
+                    stopped_by_floor=floored)
 
 
 def latencies(models: dict[str, bytes], image: np.ndarray, seconds: float = 2.0) -> dict[str, float]:

@@ -17,7 +17,7 @@ import numpy as np
 from mineralnet.quantize import graph as g
 from mineralnet.quantize import recipe as rc
 from mineralnet.quantize import report as rp
-from mineralnet.quantize.fallback import auto_fallback, latencies
+from mineralnet.quantize.fallback import MIN_INT8_SHARE, auto_fallback, latencies
 from mineralnet.quantize.stats import GateResult, GateSpec, evaluate_gate
 
 
@@ -44,7 +44,8 @@ class Int8Result:
 def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spec: GateSpec | None = None,
               recipe: rc.Recipe | None = None, search: bool = True, fallback: str = "off",
               want_report: bool = True, ranking: bool | None = None, report_images: int = 32, noise: dict | None = None,
-              classes=None, max_fallback_nodes: int | None = None, trials=None, log=None) -> Int8Result:
+              classes=None, max_fallback_nodes: int | None = None, trials=None,
+              min_int8_share: float = MIN_INT8_SHARE, log=None) -> Int8Result:
     """See the module doc. `recipe`: the base recipe (default: `recipe.default_recipe()` for this CPU); with
     `search` the method and the float maps are chosen on `select`. `want_report`: per-tensor and per-weight
     statistics; `ranking` (default: want_report): the sensitivity ranking on `select`.
@@ -83,13 +84,15 @@ def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spe
         # two photos of noise (cp7: the node with the largest gain, +2.2 dB, flipped 2 where full int8 flipped 1)
         rows = sens["ranking"]
         fb = auto_fallback(pre, model, [r["node"] for r in rows], select.images, select.labels, spec,
-                           gains=[r["sqnr_gain_db"] for r in rows], max_nodes=max_fallback_nodes, log=log)
+                           gains=[r["sqnr_gain_db"] for r in rows], max_nodes=max_fallback_nodes, min_int8_share=min_int8_share, log=log)
         model = fb.model
         fb.latency_ms = latencies({"fp32": pre, "full_int8": full, "fallback_int8": model}, heldout.images[0])
         gate = evaluate_gate(ref, g.logits(g.session(model), heldout.images), heldout.labels, spec=spec,
                              source=f"{len(heldout)} {heldout.source}", noise=noise)
         report["fallback"] = {**fb.to_dict(), "held_out_gate": gate.line()}
-        log(f"  fallback ({len(fb.floated)} node(s) in float, {fb.int8_mac_share:.1%} of MACs int8): {gate.line()}")
+        floor = f", stopped at the {min_int8_share:.0%} floor" if fb.stopped_by_floor else ""
+        log(f"  fallback ({len(fb.floated)} node(s) in float, {fb.int8_mac_share:.1%} of MACs int8{floor}): "
+            f"{gate.line()}")
     report["gate"] = gate.to_dict()
     got = g.logits(g.session(model), heldout.images)
     report["flipped"] = rp.flipped_photos(ref, got, heldout.files, heldout.labels, classes)
