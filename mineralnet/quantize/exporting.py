@@ -189,10 +189,12 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
               "report": Path(paths["json"]).name,
               "fallback": result.report.get("fallback", {}).get("floated") if fallback == "auto" else None}
     if not gate.passed:
-        floored = result.report.get("fallback", {}).get("stopped_by_floor")
-        hint = "; try --int8-fallback auto" if fallback != "auto" else (
-            f"; the fallback stopped at the {min_int8_share:.0%} floor of MACs in int8 (--int8-min-share: lower "
-            f"it to float more, at the cost of size and speed)" if floored else "")
+        hint = ""
+        if fallback != "auto":
+            hint = "; try --int8-fallback auto"
+        elif result.report.get("fallback", {}).get("stopped_by_floor"):  # no ranking photos: no fallback ran
+            hint = (f"; the fallback stopped at the {min_int8_share:.0%} floor of MACs in int8 (--int8-min-share: "
+                    f"lower it to float more, at the cost of size and speed)")
         raise MineralNetError(failure_line(gate, spec, paths["md"], hint=hint))
     return result, record, paths
 

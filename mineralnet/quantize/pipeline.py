@@ -84,7 +84,8 @@ def make_int8(fp32_model, calib: Photos, select: Photos, heldout: Photos, *, spe
         # two photos of noise (cp7: the node with the largest gain, +2.2 dB, flipped 2 where full int8 flipped 1)
         rows = sens["ranking"]
         fb = auto_fallback(pre, model, [r["node"] for r in rows], select.images, select.labels, spec,
-                           gains=[r["sqnr_gain_db"] for r in rows], max_nodes=max_fallback_nodes, min_int8_share=min_int8_share, log=log)
+                           gains=[r["sqnr_gain_db"] for r in rows], max_nodes=max_fallback_nodes,
+                           min_int8_share=min_int8_share, log=log)
         model = fb.model
         fb.latency_ms = latencies({"fp32": pre, "full_int8": full, "fallback_int8": model}, heldout.images[0])
         gate = evaluate_gate(ref, g.logits(g.session(model), heldout.images), heldout.labels, spec=spec,
