@@ -317,7 +317,7 @@ def test_auto_fallback_floats_the_sensitive_node_until_the_gate_holds(tiny):
     sens = rp.sensitivity(tiny["pre"], tiny["qdq"], rank_x, rank_y)
     order = [r["node"] for r in sens["ranking"]]
     spec = stats.parse_gate("drop=3,bound=6")
-    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, min_int8_share=0.5)
+    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, min_int8_share=0.5, min_step_db=None)
     assert fb.floated == ["conv2"] and fb.ranking_gate.passed and not fb.stopped_by_floor
     assert [s["passed"] for s in fb.steps] == [False, True]
     assert 0 < fb.int8_mac_share < fb.full_int8_mac_share
@@ -341,13 +341,14 @@ def test_auto_fallback_never_floats_below_the_int8_share_floor(tiny):
     assert left < MIN_INT8_SHARE
     lines = []
     spec = stats.parse_gate("drop=3,bound=6")
-    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, log=lines.append)
+    fb = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, log=lines.append, min_step_db=None)
     assert fb.floated == [] and fb.stopped_by_floor and not fb.ranking_gate.passed
     assert fb.int8_mac_share == fb.full_int8_mac_share >= MIN_INT8_SHARE and len(fb.steps) == 1
     assert g.int8_nodes(g.load(fb.model)) == ["conv1", "conv2", "conv3"]
     assert any("floating conv2 too would leave" in line and "80% floor" in line for line in lines)
     assert fb.to_dict()["stopped_by_floor"] is True and "never below 80%" in fb.to_dict()["rule"]
-    through = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, min_int8_share=left - 0.01)
+    through = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, spec, min_int8_share=left - 0.01,
+                            min_step_db=None)
     assert through.floated == ["conv2"] and through.ranking_gate.passed and not through.stopped_by_floor
     assert through.int8_mac_share == pytest.approx(left)
 
@@ -523,14 +524,52 @@ def test_auto_fallback_floats_every_node_above_the_gain_threshold(tiny):
     assert gains == sorted(gains, reverse=True) and sens["ranking"][0]["node"] == "conv2"
     order = [r["node"] for r in sens["ranking"]]
     lenient = stats.parse_gate("drop=100,bound=100")  # holds with nothing floated
-    none = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient)
+    none = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, min_step_db=None)
     assert none.floated == [] and len(none.steps) == 1
     two = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, gains=[5.0, 1.0, 0.1],
-                        min_gain_db=0.5, min_int8_share=0)  # the floor has its own test
+                        min_gain_db=0.5, min_int8_share=0, min_step_db=None)  # the floor has its own test
     assert two.floated == order[:2] and [s["floated"] for s in two.steps] == [0, 1, 2]
     assert two.steps[2]["logit_sqnr_db"] > two.steps[0]["logit_sqnr_db"]
     with pytest.raises(ValueError):
         auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, gains=[1.0])
+
+
+def _sqnr_by_hand(ref, got):
+    return 10 * math.log10(float((ref.astype(np.float64) ** 2).sum() / ((ref - got).astype(np.float64) ** 2).sum()))
+
+
+def test_auto_fallback_stops_at_the_knee_of_the_measured_sqnr(tiny):
+    """The default rule past the wanted nodes: float the next node only while it raises the logit SQNR measured on
+    the ranking photos by min_step_db; the first node that adds less is tried, recorded as not kept, and the walk
+    returns the model before it. The SQNR of every prefix is recomputed here from float_nodes and a hand formula;
+    the gate is lenient, so it cannot be what stops the walk."""
+    from mineralnet.quantize import graph as g, report as rp
+    from mineralnet.quantize.fallback import MIN_STEP_DB, auto_fallback
+
+    rank_x, rank_y = tiny["test"][:150], tiny["labels"][:150]
+    order = [r["node"] for r in rp.sensitivity(tiny["pre"], tiny["qdq"], rank_x, rank_y)["ranking"]]
+    ref = g.logits(g.session(tiny["pre"]), rank_x)
+    qdq = g.load(tiny["qdq"])
+    db = [_sqnr_by_hand(ref, g.logits(g.session(g.float_nodes(qdq, tiny["pre"], order[:k]) if k else qdq), rank_x))
+          for k in range(3)]
+    first, second = db[1] - db[0], db[2] - db[1]
+    assert first > second + 0.2 and MIN_STEP_DB > 0  # conv2 first, a large step; conv1 adds less
+    lenient = stats.parse_gate("drop=100,bound=100")
+    lines = []
+    knee = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, min_int8_share=0,
+                         min_step_db=(first + second) / 2, log=lines.append)
+    assert knee.floated == order[:1] and not knee.stopped_by_floor
+    assert [(s["floated"], s["kept"]) for s in knee.steps] == [(0, True), (1, True), (2, False)]
+    assert [s["logit_sqnr_db"] for s in knee.steps] == pytest.approx(db, abs=0.01)
+    assert g.int8_nodes(g.load(knee.model)) == [n for n in ["conv1", "conv2", "conv3"] if n != order[0]]
+    assert any(f"floating {order[1]} too adds" in line for line in lines)
+    assert "while each adds >=" in knee.to_dict()["rule"]
+    # a smaller step lets the second node through; the wanted nodes are floated whatever their step
+    assert auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, min_int8_share=0,
+                         min_step_db=second / 2, max_nodes=2).floated == order[:2]
+    wanted = auto_fallback(tiny["pre"], tiny["qdq"], order, rank_x, rank_y, lenient, min_int8_share=0,
+                           gains=[9.0, 9.0, 0.0], min_step_db=first * 10)
+    assert wanted.floated == order[:2] and [s["kept"] for s in wanted.steps] == [True, True, True, False]
 
 
 def test_module_names_read_torch_onnx_scopes_and_name_folded_convs(tmp_path):
