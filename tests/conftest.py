@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import tempfile
 
@@ -34,3 +35,16 @@ def pytest_collection_modifyitems(config, items):
 def minet7_dir():
     return os.path.abspath(MINET7)
 
+
+
+@pytest.fixture(scope="session")
+def load_study():
+    """studies/NAME.py imported as a module (studies/ is not a package: the scripts run from the repository root)."""
+    def load(name: str):
+        path = os.path.join(os.path.dirname(__file__), "..", "studies", f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load

@@ -1,6 +1,5 @@
 """studies/ensemble_cv.py pools folds run apart: the merged table and paired tests equal those computed over the
 concatenated per-photo answers (an independent exact McNemar from math.comb, means by hand)."""
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -8,15 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("ensemble_cv", ROOT / "studies" / "ensemble_cv.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def study(load_study):
+    return load_study("ensemble_cv")
 
 
 MODELS = ["baseline", "m0", "m1", "m2", "ensemble", "ensemble_plain", "student"]

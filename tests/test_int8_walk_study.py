@@ -1,19 +1,11 @@
 """studies/int8_walk.py: each stopping rule picks, from the ranking-photo columns alone, the k a hand reading of
 the rows gives; the held-out columns never change a pick."""
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("int8_walk", ROOT / "studies" / "int8_walk.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def study(load_study):
+    return load_study("int8_walk")
 
 
 # k: share of MACs in int8, ranking SQNR (dB), ranking gate
