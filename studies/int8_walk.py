@@ -21,18 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from itertools import takewhile
 from pathlib import Path
 
-import numpy as np
+from mineralnet.quantize.fallback import MIN_INT8_SHARE as FLOOR, leading_above
 
-FLOOR = 0.8
 STEP_DB = (0.25, 0.5, 1.0)
 TARGET_DB = (20.0, 22.0, 24.0)
 
 
 def pick(rows: list[dict], rule: str, wanted: int) -> int:
     """The k that `rule` stops at, reading only the ranking-photo columns of `rows` (row k = k nodes float)."""
-    allowed = [r for r in rows if r["int8_mac_share"] >= FLOOR or r["k"] == 0]
+    allowed = rows[:1] + list(takewhile(lambda r: r["int8_mac_share"] >= FLOOR, rows[1:]))  # as the walk stops
     last = allowed[-1]["k"]
     start = min(wanted, last)
     if rule == "gate":
@@ -41,14 +41,16 @@ def pick(rows: list[dict], rule: str, wanted: int) -> int:
     value = float(value)
     if kind == "step":
         for r in allowed:
-            if r["k"] >= start and (r["k"] + 1 > last or rows[r["k"] + 1]["ranking_sqnr_db"] - r["ranking_sqnr_db"] < value):
+            nxt = rows[r["k"] + 1] if r["k"] < last else None
+            if r["k"] >= start and (nxt is None or nxt["ranking_sqnr_db"] - r["ranking_sqnr_db"] < value):
                 return r["k"]
         return last
     return next((r["k"] for r in allowed if r["k"] >= start and r["ranking_sqnr_db"] >= value), last)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", help="run folder that was exported with --int8 --report")
     ap.add_argument("--export", help="its export folder (default RUN/export)")
     ap.add_argument("--steps", type=int, default=24, help="walk this many nodes of the ranking (default 24)")
@@ -60,7 +62,6 @@ def main(argv=None) -> int:
     from mineralnet.quantize import graph as g
     from mineralnet.quantize import recipe as rc
     from mineralnet.quantize.exporting import augmented_preprocess, load_photos, plan_photos
-    from mineralnet.quantize.fallback import MIN_GAIN_DB
     from mineralnet.quantize.stats import GateSpec, evaluate_gate
 
     run = Path(a.run)
@@ -79,11 +80,7 @@ def main(argv=None) -> int:
     qdq = g.load(rc.quantize(pre, calib.images, recipe))
     rows_rank = report["sensitivity"]["ranking"]
     order = [r["node"] for r in rows_rank]
-    wanted = 0
-    for r in rows_rank:
-        if r["sqnr_gain_db"] < MIN_GAIN_DB:
-            break
-        wanted += 1
+    wanted = leading_above([r["sqnr_gain_db"] for r in rows_rank])
     spec = GateSpec()
     sess = g.session(pre)
     ref_sel, ref_held = g.logits(sess, select.images), g.logits(sess, held.images)
@@ -95,14 +92,18 @@ def main(argv=None) -> int:
         sel, hold = g.logits(s, select.images), g.logits(s, held.images)
         rg = evaluate_gate(ref_sel, sel, select.labels, spec=spec)
         hg = evaluate_gate(ref_held, hold, held.labels, spec=spec)
-        rows.append({"k": k, "node": order[k - 1] if k else None, "int8_mac_share": round(g.int8_mac_share(model, macs), 4),
-                     "ranking_flips": int(len(sel) - rg.agreement.k), "ranking_sqnr_db": round(rc.logit_sqnr_db(ref_sel, sel), 2),
+        rows.append({"k": k, "node": order[k - 1] if k else None,
+                     "int8_mac_share": round(g.int8_mac_share(model, macs), 4),
+                     "ranking_flips": int(len(sel) - rg.agreement.k),
+                     "ranking_sqnr_db": round(rc.logit_sqnr_db(ref_sel, sel), 2),
                      "ranking_passed": rg.passed, "ranking_bound": round(100 * rg.drop_high, 2),
-                     "heldout_flips": int(len(hold) - hg.agreement.k), "heldout_sqnr_db": round(rc.logit_sqnr_db(ref_held, hold), 2),
+                     "heldout_flips": int(len(hold) - hg.agreement.k),
+                     "heldout_sqnr_db": round(rc.logit_sqnr_db(ref_held, hold), 2),
                      "heldout_drop": round(100 * hg.drop, 2), "heldout_bound": round(100 * hg.drop_high, 2),
                      "heldout_passed": hg.passed})
         r = rows[-1]
-        print(f"k={k:2d} int8 {r['int8_mac_share']:.1%}  ranking: {r['ranking_flips']} flips {r['ranking_sqnr_db']:5.2f} dB "
+        print(f"k={k:2d} int8 {r['int8_mac_share']:.1%}  ranking: {r['ranking_flips']} flips "
+              f"{r['ranking_sqnr_db']:5.2f} dB "
               f"{'pass' if r['ranking_passed'] else 'fail'}  held-out: {r['heldout_flips']} flips "
               f"{r['heldout_sqnr_db']:5.2f} dB drop {r['heldout_drop']:+.2f} bound {r['heldout_bound']:.2f} "
               f"{'PASS' if r['heldout_passed'] else 'FAIL'}", flush=True)
@@ -110,8 +111,10 @@ def main(argv=None) -> int:
     picks = {}
     for rule in rules:
         k = pick(rows, rule, wanted)
-        picks[rule] = {"k": k, **{c: rows[k][c] for c in ("int8_mac_share", "heldout_drop", "heldout_bound", "heldout_passed")}}
-        print(f"{rule:9s} -> k={k:2d} int8 {rows[k]['int8_mac_share']:.1%} held-out drop {rows[k]['heldout_drop']:+.2f} "
+        cols = ("int8_mac_share", "heldout_drop", "heldout_bound", "heldout_passed")
+        picks[rule] = {"k": k, **{c: rows[k][c] for c in cols}}
+        print(f"{rule:9s} -> k={k:2d} int8 {rows[k]['int8_mac_share']:.1%} "
+              f"held-out drop {rows[k]['heldout_drop']:+.2f} "
               f"bound {rows[k]['heldout_bound']:.2f} {'PASS' if rows[k]['heldout_passed'] else 'FAIL'}")
     out = Path(a.out or f"studies/results/int8-walk-{run.name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

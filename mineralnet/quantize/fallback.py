@@ -74,6 +74,15 @@ class Fallback:
                 "latency_ms": self.latency_ms}
 
 
+def leading_above(gains: Sequence[float], min_gain_db: float = MIN_GAIN_DB) -> int:
+    """How many leading entries of `gains` (the sensitivity ranking's own gains, best first) reach
+    `min_gain_db`: the nodes the fallback floats whatever else its rule says."""
+    n = 0
+    while n < len(gains) and gains[n] >= min_gain_db:
+        n += 1
+    return n
+
+
 def auto_fallback(pre_fp32: bytes, qdq: bytes, order: Sequence[str], images: np.ndarray, labels,
                   spec: GateSpec, *, gains: Sequence[float] | None = None, min_gain_db: float = MIN_GAIN_DB,
                   min_step_db: float | None = MIN_STEP_DB, max_nodes: int | None = None,
@@ -92,12 +101,7 @@ def auto_fallback(pre_fp32: bytes, qdq: bytes, order: Sequence[str], images: np.
     limit = len(order) if max_nodes is None else min(len(order), max_nodes)
     if gains is not None and len(gains) != len(order):
         raise ValueError(f"auto_fallback: {len(gains)} gains for {len(order)} nodes")
-    wanted = 0
-    for gain in (gains if gains is not None else []):
-        if gain < min_gain_db:
-            break
-        wanted += 1
-    wanted = min(wanted, limit)
+    wanted = min(leading_above(gains if gains is not None else [], min_gain_db), limit)
     macs = g.macs(g.load(pre_fp32))
     steps, model, gate, floored, k = [], proto, None, False, 0
     for k in range(limit + 1):
@@ -115,12 +119,13 @@ def auto_fallback(pre_fp32: bytes, qdq: bytes, order: Sequence[str], images: np.
         step = {"floated": k, "node": order[k - 1] if k else None, "flips": int(len(images) - cand_gate.agreement.k),
                 "logit_sqnr_db": round(sqnr, 2), "drop": cand_gate.drop, "drop_high": cand_gate.drop_high,
                 "passed": cand_gate.passed, "int8_mac_share": share}
-        if min_step_db is not None and k > wanted and sqnr - steps[-1]["logit_sqnr_db"] < min_step_db:
+        gain = sqnr - steps[-1]["logit_sqnr_db"] if steps else 0.0
+        if min_step_db is not None and k > wanted and gain < min_step_db:
             steps.append({**step, "kept": False})
             k -= 1
             if log:
-                log(f"  fallback: stops at {k} node(s) in float: floating {order[k]} too adds "
-                    f"{sqnr - steps[-2]['logit_sqnr_db']:+.2f} dB of logit SQNR, under {min_step_db:g} dB")
+                log(f"  fallback: stops at {k} node(s) in float: floating {order[k]} too adds {gain:+.2f} dB of "
+                    f"logit SQNR, under {min_step_db:g} dB")
             break
         model, gate = candidate, cand_gate
         steps.append({**step, "kept": True})
