@@ -66,6 +66,10 @@ def main(argv=None) -> int:
 
     run = Path(a.run)
     export = Path(a.export or run / "export")
+    for need in ("model.int8.report.json", "model.onnx"):
+        if not (export / need).is_file():
+            sys.exit(f"int8_walk: {export / need} not found: export the run first with "
+                     f"`mineralnet-export {run} --int8 --report` (or name its folder with --export DIR)")
     report = json.loads((export / "model.int8.report.json").read_text())
     if "sensitivity" not in report:
         sys.exit(f"{export}/model.int8.report.json has no sensitivity ranking: export with --int8 --report")

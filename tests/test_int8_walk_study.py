@@ -31,3 +31,9 @@ def rows(held_passed=True):
 def test_rules_pick_the_hand_read_k(study, rule, wanted, k):
     assert study.pick(rows(), rule, wanted) == k
     assert study.pick(rows(held_passed=False), rule, wanted) == k  # the held-out column is never read
+
+
+def test_a_run_without_its_int8_report_gets_one_line_naming_the_file_and_the_export_command(study, tmp_path):
+    with pytest.raises(SystemExit, match=r"model\.int8\.report\.json not found: export the run first with "
+                                         r"`mineralnet-export .* --int8 --report`"):
+        study.main([str(tmp_path)])
