@@ -127,6 +127,69 @@ def test_nncf_int8_ir_is_gated_too(run_dir, photos, tmp_path):
     assert iov.IRRunner(tmp_path / "model.int8.xml").run(x)["logits"].shape == (2, 3)
 
 
+def _ir_tail(model) -> set[str]:
+    """Friendly names of the IR's global pooling (ReduceMean) and every op after it."""
+    todo = [op for op in model.get_ordered_ops() if op.get_type_name() == "ReduceMean"]
+    seen = {}
+    while todo:
+        op = todo.pop()
+        if op.get_friendly_name() not in seen:
+            seen[op.get_friendly_name()] = op
+            todo += [t.get_node() for out in op.outputs() for t in out.get_target_inputs()]
+    return set(seen)
+
+
+def test_nncf_alone_asks_for_the_int8_ir_with_a_float_tail(run_dir, photos, tmp_path, monkeypatch):
+    """--openvino --openvino-int8 nncf without --int8: model.int8.xml by NNCF, no model.int8.onnx; NNCF gets the
+    ONNX graph with its float tail named exactly (quantize.graph.tail_nodes), so no FakeQuantize of the IR feeds
+    the pooling or anything after it; the weights get 7 bits exactly where the QDQ recipe would use reduce_range
+    (NNCF's overflow fix on every layer)."""
+    nncf = pytest.importorskip("nncf")
+    import onnx
+    from nncf.quantization.advanced_parameters import OverflowFix
+
+    from mineralnet.quantize import graph as g
+    from mineralnet.quantize import recipe as rc
+
+    seen, original = {}, nncf.quantize
+
+    def spy(model, dataset, **kwargs):
+        seen.update(kwargs, model=model)
+        return original(model, dataset, **kwargs)
+
+    monkeypatch.setattr(nncf, "quantize", spy)
+    opts = ExportOptions(quant_data=photos, quant_size=16, out_dir=tmp_path, openvino_int8="nncf",
+                         int8_gate="drop=100,bound=100")
+    arts = {a.path.name: a for a in export(run_dir, ["openvino"], opts)}
+    assert "model.int8.xml" in arts and not (tmp_path / "model.int8.onnx").exists()
+    expected = OverflowFix.ENABLE if rc.default_recipe().reduce_range else OverflowFix.DISABLE
+    assert seen["advanced_parameters"].overflow_fix == expected and seen["fast_bias_correction"] is True
+    assert isinstance(seen["model"], onnx.ModelProto)
+    assert sorted(seen["ignored_scope"].names) == g.tail_nodes(seen["model"])
+    assert arts["model.int8.xml"].record["quantization"]["float_tail"] is True
+
+    ov = iov._ov()
+    int8 = ov.Core().read_model(str(tmp_path / "model.int8.xml"))
+    kinds = {op.get_friendly_name(): op.get_type_name() for op in int8.get_ordered_ops()}
+    tail = _ir_tail(int8)
+    assert {kinds[n] for n in tail} >= {"ReduceMean", "Concat", "Softmax"}
+    fq_fed = {t.get_node().get_friendly_name() for op in int8.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+              for out in op.outputs() for t in out.get_target_inputs()}
+    assert fq_fed and not fq_fed & tail
+    assert any(kinds.get(n) == "Convolution" for n in fq_fed)
+    assert iov.IRRunner(tmp_path / "model.int8.xml").meta["classes"] == CLASSES
+
+
+def test_nncf_without_nncf_installed_fails_before_anything_is_written(run_dir, tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    with pytest.raises(MineralNetError, match="needs NNCF"):
+        export(run_dir, ["openvino"], ExportOptions(out_dir=tmp_path, openvino_int8="nncf"))
+    assert not list(tmp_path.iterdir())
+
+
 def test_score_photos_torch_row_equals_mineralnet_eval(run_dir, photos):
     from mineralnet.analysis.evaluate import predict_folder
     from mineralnet.metrics import compute_metrics

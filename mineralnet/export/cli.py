@@ -82,7 +82,10 @@ def add_arguments(parser) -> None:
     t.add_argument("--timing-cache", default=None, metavar="FILE", help="timing cache file (default OUT/timing.cache)")
     v = parser.add_argument_group("OpenVINO, LiteRT and Triton")
     v.add_argument("--openvino-int8", choices=("qdq", "nncf"), default="qdq",
-                   help="int8 IR from model.int8.onnx (qdq, default) or by NNCF on the quantization photos (nncf)")
+                   help="int8 IR from model.int8.onnx (qdq, default; needs --int8) or by NNCF on the quantization "
+                        "photos (nncf: asks for the int8 IR by itself, float tail and fast bias correction like "
+                        "model.int8.onnx's recipe, judged by its own int8 gate; with --int8 model.int8.onnx must "
+                        "pass its gate first)")
     v.add_argument("--tflite-int8", choices=("float-tail", "full"), default="float-tail",
                    help="model.int8.tflite: int8 convolutions and adds with the fusion tail (pooling, concat, "
                         "linear, novelty) and the input/outputs in float, like model.int8.onnx (float-tail, "

@@ -2,11 +2,14 @@
 
     mineralnet-export RUN --openvino                            # model.xml + model.bin (fp32)
     mineralnet-export RUN --openvino --int8 --calib-data DIR    # + model.int8.xml + model.int8.bin
+    mineralnet-export RUN --openvino --openvino-int8 nncf       # model.xml + model.int8.xml by NNCF (no ONNX int8)
 
 The IR is converted from the parity-gated ONNX file, never from PyTorch directly, so every format
 of one export computes the same graph. int8 comes either from the int8 QDQ ONNX (`qdq`, the
 default: OpenVINO turns its Q/DQ pairs into FakeQuantize and runs them with its own int8 kernels),
-or from NNCF post-training quantization of the fp32 IR on the same quantization photos (`nncf`).
+or from NNCF post-training quantization of the fp32 IR on the same quantization photos (`nncf`), which does
+not need model.int8.onnx: `--openvino-int8 nncf` asks for the int8 IR by itself, so a run whose QDQ int8 file
+the gate refuses can still get an OpenVINO int8 judged by its own gate.
 bench/RESULTS.md ("OpenVINO on this CPU") has the measurement behind the default.
 
 The metadata of the ONNX file (classes, preprocessing, precision, ...) is carried in the IR's
@@ -23,6 +26,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 from mineralnet.errors import MineralNetError
+from mineralnet.quantize.recipe import default_recipe
 from mineralnet.export.ir import IR_NAMES, INT8_METHODS, quantize_nncf, save_ir
 from mineralnet.infer.openvino import IRRunner, _ov, bin_path, convert
 
@@ -30,6 +34,20 @@ from mineralnet.infer.openvino import IRRunner, _ov, bin_path, convert
 def check(options, run=None) -> None:
     if options.openvino_int8 not in INT8_METHODS:
         raise MineralNetError(f"--openvino-int8 {options.openvino_int8!r}: choose one of {', '.join(INT8_METHODS)}")
+    if options.openvino_int8 == "nncf":  # before the fp32 export, not after it
+        from importlib.util import find_spec
+
+        from mineralnet.export import int8 as xint8
+
+        if find_spec("nncf") is None:
+            raise MineralNetError("--openvino-int8 nncf needs NNCF: pip install -e \".[openvino]\" (or pip install nncf); "
+                                  "or use the default --openvino-int8 qdq with --int8")
+        xint8.check(options, run)  # the quantization photos and the gate, as for model.int8.onnx
+
+
+def wants_int8(ctx) -> bool:
+    """An int8 IR: with --int8 (from model.int8.onnx, or by NNCF), or by NNCF alone (--openvino-int8 nncf)."""
+    return "int8" in ctx.formats or ctx.options.openvino_int8 == "nncf"
 
 
 def write(ctx) -> list:
@@ -37,7 +55,7 @@ def write(ctx) -> list:
     (from model.int8.onnx, or NNCF on the quantization photos; held-out int8 gate, report beside it)."""
     check(ctx.options)
     _ov()
-    return [_export_ir(ctx, p, ctx.options.openvino_int8) for p in ["fp32", *(["int8"] if "int8" in ctx.formats else [])]]
+    return [_export_ir(ctx, p, ctx.options.openvino_int8) for p in ["fp32", *(["int8"] if wants_int8(ctx) else [])]]
 
 
 def _export_ir(ctx, precision: str, method: str):
@@ -48,16 +66,22 @@ def _export_ir(ctx, precision: str, method: str):
 
     o = ctx.options
     source = ctx.files["int8" if precision == "int8" and method == "qdq" else "fp32"]
-    model = convert(source, onnx_props(ctx.meta, precision=precision, outputs=o.outputs, batch=ctx.batch_info()))
+    props = onnx_props(ctx.meta, precision=precision, outputs=o.outputs, batch=ctx.batch_info())
     record = {"format": "openvino", "precision": precision, "source": Path(source).name,
               "outputs": list(o.outputs), "batch": ctx.batch_info()}
     if precision == "int8" and method == "nncf":
         photos, _ = ctx.quantization_photos()
-        model = quantize_nncf(model, photos, None if o.profile.dynamic else o.profile.max)
+        qdq = quantize_nncf(source, photos, None if o.profile.dynamic else o.profile.max)
+        with tempfile.TemporaryDirectory(prefix="mineralnet-ov-") as tmp:
+            (Path(tmp) / "nncf.onnx").write_bytes(qdq)
+            model = convert(Path(tmp) / "nncf.onnx", props)
         record["quantization"] = {"method": "nncf", "preset": "performance (symmetric int8)",
-                                  "photos": int(len(photos))}
-    elif precision == "int8":
-        record["quantization"] = {"method": "qdq", "from": Path(source).name}
+                                  "fast_bias_correction": True, "float_tail": True,
+                                  "weights_7bit": default_recipe().reduce_range, "photos": int(len(photos))}
+    else:
+        model = convert(source, props)
+        if precision == "int8":
+            record["quantization"] = {"method": "qdq", "from": Path(source).name}
     with tempfile.TemporaryDirectory(prefix="mineralnet-ov-") as tmp:
         xml = save_ir(model, tmp, IR_NAMES[precision])
         runner = IRRunner(xml, precision="fp32")
