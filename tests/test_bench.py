@@ -184,6 +184,21 @@ def test_batch_sweep_rows_json_and_markdown(tiny_run, tiny_onnx, tmp_path):
     assert "ort-cuda / fp32 (batch 1,3): skipped:" in md
 
 
+def test_a_fixed_batch_onnx_file_gets_one_line_at_other_batch_sizes(tiny_onnx, tmp_path):
+    import onnx
+
+    model = onnx.load(str(tiny_onnx))
+    for v in (*model.graph.input, *model.graph.output):
+        v.type.tensor_type.shape.dim[0].dim_value = 1
+    path = tmp_path / "fixed.onnx"
+    onnx.save(model, str(path))
+    rows = bench.run_inference([str(path)], runtimes=["ort-cpu"], precisions=["fp32"], batch_sizes=[1, 8],
+                               warmup_s=0, duration_s=0.01, min_runs=2, buffers=2, device="cpu", log=lambda *_: None)
+    by_batch = {r["batch"]: r for r in rows}
+    assert by_batch[1]["status"] == "ok" and by_batch[8]["status"] == "error"
+    assert "has a fixed batch of 1, not 8; export with --dynamic" in by_batch[8]["reason"]
+
+
 def test_runtime_that_raises_skip_is_reported(tiny_run, monkeypatch):
     def unavailable(bm, precision, device):
         raise bench.Skip("the fake accelerator is not installed")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -307,7 +308,12 @@ def _build_ort(which: str):
         dtype = _NP_TYPES.get(inp.type, np.float32)
         out_name = sess.get_outputs()[0].name
 
+        fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+
         def make_host(batch: int, n: int):
+            if fixed and batch != fixed:  # one line, as the OpenVINO and TensorRT rows say it
+                raise MineralNetError(f"{os.fspath(bm.path)!r} has a fixed batch of {fixed}, not {batch}; "
+                                      f"export with --dynamic to time other batch sizes")
             rng = np.random.default_rng(batch)
             return [rng.standard_normal((batch, 3, bm.image_size, bm.image_size)).astype(dtype) for _ in range(n)]
 
