@@ -102,12 +102,15 @@ def main(argv=None) -> int:
     ap.add_argument("--export", help="its export folder (default RUN/export)")
     ap.add_argument("--out", help="JSON of the results (default studies/results/int8-nncf-<run name>.json)")
     a = ap.parse_args(argv)
+
+    from mineralnet.errors import MineralNetError
+    from mineralnet.quantize.exporting import read_int8_report
+
     run = Path(a.run)
-    export = Path(a.export or run / "export")
-    for need in ("model.int8.report.json", "model.onnx"):
-        if not (export / need).is_file():
-            sys.exit(f"int8_nncf: {export / need} not found: export the run first with "
-                     f"`mineralnet-export {run} --int8 --report` (or name its folder with --export DIR)")
+    try:
+        export, report = read_int8_report(run, a.export, prog="int8_nncf")
+    except MineralNetError as e:
+        sys.exit(str(e))
     try:
         import nncf  # noqa: F401
     except ImportError:
@@ -120,17 +123,12 @@ def main(argv=None) -> int:
     from mineralnet.infer.openvino import IRRunner, convert
     from mineralnet.quantize import graph as g
     from mineralnet.quantize import recipe as rc
-    from mineralnet.quantize.exporting import augmented_preprocess, load_photos, plan_photos
+    from mineralnet.quantize.exporting import load_photo_sets, plan_photos
     from mineralnet.quantize.stats import GateSpec, evaluate_gate
 
-    report = json.loads((export / "model.int8.report.json").read_text())
     recipe = rc.Recipe(**report["recipe"].get("recipe", report["recipe"]))
     _, meta = load_model(run)
-    plan = plan_photos(run, meta["classes"])
-    pre_fn = Preprocessor(meta)
-    calib = load_photos(plan.calib, pre_fn)
-    select = load_photos([p for p, _ in plan.select], augmented_preprocess(meta), [y for _, y in plan.select])
-    held = load_photos([p for p, _ in plan.heldout], pre_fn, [y for _, y in plan.heldout])
+    calib, select, held = load_photo_sets(plan_photos(run, meta["classes"]), meta, Preprocessor(meta))
     pre = rc.preprocess(export / "model.onnx")
     fp32 = g.session(pre)
     ref_sel, ref_held = g.logits(fp32, select.images), g.logits(fp32, held.images)

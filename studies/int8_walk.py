@@ -58,27 +58,22 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from mineralnet.artifact import load_model
+    from mineralnet.errors import MineralNetError
     from mineralnet.infer import Preprocessor
     from mineralnet.quantize import graph as g
     from mineralnet.quantize import recipe as rc
-    from mineralnet.quantize.exporting import augmented_preprocess, load_photos, plan_photos
+    from mineralnet.quantize.exporting import load_photo_sets, plan_photos, read_int8_report
     from mineralnet.quantize.stats import GateSpec, evaluate_gate
 
     run = Path(a.run)
-    export = Path(a.export or run / "export")
-    for need in ("model.int8.report.json", "model.onnx"):
-        if not (export / need).is_file():
-            sys.exit(f"int8_walk: {export / need} not found: export the run first with "
-                     f"`mineralnet-export {run} --int8 --report` (or name its folder with --export DIR)")
-    report = json.loads((export / "model.int8.report.json").read_text())
+    try:
+        export, report = read_int8_report(run, a.export, prog="int8_walk")
+    except MineralNetError as e:
+        sys.exit(str(e))
     if "sensitivity" not in report:
         sys.exit(f"{export}/model.int8.report.json has no sensitivity ranking: export with --int8 --report")
     _, meta = load_model(run)
-    plan = plan_photos(run, meta["classes"])
-    pre_fn = Preprocessor(meta)
-    calib = load_photos(plan.calib, pre_fn)
-    select = load_photos([p for p, _ in plan.select], augmented_preprocess(meta), [y for _, y in plan.select])
-    held = load_photos([p for p, _ in plan.heldout], pre_fn, [y for _, y in plan.heldout])
+    calib, select, held = load_photo_sets(plan_photos(run, meta["classes"]), meta, Preprocessor(meta))
     recipe = rc.Recipe(**report["recipe"].get("recipe", report["recipe"]))
     pre = rc.preprocess(export / "model.onnx")
     qdq = g.load(rc.quantize(pre, calib.images, recipe))

@@ -123,6 +123,31 @@ def load_photos(paths: Sequence, preprocess: Callable, labels=None, source: str 
     return pipeline.Photos(np.stack(arrays), np.array(ys) if labels is not None else None, kept, source)
 
 
+def load_photo_sets(plan: PhotoPlan, meta: dict, preprocess: Callable):
+    """(calibration, selection, held-out) Photos of `plan`: calibration and held-out through `preprocess` (the
+    evaluation preprocessing), selection through the seeded training augmentation (`augmented_preprocess`)."""
+    calib = load_photos(plan.calib, preprocess, source=plan.calib_source)
+    select = load_photos([p for p, _ in plan.select], augmented_preprocess(meta), [y for _, y in plan.select],
+                         "selection photos (training photos not used for calibration, augmented)")
+    held = load_photos([p for p, _ in plan.heldout], preprocess, [y for _, y in plan.heldout], plan.heldout_source)
+    return calib, select, held
+
+
+def read_int8_report(run, export=None, prog: str = "mineralnet") -> tuple[Path, dict]:
+    """(export folder, its model.int8.report.json) of a run exported with `--int8 --report` (export: default
+    RUN/export); one MineralNetError line naming the missing file and the export command otherwise."""
+    import json
+
+    from mineralnet.runs import RunDir
+
+    folder = Path(export or RunDir(run).export_dir)
+    for need in (f"{REPORT_STEM}.json", "model.onnx"):
+        if not (folder / need).is_file():
+            raise MineralNetError(f"{prog}: {folder / need} not found: export the run first with "
+                                  f"`mineralnet-export {run} --int8 --report` (or name its folder with --export DIR)")
+    return folder, json.loads((folder / f"{REPORT_STEM}.json").read_text())
+
+
 def augmented_preprocess(meta: dict, seed: int = 0) -> Callable:
     """Photo path -> (3, S, S) through the TRAINING augmentation (random resized crop, rotation, flip) with
     a fixed seed. The selection/ranking photos are training photos, which the model answers with large
@@ -165,14 +190,11 @@ def gated_int8(fp32_path, *, run, meta: dict, model, preprocess: Callable, out_d
 
     log = log or (lambda line: None)
     plan = plan_photos(run, meta["classes"], calib_data=calib_data, calib_size=calib_size, val_data=val_data)
-    calib = load_photos(plan.calib, preprocess, source=plan.calib_source)
+    calib, select, held = load_photo_sets(plan, meta, preprocess)
     if broken_calibration:  # the check that the gate catches bad ranges: a few all-black photos
         black = np.zeros((4, 3, meta["image_size"], meta["image_size"]), np.float32)
         mean, std = np.asarray(meta["mean"], np.float32), np.asarray(meta["std"], np.float32)
         calib = pipeline.Photos(black + (-mean / std)[None, :, None, None], None, None, "4 all-black photos")
-    select = load_photos([p for p, _ in plan.select], augmented_preprocess(meta), [y for _, y in plan.select],
-                         "selection photos (training photos not used for calibration, augmented)")
-    held = load_photos([p for p, _ in plan.heldout], preprocess, [y for _, y in plan.heldout], plan.heldout_source)
     if not len(held):
         raise MineralNetError(f"none of the {len(plan.heldout)} held-out photos could be decoded")
     log(f"int8: calibrating on {len(calib)} {calib.source}, choosing on {len(select)} selection photos, gating on "

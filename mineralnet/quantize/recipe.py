@@ -13,8 +13,10 @@ calibration, through the seeded training augmentation), never on the held-out ph
 use: fewest top-1 flips against fp32, then the highest logit SQNR; ties go to the simpler recipe (earlier in
 `candidates()`).
 
-Bias correction (NNCF's) is not applied on this path: onnxruntime's quantize_static has none, and NNCF is
-not installed here.
+No bias correction on this path: onnxruntime's quantize_static has none, and NNCF's corrected biases do not
+carry over to this placement (studies/int8_nncf.py on three students: -1.6 to +0.4 dB). NNCF's own file gains
+3.5-5.5 dB by quantizing only the inputs of the weighted ops, which ONNX Runtime cannot run as int8 kernels
+(3-4x slower than fp32); it makes the OpenVINO int8 IR instead (`export.ir.quantize_nncf`).
 """
 from __future__ import annotations
 
