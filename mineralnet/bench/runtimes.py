@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,7 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from mineralnet.errors import MineralNetError
+from mineralnet.errors import MineralNetError, fixed_batch_error
 from mineralnet.bench.harness import _short_error
 from mineralnet.bench.environment import _arch_flops, _version
 from mineralnet.infer.backends import KINDS, model_kind
@@ -312,8 +311,7 @@ def _build_ort(which: str):
 
         def make_host(batch: int, n: int):
             if fixed and batch != fixed:  # one line, as the OpenVINO and TensorRT rows say it
-                raise MineralNetError(f"{os.fspath(bm.path)!r} has a fixed batch of {fixed}, not {batch}; "
-                                      f"export with --dynamic to time other batch sizes")
+                raise fixed_batch_error(bm.path, fixed, batch)
             rng = np.random.default_rng(batch)
             return [rng.standard_normal((batch, 3, bm.image_size, bm.image_size)).astype(dtype) for _ in range(n)]
 

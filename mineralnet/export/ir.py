@@ -14,6 +14,8 @@ from mineralnet.infer.openvino import _ov, keep_signal_stack
 
 IR_NAMES = {"fp32": "model.xml", "int8": "model.int8.xml"}
 INT8_METHODS = ("qdq", "nncf")
+NEEDS_NNCF = ('--openvino-int8 nncf needs NNCF: pip install -e ".[openvino]" (or pip install nncf); or use the '
+              'default --openvino-int8 qdq with --int8')
 
 
 def quantize_nncf(fp32_onnx, photos: np.ndarray, batch: int | None, *, reduce_range: bool | None = None) -> bytes:
@@ -61,8 +63,7 @@ def import_nncf():
     try:
         import nncf
     except ImportError:
-        raise MineralNetError('--openvino-int8 nncf needs NNCF: pip install -e ".[openvino]" (or pip install nncf); '
-                              'or use the default --openvino-int8 qdq') from None
+        raise MineralNetError(NEEDS_NNCF) from None
     nncf.set_log_level(logging.WARNING)
     return nncf
 

@@ -7,8 +7,8 @@
 The IR is converted from the parity-gated ONNX file, never from PyTorch directly, so every format
 of one export computes the same graph. int8 comes either from the int8 QDQ ONNX (`qdq`, the
 default: OpenVINO turns its Q/DQ pairs into FakeQuantize and runs them with its own int8 kernels),
-or from NNCF post-training quantization of the fp32 IR on the same quantization photos (`nncf`), which does
-not need model.int8.onnx: `--openvino-int8 nncf` asks for the int8 IR by itself, so a run whose QDQ int8 file
+or from NNCF post-training quantization of the fp32 ONNX graph on the same quantization photos, converted
+to the IR (`nncf`, `export.ir.quantize_nncf`), which does not need model.int8.onnx: `--openvino-int8 nncf` asks for the int8 IR by itself, so a run whose QDQ int8 file
 the gate refuses can still get an OpenVINO int8 judged by its own gate.
 bench/RESULTS.md ("OpenVINO on this CPU") has the measurement behind the default.
 
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from mineralnet.errors import MineralNetError
 from mineralnet.quantize.recipe import default_recipe
-from mineralnet.export.ir import IR_NAMES, INT8_METHODS, quantize_nncf, save_ir
+from mineralnet.export.ir import IR_NAMES, INT8_METHODS, NEEDS_NNCF, quantize_nncf, save_ir
 from mineralnet.infer.openvino import IRRunner, _ov, bin_path, convert
 
 
@@ -40,8 +40,7 @@ def check(options, run=None) -> None:
         from mineralnet.export import int8 as xint8
 
         if find_spec("nncf") is None:
-            raise MineralNetError("--openvino-int8 nncf needs NNCF: pip install -e \".[openvino]\" (or pip install nncf); "
-                                  "or use the default --openvino-int8 qdq with --int8")
+            raise MineralNetError(NEEDS_NNCF)
         xint8.check(options, run)  # the quantization photos and the gate, as for model.int8.onnx
 
 
@@ -71,13 +70,14 @@ def _export_ir(ctx, precision: str, method: str):
               "outputs": list(o.outputs), "batch": ctx.batch_info()}
     if precision == "int8" and method == "nncf":
         photos, _ = ctx.quantization_photos()
-        qdq = quantize_nncf(source, photos, None if o.profile.dynamic else o.profile.max)
+        seven_bit = default_recipe().reduce_range  # the QDQ recipe's rule: 7-bit weights where the CPU lacks VNNI
+        qdq = quantize_nncf(source, photos, None if o.profile.dynamic else o.profile.max, reduce_range=seven_bit)
         with tempfile.TemporaryDirectory(prefix="mineralnet-ov-") as tmp:
             (Path(tmp) / "nncf.onnx").write_bytes(qdq)
             model = convert(Path(tmp) / "nncf.onnx", props)
         record["quantization"] = {"method": "nncf", "preset": "performance (symmetric int8)",
                                   "fast_bias_correction": True, "float_tail": True,
-                                  "weights_7bit": default_recipe().reduce_range, "photos": int(len(photos))}
+                                  "weights_7bit": seven_bit, "photos": int(len(photos))}
     else:
         model = convert(source, props)
         if precision == "int8":

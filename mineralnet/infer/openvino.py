@@ -14,7 +14,7 @@ from typing import Callable
 
 import numpy as np
 
-from mineralnet.errors import MineralNetError
+from mineralnet.errors import MineralNetError, fixed_batch_error
 
 RT_INFO_KEY = "mineralnet"
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}  # runtime hint -> OpenVINO's name
@@ -257,8 +257,7 @@ def timing_runtime(path, precision: str = "fp32", threads: int | None = None) ->
 
     def make_inputs(batch: int, n: int) -> list[np.ndarray]:
         if fixed and batch != fixed:
-            raise MineralNetError(f"{os.fspath(path)!r} has a fixed batch of {fixed}, not {batch}; "
-                                  f"export with --dynamic to time other batch sizes")
+            raise fixed_batch_error(path, fixed, batch)
         rng = np.random.default_rng(batch)
         return [rng.standard_normal((batch, 3, size, size)).astype(np.float32) for _ in range(n)]
 
