@@ -64,6 +64,19 @@ def model_meta(model, *, classes, image_size: int, mean, std, resize: int, metri
     return meta
 
 
+PARAMETRIZED = ".parametrizations."
+
+
+def plain_key(key: str) -> str:
+    """A state-dict key without torch's parametrization wrapper ('a.conv.parametrizations.weight.original' ->
+    'a.conv.weight'): a model trained with parametrized weights (quantization-aware training) saves as the plain
+    model and loads anywhere."""
+    if PARAMETRIZED in key and key.endswith(".original"):
+        head, _, rest = key.partition(PARAMETRIZED)
+        return f"{head}.{rest[:-len('.original')]}"
+    return key
+
+
 def save_model(run_dir, model, meta: dict) -> Path:
     """Write model.safetensors and model.json into run_dir, each atomically. Returns the weights path."""
     from safetensors.torch import save
@@ -71,7 +84,7 @@ def save_model(run_dir, model, meta: dict) -> Path:
     run_dir = Path(run_dir)
     model = getattr(model, "module", model)  # unwrap DDP
     model = getattr(model, "_orig_mod", model)  # unwrap torch.compile
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {plain_key(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     blob = save(state, metadata={"mineralnet": json.dumps(meta), "format": "pt"})
     atomic_write_bytes(run_dir / MODEL_FILE, blob)
     atomic_write_json(run_dir / META_FILE, meta)

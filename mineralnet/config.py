@@ -167,6 +167,14 @@ class TrainConfig:
                                          "(default: --seed); fix it to train other --seed values on the same photos")
     deterministic: bool = _f(False, "deterministic algorithms (slower; for exact reproduction)")
     resume: Optional[str] = _f(None, "run directory to continue from its last saved state")
+    qat: Optional[str] = _f(None, "quantization-aware fine-tuning of this trained run for the int8 export "
+                                  "(`mineralnet-export --int8`): its config, split and weights, a few epochs with "
+                                  "the convolutions seeing the int8 recipe's rounding (default 3 epochs at 1/20 of "
+                                  "its lr, BatchNorm frozen, the run's own answers as the teacher; other flags override); --out is the new run "
+                                  "(default RUN-qat). For a run whose int8 the export's gate refuses")
+    qat_bits: Optional[int] = _f(None, "--qat: weight bits of the int8 model it prepares for, 7 (CPUs without VNNI, "
+                                       "where the export uses reduce_range) or 8; default: what the export on this "
+                                       "machine uses")
     max_train_minutes: Optional[float] = _f(None, "stop after the epoch that exceeds this many minutes "
                                                   "of training (a time budget)")
     log_every: int = _f(10, "TensorBoard train-scalar interval in steps")
@@ -242,11 +250,27 @@ class TrainConfig:
         need(self.log_every >= 1, f"--log-every {self.log_every} must be at least 1 (steps)")
         need(self.seed >= 0, f"--seed {self.seed} must be >= 0")
         need(self.split_seed is None or self.split_seed >= 0, f"--split-seed {self.split_seed} must be >= 0")
+        problems += self._qat_problems()
         need(_known_backbone(self.backbone), f"--backbone {self.backbone!r} is not a timm architecture; pick one "
                                              f"of `python -c \"import timm; print(timm.list_models())\"`")
         if problems:
             raise MineralNetError("invalid configuration: " + "; ".join(problems))
         return self
+
+    def _qat_problems(self) -> list[str]:
+        if self.qat is None:
+            return ["--qat-bits needs --qat RUN"] if self.qat_bits is not None else []
+        out = []
+        if not Path(self.qat).is_dir():
+            out.append(f"--qat {self.qat!r} is not a folder; pass the trained run whose int8 export you want to "
+                       f"improve")
+        if self.qat_bits not in (None, 7, 8):
+            out.append(f"--qat-bits {self.qat_bits} must be 7 or 8")
+        if not self.freeze_bn:
+            out.append("--qat needs --freeze-bn (the int8 weights are the BatchNorm-folded ones); drop --no-freeze-bn")
+        if self.members:
+            out.append("--qat fine-tunes one run, not an ensemble preset; pass the distilled student's run folder")
+        return out
 
     def _member_problems(self) -> list[str]:
         """What is wrong with `members`: not a list of >= 2 mappings, unknown fields, fields the members must share

@@ -28,6 +28,35 @@ def resolve_resume(cfg: TrainConfig, cli_overrides: dict | None = None) -> Train
     return load_config(None, **saved)
 
 
+QAT_EPOCHS = 3
+QAT_LR_FRACTION = 1 / 20
+
+
+def resolve_qat(cli_overrides: dict) -> TrainConfig:
+    """--qat RUN: the run's saved config with the fine-tune's defaults (a few epochs at a fraction of its lr,
+    BatchNorm frozen, no warm-up, cosine, the run itself as the teacher; its EMA setting kept), then the explicitly
+    given flags."""
+    source = Path(cli_overrides["qat"])
+    saved = RunDir(source).saved_config() if source.is_dir() else None
+    if saved is None:
+        raise MineralNetError(f"--qat {str(source)!r} is not a run folder made by training (no {CONFIG_FILE}); pass "
+                              f"the folder `mineralnet train` wrote")
+    if not RunDir(source).has_model():
+        raise MineralNetError(f"--qat {str(source)!r} has no trained model yet; wait for its first validated epoch "
+                              f"or pass a finished run")
+    if saved.get("qat"):
+        raise MineralNetError(f"--qat {str(source)!r} is itself a QAT run; fine-tune it further with --resume or "
+                              f"start from the run it came from ({saved['qat']})")
+    # the teacher is the run itself (kd_weight 1: learn to give its float answers under int8 rounding), so the
+    # fine-tune does not drift from the model the int8 file stands in for
+    values = {**saved, "members": None, "resume": None, "max_train_minutes": None, "pretrained": "false",
+              "epochs": QAT_EPOCHS, "lr": float(saved.get("lr", 1e-3)) * QAT_LR_FRACTION, "warmup_epochs": 0.0,
+              "scheduler": "cosine", "freeze_bn": True, "teacher": str(source),
+              "kd_weight": 1.0, "mixup": 0.0, "cutmix": 0.0, "out": f"{source.as_posix().rstrip('/')}-qat"}
+    values.update(cli_overrides)
+    return load_config(None, **values)
+
+
 def default_preset(gpu: bool, weights_installed: bool, available=("paper", "cpu", "cpu-pretrained", "demo")) -> str:
     """The preset `mineralnet train` uses without --config: the paper's recipe on a GPU; on a CPU the
     pretrained CPU preset when its weights package is installed (and the preset exists), else `cpu`."""
@@ -65,6 +94,8 @@ def run(args) -> int:
     if explicit.get("resume"):
         cfg = resolve_resume(load_config(None, resume=explicit["resume"]),
                              {k: v for k, v in explicit.items() if k != "resume"})
+    elif explicit.get("qat"):
+        cfg = resolve_qat(explicit)
     elif not explicit and args.config is None:
         cfg = load_config("demo")
         print("no arguments: training the demo preset on the built-in synthetic mineral photos "

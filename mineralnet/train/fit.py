@@ -61,6 +61,7 @@ class TrainParts:
     threads: str = ""      # intra-op threads per process and why, for the header line
     augment: Any = None    # data.DeviceAugment when augmentation runs on the device (--augment-on), else None
     teacher: Any = None    # --teacher: (N_train, C) log-probabilities on the device, row i = training photo i
+    qat: Any = None        # --qat: quantize.qat.Qat, the fake quantization attached to the model
 
     @property
     def unwrapped(self):
@@ -153,9 +154,12 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
         train_loader, val_loader = build_shard_loaders(cfg, split)
     else:
         split = prepare_data(cfg, run)
+        if cfg.qat:
+            _check_qat_split(cfg, split)
         train_loader, val_loader = build_loaders(cfg, split, indexed=bool(cfg.teacher))
         teacher = teacher_table(cfg, split, run, accelerator) if cfg.teacher else None
     model, loss_fn = _build_model(cfg, split, run, pretrained)
+    qat = _setup_qat(cfg, model, split, run, train_loader, build_device_augment(cfg, split)) if cfg.qat else None
     if teacher is not None:
         loss_fn = DistillationLoss(loss_fn, cfg.kd_temperature, cfg.kd_weight)
     optimizer = build_optimizer(cfg, model, loss_fn.parameters())
@@ -171,7 +175,7 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
                              seed=cfg.seed, rank=accelerator.process_index)
     parts = TrainParts(cfg, run, split, model, loss_fn, optimizer, train_loader, val_loader,
                        LRControl(cfg, optimizer, len(train_loader)), Progress(), ema, mix,
-                       augment=build_device_augment(cfg, split), teacher=teacher)
+                       augment=build_device_augment(cfg, split), teacher=teacher, qat=qat)
     run.write_config(cfg)
     run.write_resume_info(split.classes, accelerator.unwrap_model(model).config())
     if cfg.resume is not None:
@@ -181,6 +185,53 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
         if accelerator.is_main_process:
             print(f"resumed {run.path} at epoch {parts.progress.epoch + 1}, step {parts.progress.step_in_epoch}")
     return parts
+
+
+def _check_qat_split(cfg: TrainConfig, split: DataSplit) -> None:
+    """--qat RUN validates on RUN's validation photos: none of them may be trained on."""
+    from mineralnet.runs import read_split_if_any, split_photos
+
+    src_val = {p for p, _ in split_photos(read_split_if_any(Path(cfg.qat)), "val")}
+    if src_val and src_val != {p for p, _ in split.val}:
+        raise MineralNetError(f"the fine-tune would validate on other photos than {cfg.qat!r} did (its split.json): "
+                              f"keep its --data, --folds/--fold, --val-split and --split-seed, so no photo it held "
+                              f"out is trained on")
+
+
+def _setup_qat(cfg: TrainConfig, model, split: DataSplit, run: RunDir, train_loader, augment):
+    """--qat RUN: RUN's weights into `model` (a new run), the int8 recipe's fake quantization attached, and its
+    activation ranges: calibrated on the first training batches and saved (qat.json), or read back on a resume."""
+    from mineralnet.artifact import load_model
+    from mineralnet.quantize import qat as q
+    from mineralnet.quantize.recipe import default_recipe
+
+    source = Path(cfg.qat)
+    if cfg.resume is None:
+        trained, meta = load_model(source)
+        if list(meta["classes"]) != list(split.classes) or trained.config() != model.config():
+            raise MineralNetError(f"--qat {str(source)!r} holds a {trained.config()} model of classes "
+                                  f"{list(meta['classes'])}, not the {model.config()} model of classes "
+                                  f"{list(split.classes)} these flags build; drop the changed model/data flags")
+        model.load_state_dict(trained.state_dict())
+    bits = cfg.qat_bits or (7 if default_recipe().reduce_range else 8)
+    qat = q.attach(model, reduce_range=bits == 7, image_size=cfg.image_size)
+    saved = q.read_saved(run.path) if cfg.resume is not None else None
+    if saved is not None:
+        qat.load_ranges(saved["ranges"])
+    else:
+        train_loader.dataset.set_epoch(0)
+
+        def batches():
+            for i, batch in enumerate(train_loader):
+                if i == q.CALIB_BATCHES:
+                    return
+                x = augment(batch[0]) if augment is not None else batch[0]
+                yield x.to(next(model.parameters()).device)
+
+        qat.calibrate(batches())
+        if run.is_main:
+            qat.save(run.path, str(source))
+    return qat
 
 
 def save_checkpoint(parts: TrainParts, accelerator) -> None:
@@ -231,6 +282,10 @@ def _fit(parts: TrainParts, accelerator) -> dict:
               f"{accelerator.num_processes} process(es) on {accelerator.device.type}, "
               f"{parts.threads or f'{torch.get_num_threads()} thread(s) per process'}, global batch "
               f"{cfg.batch_size}, {cfg.precision}; run: {run.path}")
+        if parts.qat is not None:
+            print(f"quantization-aware fine-tune of {cfg.qat}: {len(parts.qat.convs)} convolutions with "
+                  f"{7 if parts.qat.reduce_range else 8}-bit folded weights, {len(parts.qat.acts)} uint8 activations; "
+                  f"val top1 below is of the simulated int8 model, the final evaluation of the float weights saved")
     status = "finished"
     with StopFlag() as stop:
         while progress.epoch < cfg.epochs:
@@ -321,6 +376,9 @@ def _save_best(parts: TrainParts, m: dict, epoch: int) -> None:
     split, cfg = parts.split, parts.cfg
     metrics = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "epoch": epoch + 1, "val_images": m["n"]}
     extra = {"split": split.split_info}
+    if parts.qat is not None:
+        extra["qat"] = {"from": str(cfg.qat), "weight_bits": 7 if parts.qat.reduce_range else 8,
+                        "simulated_int8_top1": m["top1"]}
     if parts.ema is not None:
         extra["ema_decay"] = cfg.ema_decay
     meta = model_meta(parts.unwrapped, classes=split.classes, image_size=cfg.image_size, mean=split.mean,
@@ -348,6 +406,8 @@ def finish(parts: TrainParts, accelerator, status: str) -> dict:
               "best": {"top1": progress.best_top1, "epoch": progress.best_epoch}}
     if status != "interrupted" and progress.best_epoch > 0:
         result["best"] = final_evaluation(parts, accelerator)
+        if parts.qat is not None:  # what validation scored: the model with the int8 rounding simulated
+            result["best"]["simulated_int8_top1"] = progress.best_top1
     if accelerator.is_main_process:
         if parts.writer is not None:
             parts.writer.close()
@@ -362,6 +422,8 @@ def final_evaluation(parts: TrainParts, accelerator) -> dict:
     """Reload the best weights, evaluate the validation split and write eval/ (metrics, plots)."""
     run, classes, model = parts.run, parts.split.classes, parts.unwrapped
     accelerator.wait_for_everyone()
+    if parts.qat is not None:  # the saved weights are float: evaluate them as eval/export will (no rounding)
+        parts.qat.detach()
     model.load_state_dict(load_file(str(run / MODEL_FILE)))  # copied onto the model's device
     ev = evaluate(model, parts.val_loader, accelerator)
     best = summarize(confusion_matrix(ev["targets"], ev["preds"], len(classes)))
@@ -384,6 +446,8 @@ def next_commands(run_dir, data=None, photo=None) -> list[str]:
 def print_summary(result: dict, run_dir: Path, data=None, photo=None) -> None:
     b = result["best"]
     hints = "".join(f"  {c}\n" for c in next_commands(run_dir, data, photo))
-    print(f"\nbest val top1 {b['top1']:.4f}, mean class acc (paper's mAP) {b.get('mean_class_acc', float('nan')):.4f} "
-          f"at epoch {b['epoch']}; {result['train_seconds'] / 60:.1f} min of training\n"
+    qat = f" (float weights; simulated int8 {b['simulated_int8_top1']:.4f})" if "simulated_int8_top1" in b else ""
+    print(f"\nbest val top1 {b['top1']:.4f}{qat}, mean class acc (paper's mAP) "
+          f"{b.get('mean_class_acc', float('nan')):.4f} at epoch {b['epoch']}; {result['train_seconds'] / 60:.1f} "
+          f"min of training\n"
           f"run: {run_dir}\n" + (f"data: {data}\n" if data else "") + f"next:\n{hints}", end="")
