@@ -55,12 +55,12 @@ def test_folded_weight_is_quantized_per_channel_as_the_export_does(reduce_range,
 
 def test_conv_bn_pairs_of_a_resnet_and_an_efficientnet():
     res = FusionNet("resnet18", (2, 4), 3).backbone
-    pairs = q.conv_bn_pairs(res, 32)
+    pairs = q.trace(res, 32)[0]
     assert pairs["conv1"] == "bn1" and pairs["layer1.0.conv2"] == "layer1.0.bn2"
     assert pairs["layer2.0.downsample.0"] == "layer2.0.downsample.1"
     assert len(pairs) == sum(isinstance(m, torch.nn.Conv2d) for m in res.modules()) and None not in pairs.values()
     eff = FusionNet("tf_efficientnet_lite0", (2, 4), 3).backbone
-    pairs = q.conv_bn_pairs(eff, 64)
+    pairs = q.trace(eff, 64)[0]
     assert pairs["conv_stem"] == "bn1" and pairs["blocks.1.0.conv_dw"] == "blocks.1.0.bn2"
     assert pairs["blocks.1.0.conv_pwl"] == "blocks.1.0.bn3"
     assert len(pairs) == sum(isinstance(m, torch.nn.Conv2d) for m in eff.modules()) and None not in pairs.values()
@@ -111,7 +111,7 @@ def test_a_qat_model_saves_and_loads_as_the_plain_model(tmp_path):
     plain = {k: v.clone() for k, v in model.state_dict().items()}
     qat = q.attach(model, reduce_range=True, image_size=32)
     assert any(".parametrizations." in k for k in model.state_dict())
-    assert q.plain_state_dict(model).keys() == plain.keys()
+    assert {plain_key(k) for k in model.state_dict()} == plain.keys()
     save_model(tmp_path, model, model_meta(model, classes=["a", "b", "c"], image_size=32, mean=[0.5] * 3,
                                            std=[0.25] * 3, resize=36, metrics={}))
     loaded, _ = load_model(tmp_path)

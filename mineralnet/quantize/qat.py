@@ -117,6 +117,10 @@ class Qat:
                 a.observing = False
             self.model.train(was)
 
+    @property
+    def weight_bits(self) -> int:
+        return 7 if self.reduce_range else 8
+
     def ranges(self) -> dict:
         return {k: [a.lo, a.hi] for k, a in self.acts.items()}
 
@@ -204,11 +208,6 @@ def trace(backbone: nn.Module, image_size: int) -> tuple[dict, dict, set]:
     return pairs, acts, blocks
 
 
-def conv_bn_pairs(backbone: nn.Module, image_size: int) -> dict:
-    """{conv name: the BatchNorm reading its output directly (None if none)}."""
-    return trace(backbone, image_size)[0]
-
-
 def attach(model: nn.Module, reduce_range: bool, image_size: int = 64) -> Qat:
     """Fake-quantize `model.backbone`'s convolutions (folded weights) and activations as the int8 export will:
     every convolution's input, and every BatchNorm's output after the activation that reads it (onnxruntime
@@ -234,13 +233,6 @@ def attach(model: nn.Module, reduce_range: bool, image_size: int = 64) -> Qat:
         out = qat.acts[f"out:backbone.{name}"] = ActQuant()
         qat.handles.append(backbone.get_submodule(name).register_forward_hook(lambda mod, i, o, a=out: a(o)))
     return qat
-
-
-def plain_state_dict(model: nn.Module) -> dict:
-    """The model's state dict as the plain model has it: parametrized weights under their own names."""
-    from mineralnet.artifact import plain_key
-
-    return {plain_key(k): v for k, v in model.state_dict().items()}
 
 
 def read_saved(run_dir) -> dict | None:

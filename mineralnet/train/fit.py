@@ -159,7 +159,8 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
         train_loader, val_loader = build_loaders(cfg, split, indexed=bool(cfg.teacher))
         teacher = teacher_table(cfg, split, run, accelerator) if cfg.teacher else None
     model, loss_fn = _build_model(cfg, split, run, pretrained)
-    qat = _setup_qat(cfg, model, split, run, train_loader, build_device_augment(cfg, split)) if cfg.qat else None
+    augment = build_device_augment(cfg, split)
+    qat = _setup_qat(cfg, model, split, run, train_loader, augment) if cfg.qat else None
     if teacher is not None:
         loss_fn = DistillationLoss(loss_fn, cfg.kd_temperature, cfg.kd_weight)
     optimizer = build_optimizer(cfg, model, loss_fn.parameters())
@@ -175,7 +176,7 @@ def setup(cfg: TrainConfig, accelerator, run: RunDir) -> TrainParts:
                              seed=cfg.seed, rank=accelerator.process_index)
     parts = TrainParts(cfg, run, split, model, loss_fn, optimizer, train_loader, val_loader,
                        LRControl(cfg, optimizer, len(train_loader)), Progress(), ema, mix,
-                       augment=build_device_augment(cfg, split), teacher=teacher, qat=qat)
+                       augment=augment, teacher=teacher, qat=qat)
     run.write_config(cfg)
     run.write_resume_info(split.classes, accelerator.unwrap_model(model).config())
     if cfg.resume is not None:
@@ -213,8 +214,8 @@ def _setup_qat(cfg: TrainConfig, model, split: DataSplit, run: RunDir, train_loa
                                   f"{list(meta['classes'])}, not the {model.config()} model of classes "
                                   f"{list(split.classes)} these flags build; drop the changed model/data flags")
         model.load_state_dict(trained.state_dict())
-    bits = cfg.qat_bits or (7 if default_recipe().reduce_range else 8)
-    qat = q.attach(model, reduce_range=bits == 7, image_size=cfg.image_size)
+    reduce_range = cfg.qat_bits == 7 if cfg.qat_bits else default_recipe().reduce_range
+    qat = q.attach(model, reduce_range=reduce_range, image_size=cfg.image_size)
     saved = q.read_saved(run.path) if cfg.resume is not None else None
     if saved is not None:
         qat.load_ranges(saved["ranges"])
@@ -284,7 +285,7 @@ def _fit(parts: TrainParts, accelerator) -> dict:
               f"{cfg.batch_size}, {cfg.precision}; run: {run.path}")
         if parts.qat is not None:
             print(f"quantization-aware fine-tune of {cfg.qat}: {len(parts.qat.convs)} convolutions with "
-                  f"{7 if parts.qat.reduce_range else 8}-bit folded weights, {len(parts.qat.acts)} uint8 activations; "
+                  f"{parts.qat.weight_bits}-bit folded weights, {len(parts.qat.acts)} uint8 activations; "
                   f"val top1 below is of the simulated int8 model, the final evaluation of the float weights saved")
     status = "finished"
     with StopFlag() as stop:
@@ -377,7 +378,7 @@ def _save_best(parts: TrainParts, m: dict, epoch: int) -> None:
     metrics = {"top1": m["top1"], "mean_class_acc": m["mean_class_acc"], "epoch": epoch + 1, "val_images": m["n"]}
     extra = {"split": split.split_info}
     if parts.qat is not None:
-        extra["qat"] = {"from": str(cfg.qat), "weight_bits": 7 if parts.qat.reduce_range else 8,
+        extra["qat"] = {"from": str(cfg.qat), "weight_bits": parts.qat.weight_bits,
                         "simulated_int8_top1": m["top1"]}
     if parts.ema is not None:
         extra["ema_decay"] = cfg.ema_decay
